@@ -1,0 +1,1 @@
+"""MPI transport, rank roles, batch-system resources and batch scripts."""

@@ -1,0 +1,1 @@
+"""Upstreams: the PanDA server, Harvester shared files, a local job file."""

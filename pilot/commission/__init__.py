@@ -1,0 +1,1 @@
+"""Commissioning: template jobs through a queue, two pilots compared."""

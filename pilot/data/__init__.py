@@ -1,0 +1,1 @@
+"""Stage-in and stage-out: copytools, checksums and transfer traces."""

@@ -1,0 +1,1 @@
+"""Event service: ranges fed to the payload, outputs reported per range."""

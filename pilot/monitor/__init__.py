@@ -1,0 +1,1 @@
+"""Watch the payload: memory, CPU, looping, disk, walltime, outbound connections."""

@@ -1,0 +1,1 @@
+"""Build the payload command and run it in its own process group."""

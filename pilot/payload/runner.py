@@ -1,0 +1,214 @@
+"""Run a payload in its own process group and kill its whole tree.
+
+The payload gets a new session (``setsid``) so that one ``killpg`` reaches it
+and every child it forks, and so that a signal meant for the pilot's own
+group does not hit the payload before the pilot has decided what to do.
+Grandchildren that call ``setsid`` themselves escape the group; they are
+found with psutil (descendants of the payload, recorded while it runs) and
+killed too, so no process of a job survives it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from pilot.errors import ErrorCode, PilotError
+
+TAG_VARIABLE = "PANDA_PILOT_PAYLOAD_TAG"
+
+
+@dataclass
+class KillRecord:
+    """What a kill did: the evidence operators ask for afterwards."""
+
+    reason_code: int = 0
+    reason: str = ""
+    signals: list[str] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+    survivors: list[int] = field(default_factory=list)
+
+
+class PayloadProcess:
+    """A running payload: its process, its group, the descendants seen."""
+
+    def __init__(
+        self,
+        argv: Sequence[str] | str,
+        *,
+        cwd: str | Path,
+        env: Mapping[str, str] | None = None,
+        stdout: str | Path | None = None,
+        stderr: str | Path | None = None,
+        stdin: int | None = subprocess.DEVNULL,
+        shell: bool = False,
+        tag: str | None = None,
+    ) -> None:
+        self.cwd = Path(cwd)
+        self.stdout_path = Path(stdout) if stdout else None
+        self.stderr_path = Path(stderr) if stderr else None
+        self._out = open(self.stdout_path, "ab") if self.stdout_path else subprocess.DEVNULL
+        self._err = open(self.stderr_path, "ab") if self.stderr_path else subprocess.DEVNULL
+        self.start_time = time.time()
+        self.kill_record: KillRecord | None = None
+        self._known: dict[int, psutil.Process] = {}
+        # Every process of the payload inherits this variable, so even one
+        # that double-forks out of the group is found again at kill time.
+        self.tag = tag or f"{os.getpid()}-{time.monotonic_ns()}"
+        env = dict(env if env is not None else os.environ)
+        env[TAG_VARIABLE] = self.tag
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=str(self.cwd),
+                env=env,
+                stdout=self._out,
+                stderr=self._err,
+                stdin=stdin,
+                shell=shell,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except FileNotFoundError as exc:
+            self._close()
+            raise PilotError(ErrorCode.TRANSFORMNOTFOUND, f"cannot start payload: {exc}") from None
+        except PermissionError as exc:
+            self._close()
+            raise PilotError(ErrorCode.CHMODTRF, f"cannot start payload: {exc}") from None
+        except OSError as exc:
+            self._close()
+            raise PilotError(ErrorCode.PAYLOADEXECUTIONEXCEPTION, f"cannot start payload: {exc}") from None
+        self.pid = self.proc.pid
+        self.pgid = self.pid
+        try:
+            self._known[self.pid] = psutil.Process(self.pid)
+        except psutil.Error:
+            pass
+
+    # -- observation ---------------------------------------------------------
+    def poll(self) -> int | None:
+        rc = self.proc.poll()
+        if rc is not None:
+            self._close()
+        return rc
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the payload; ``None`` when ``timeout`` passed first."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._close()
+        return rc
+
+    def processes(self) -> list[psutil.Process]:
+        """The payload and all its live descendants (remembered across re-parenting)."""
+        procs: dict[int, psutil.Process] = {}
+        root = self._known.get(self.pid)
+        if root is not None:
+            try:
+                if root.is_running():
+                    procs[root.pid] = root
+                    for child in root.children(recursive=True):
+                        procs[child.pid] = child
+            except psutil.Error:
+                pass
+        for pid, p in list(self._known.items()):
+            if pid not in procs:
+                try:
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                        procs[pid] = p
+                    else:
+                        del self._known[pid]
+                except psutil.Error:
+                    del self._known[pid]
+        self._known.update(procs)
+        return list(procs.values())
+
+    # -- killing -------------------------------------------------------------
+    def signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.pgid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def tagged_processes(self) -> list[psutil.Process]:
+        """Processes carrying this payload's tag: the ones that left the group."""
+        found = []
+        me = os.getpid()
+        for p in psutil.process_iter(["pid"]):
+            if p.pid in (me, self.pid) or p.pid in self._known:
+                continue
+            try:
+                if p.environ().get(TAG_VARIABLE) == self.tag:
+                    found.append(p)
+            except (psutil.Error, OSError):
+                continue
+        return found
+
+    def kill_tree(self, grace: float = 10.0, reason_code: int = 0, reason: str = "") -> KillRecord:
+        """SIGTERM the group and every known descendant, wait ``grace``, then SIGKILL.
+
+        The record keeps the pids and signals used, for the job's log.
+        """
+        record = KillRecord(reason_code=reason_code, reason=reason)
+        procs = self.processes() + self.tagged_processes()
+        record.pids = sorted({p.pid for p in procs} | {self.pid})
+        record.signals.append("SIGTERM")
+        self.signal_group(signal.SIGTERM)
+        others = [p for p in procs if p.pid != self.pid]
+        for p in others:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        deadline = time.monotonic() + grace
+        # The root is ours: reap it with subprocess so its exit status is kept.
+        self.wait(timeout=grace)
+        alive = [p for p in others if _alive(p)]
+        if alive:
+            psutil.wait_procs(alive, timeout=max(0.0, deadline - time.monotonic()))
+        alive = [p for p in self.processes() + self.tagged_processes() if p.pid != self.pid and _alive(p)]
+        if alive or self.proc.poll() is None:
+            record.signals.append("SIGKILL")
+            self.signal_group(signal.SIGKILL)
+            for p in alive:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            self.wait(timeout=5)
+            psutil.wait_procs(alive, timeout=5)
+        record.survivors = [p.pid for p in alive if _alive(p)]
+        if self.proc.poll() is None:
+            record.survivors.append(self.pid)
+        self._close()
+        if self.kill_record is None:
+            self.kill_record = record
+        return record
+
+    def _close(self) -> None:
+        for fh in (self._out, self._err):
+            if hasattr(fh, "close"):
+                try:
+                    fh.close()
+                except OSError:
+                    pass
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

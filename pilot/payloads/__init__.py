@@ -1,0 +1,1 @@
+"""Real payloads shipped for the demo, the tests and commissioning."""

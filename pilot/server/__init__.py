@@ -1,0 +1,1 @@
+"""Embedded PanDA-compatible dispatcher (WSGI + SQLite)."""

@@ -1,0 +1,34 @@
+"""Packaging for the PanDA pilot with its Yoda-Droid MPI mode."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="panda-hpc-pilot",
+    version="0.1.0",
+    description="PanDA pilot for the grid and HPC, with a Yoda-Droid MPI mode",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_packages(include=["pilot", "pilot.*", "yoda", "yoda.*", "droid", "droid.*", "hpc", "hpc.*"]),
+    package_data={"pilot": ["payloads/*.json", "commission/templates/*.json"], "hpc": ["scripts/*.sh"]},
+    install_requires=[
+        "numpy>=1.22",
+        "requests>=2.25",
+        "psutil>=5.9",
+        # waitress: a production WSGI server for the embedded dispatcher;
+        # http.server is documented as not fit for that.
+        "waitress>=2.1",
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=3.1", "openmpi>=5.0"],
+        "test": ["pytest>=7", "mpi4py>=3.1", "openmpi>=5.0"],
+        "dev": ["pytest>=7", "ruff", "mpi4py>=3.1", "openmpi>=5.0"],
+    },
+    entry_points={"console_scripts": ["pilot=pilot.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Physics",
+        "Topic :: System :: Distributed Computing",
+    ],
+)
