@@ -298,7 +298,9 @@ class PilotError(Exception):
     def __init__(self, code: int, detail: str = "") -> None:
         self.code = ErrorCode(code) if code in ErrorCode._value2member_map_ else code
         self.detail = detail
-        super().__init__(f"{int(code)} {error_message(code)}: {detail}" if detail else error_message(code))
+        super().__init__(
+            f"{int(code)} {error_message(code)}: {detail}" if detail else error_message(code)
+        )
 
     @property
     def diag(self) -> str:
@@ -335,16 +337,40 @@ def signal_code(signum: int) -> ErrorCode:
 _PATTERNS: list[tuple[re.Pattern[str], ErrorCode]] = [
     (re.compile(r"Failed to mount image", re.I), ErrorCode.SINGULARITYIMAGEMOUNTFAILURE),
     (re.compile(r"No more available loop devices", re.I), ErrorCode.SINGULARITYNOLOOPDEVICES),
-    (re.compile(r"Failed to create user namespace", re.I), ErrorCode.SINGULARITYFAILEDUSERNAMESPACE),
-    (re.compile(r"(Apptainer|Singularity) is not installed", re.I), ErrorCode.APPTAINERNOTINSTALLED),
+    (
+        re.compile(r"Failed to create user namespace", re.I),
+        ErrorCode.SINGULARITYFAILEDUSERNAMESPACE,
+    ),
+    (
+        re.compile(r"(Apptainer|Singularity) is not installed", re.I),
+        ErrorCode.APPTAINERNOTINSTALLED,
+    ),
     (re.compile(r"bind ?point.*(fail|not exist)", re.I), ErrorCode.SINGULARITYBINDPOINTFAILURE),
     (re.compile(r"std::bad_alloc|bad_alloc"), ErrorCode.BADALLOC),
-    (re.compile(r"MemoryError|Cannot allocate memory|out of memory", re.I), ErrorCode.PAYLOADOUTOFMEMORY),
+    (
+        re.compile(r"MemoryError|Cannot allocate memory|out of memory", re.I),
+        ErrorCode.PAYLOADOUTOFMEMORY,
+    ),
     (re.compile(r"segmentation (violation|fault)", re.I), ErrorCode.PAYLOADSIGSEGV),
     (re.compile(r"core dumped", re.I), ErrorCode.COREDUMP),
-    (re.compile(r"(command not found|No such file or directory: .*(trf|transform)|transform not found)", re.I), ErrorCode.TRANSFORMNOTFOUND),
-    (re.compile(r"(missing input file|input file .* (not found|does not exist)|Could not open input file)", re.I), ErrorCode.MISSINGINPUTFILE),
-    (re.compile(r"unrecognized arguments|unrecognised arguments", re.I), ErrorCode.UNRECOGNIZEDTRFARGUMENTS),
+    (
+        re.compile(
+            r"(command not found|No such file or directory: .*(trf|transform)|transform not found)",
+            re.I,
+        ),
+        ErrorCode.TRANSFORMNOTFOUND,
+    ),
+    (
+        re.compile(
+            r"(missing input file|input file .* (not found|does not exist)|Could not open input file)",
+            re.I,
+        ),
+        ErrorCode.MISSINGINPUTFILE,
+    ),
+    (
+        re.compile(r"unrecognized arguments|unrecognised arguments", re.I),
+        ErrorCode.UNRECOGNIZEDTRFARGUMENTS,
+    ),
     (re.compile(r"No space left on device", re.I), ErrorCode.NOLOCALSPACE),
     (re.compile(r"FRONTIER.*(fail|error)", re.I), ErrorCode.FRONTIER),
 ]
@@ -379,7 +405,9 @@ def scan_patterns(text: str) -> tuple[ErrorCode, str] | None:
     return None
 
 
-def diagnose_payload(returncode: int, stderr_tail: str = "", stdout_tail: str = "") -> PayloadDiagnosis:
+def diagnose_payload(
+    returncode: int, stderr_tail: str = "", stdout_tail: str = ""
+) -> PayloadDiagnosis:
     """Map a payload's exit status and output tails to PanDA codes.
 
     ``returncode`` follows :mod:`subprocess`: negative means killed by that
@@ -399,10 +427,16 @@ def diagnose_payload(returncode: int, stderr_tail: str = "", stdout_tail: str = 
             code = ErrorCode.PAYLOADSIGSEGV
         elif signum == signal.SIGKILL:
             found = scan_patterns(text)
-            code = found[0] if found and found[0] in (ErrorCode.BADALLOC, ErrorCode.PAYLOADOUTOFMEMORY) else ErrorCode.KILLSIGNAL
+            code = (
+                found[0]
+                if found and found[0] in (ErrorCode.BADALLOC, ErrorCode.PAYLOADOUTOFMEMORY)
+                else ErrorCode.KILLSIGNAL
+            )
         else:
             code = signal_code(signum)
-        return PayloadDiagnosis(code, error_diag(code, f"payload killed by {name}"), 128 + signum, 128 + signum)
+        return PayloadDiagnosis(
+            code, error_diag(code, f"payload killed by {name}"), 128 + signum, 128 + signum
+        )
     found = scan_patterns(text)
     if returncode == 127 and (not found or found[0] != ErrorCode.TRANSFORMNOTFOUND):
         found = (ErrorCode.TRANSFORMNOTFOUND, "payload command not found (exit 127)")

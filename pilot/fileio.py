@@ -40,8 +40,12 @@ def atomic_write_text(path: str | Path, text: str, *, fsync: bool = True) -> Non
     atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-def atomic_write_json(path: str | Path, obj: Any, *, fsync: bool = True, indent: int | None = None) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=indent is not None), fsync=fsync)
+def atomic_write_json(
+    path: str | Path, obj: Any, *, fsync: bool = True, indent: int | None = None
+) -> None:
+    atomic_write_text(
+        path, json.dumps(obj, indent=indent, sort_keys=indent is not None), fsync=fsync
+    )
 
 
 def read_json(path: str | Path, *, code: int = ErrorCode.CONVERSIONFAILURE) -> Any:

@@ -41,9 +41,13 @@ def _int(d: dict, key: str, default: int | None = None, *, minimum: int = 0) -> 
         try:
             as_float = float(str(value))
         except ValueError:
-            raise PilotError(ErrorCode.CONVERSIONFAILURE, f"'{key}' must be an integer, got {value!r}") from None
+            raise PilotError(
+                ErrorCode.CONVERSIONFAILURE, f"'{key}' must be an integer, got {value!r}"
+            ) from None
         if not as_float.is_integer():
-            raise PilotError(ErrorCode.CONVERSIONFAILURE, f"'{key}' must be an integer, got {value!r}") from None
+            raise PilotError(
+                ErrorCode.CONVERSIONFAILURE, f"'{key}' must be an integer, got {value!r}"
+            ) from None
         number = int(as_float)
     if number < minimum:
         raise PilotError(ErrorCode.CONVERSIONFAILURE, f"'{key}' must be >= {minimum}, got {number}")
@@ -57,7 +61,9 @@ def _str(d: dict, key: str, default: str | None = None) -> str:
             raise PilotError(ErrorCode.NOTDEFINED, f"job definition has no '{key}'")
         return default
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise PilotError(ErrorCode.CONVERSIONFAILURE, f"'{key}' must be a string, got {type(value).__name__}")
+        raise PilotError(
+            ErrorCode.CONVERSIONFAILURE, f"'{key}' must be a string, got {type(value).__name__}"
+        )
     return str(value)
 
 
@@ -91,7 +97,9 @@ def check_lfn(name: str, key: str = "file name") -> str:
     if not name or name in (".", ".."):
         raise PilotError(ErrorCode.BADOUTPUTFILENAME, f"empty or dot {key}")
     if len(name) > MAX_LFN:
-        raise PilotError(ErrorCode.LFNTOOLONG, f"{key} longer than {MAX_LFN} characters: {name[:40]}...")
+        raise PilotError(
+            ErrorCode.LFNTOOLONG, f"{key} longer than {MAX_LFN} characters: {name[:40]}..."
+        )
     if "/" in name or "\\" in name or "\x00" in name or name.startswith(".."):
         raise PilotError(ErrorCode.BADOUTPUTFILENAME, f"{key} {name!r} is not a plain file name")
     if any(ord(c) < 32 for c in name):
@@ -107,7 +115,10 @@ def parse_checksum(value: str) -> tuple[str, str] | None:
     if not m:
         if re.fullmatch(r"[0-9a-fA-F]{8}", value.strip()):
             return "adler32", value.strip().lower()
-        raise PilotError(ErrorCode.UNKNOWNCHECKSUMTYPE, f"checksum {value!r} is neither ad:<8 hex> nor md5:<32 hex>")
+        raise PilotError(
+            ErrorCode.UNKNOWNCHECKSUMTYPE,
+            f"checksum {value!r} is neither ad:<8 hex> nor md5:<32 hex>",
+        )
     kind = "adler32" if m.group(1) in ("ad", "adler32") else "md5"
     digest = m.group(2).lower()
     if (kind == "adler32" and len(digest) != 8) or (kind == "md5" and len(digest) != 32):
@@ -160,16 +171,24 @@ class EventRange:
     @classmethod
     def from_panda(cls, d: Any) -> EventRange:
         if not isinstance(d, dict):
-            raise PilotError(ErrorCode.MESSAGEHANDLINGFAILURE, f"event range must be an object, got {type(d).__name__}")
+            raise PilotError(
+                ErrorCode.MESSAGEHANDLINGFAILURE,
+                f"event range must be an object, got {type(d).__name__}",
+            )
         rid = d.get("eventRangeID")
         if not isinstance(rid, str) or not _RANGE_ID.match(rid):
             raise PilotError(ErrorCode.MESSAGEHANDLINGFAILURE, f"bad eventRangeID {rid!r}")
         start = _int(d, "startEvent")
         last = _int(d, "lastEvent")
         if last < start:
-            raise PilotError(ErrorCode.MESSAGEHANDLINGFAILURE, f"range {rid}: lastEvent {last} < startEvent {start}")
+            raise PilotError(
+                ErrorCode.MESSAGEHANDLINGFAILURE,
+                f"range {rid}: lastEvent {last} < startEvent {start}",
+            )
         lfn = check_lfn(_str(d, "LFN"), "LFN")
-        return cls(rid, start, last, lfn, _str(d, "GUID", ""), _str(d, "scope", ""), _str(d, "PFN", ""))
+        return cls(
+            rid, start, last, lfn, _str(d, "GUID", ""), _str(d, "scope", ""), _str(d, "PFN", "")
+        )
 
     def to_panda(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -214,7 +233,10 @@ class Job:
     def from_panda(cls, d: Any) -> Job:
         """Validate a job definition dict with PanDA's keys."""
         if not isinstance(d, dict):
-            raise PilotError(ErrorCode.CONVERSIONFAILURE, f"job definition must be a JSON object, got {type(d).__name__}")
+            raise PilotError(
+                ErrorCode.CONVERSIONFAILURE,
+                f"job definition must be a JSON object, got {type(d).__name__}",
+            )
         panda_id = _int(d, "PandaID", minimum=1)
         transformation = _str(d, "transformation").strip()
         if not transformation:
@@ -245,7 +267,9 @@ class Job:
             names.append(job.log_file.lfn)
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            raise PilotError(ErrorCode.FILEEXISTS, f"file names appear twice in the job: {sorted(dup)}")
+            raise PilotError(
+                ErrorCode.FILEEXISTS, f"file names appear twice in the job: {sorted(dup)}"
+            )
         return job
 
     @property
@@ -278,14 +302,18 @@ def _size(value: str, lfn: str) -> int:
     try:
         size = int(value)
     except ValueError:
-        raise PilotError(ErrorCode.CONVERSIONFAILURE, f"fsize {value!r} of {lfn} is not an integer") from None
+        raise PilotError(
+            ErrorCode.CONVERSIONFAILURE, f"fsize {value!r} of {lfn} is not an integer"
+        ) from None
     if size < 0:
         raise PilotError(ErrorCode.CONVERSIONFAILURE, f"fsize {size} of {lfn} is negative")
     return size
 
 
 def _inputs(d: dict) -> list[FileSpec]:
-    cols = _aligned(d, "inFiles", ["GUID", "fsize", "checksum", "scopeIn", "realDatasetsIn", "ddmEndPointIn"])
+    cols = _aligned(
+        d, "inFiles", ["GUID", "fsize", "checksum", "scopeIn", "realDatasetsIn", "ddmEndPointIn"]
+    )
     files = []
     for i, lfn in enumerate(cols["inFiles"]):
         if not lfn:
@@ -359,7 +387,9 @@ def load_job_file(path: str | Path) -> Job:
     except FileNotFoundError:
         raise PilotError(ErrorCode.NOSUCHFILE, f"job file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise PilotError(ErrorCode.FILEHANDLINGFAILURE, f"cannot read job file {path}: {exc}") from None
+        raise PilotError(
+            ErrorCode.FILEHANDLINGFAILURE, f"cannot read job file {path}: {exc}"
+        ) from None
     return parse_job_text(text, str(path))
 
 
@@ -367,7 +397,9 @@ def parse_job_text(text: str, origin: str = "job definition") -> Job:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise PilotError(ErrorCode.CONVERSIONFAILURE, f"{origin} is not valid JSON: {exc}") from None
+        raise PilotError(
+            ErrorCode.CONVERSIONFAILURE, f"{origin} is not valid JSON: {exc}"
+        ) from None
     if isinstance(data, dict) and "PandaID" not in data and len(data) == 1:
         (only,) = data.values()
         if isinstance(only, dict):

@@ -84,7 +84,9 @@ class PayloadProcess:
             raise PilotError(ErrorCode.CHMODTRF, f"cannot start payload: {exc}") from None
         except OSError as exc:
             self._close()
-            raise PilotError(ErrorCode.PAYLOADEXECUTIONEXCEPTION, f"cannot start payload: {exc}") from None
+            raise PilotError(
+                ErrorCode.PAYLOADEXECUTIONEXCEPTION, f"cannot start payload: {exc}"
+            ) from None
         self.pid = self.proc.pid
         self.pgid = self.pid
         try:
@@ -179,7 +181,9 @@ class PayloadProcess:
         alive = [p for p in others if _alive(p)]
         if alive:
             psutil.wait_procs(alive, timeout=max(0.0, deadline - time.monotonic()))
-        alive = [p for p in self.processes() + self.tagged_processes() if p.pid != self.pid and _alive(p)]
+        alive = [
+            p for p in self.processes() + self.tagged_processes() if p.pid != self.pid and _alive(p)
+        ]
         if alive or self.proc.poll() is None:
             record.signals.append("SIGKILL")
             self.signal_group(signal.SIGKILL)
