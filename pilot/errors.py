@@ -405,6 +405,24 @@ def scan_patterns(text: str) -> tuple[ErrorCode, str] | None:
     return None
 
 
+_FATAL_SIGNALS = {
+    int(s)
+    for s in (
+        signal.SIGSEGV,
+        signal.SIGKILL,
+        signal.SIGTERM,
+        signal.SIGBUS,
+        signal.SIGQUIT,
+        signal.SIGXCPU,
+        signal.SIGUSR1,
+        signal.SIGABRT,
+        signal.SIGINT,
+        signal.SIGFPE,
+        signal.SIGILL,
+    )
+}
+
+
 def diagnose_payload(
     returncode: int, stderr_tail: str = "", stdout_tail: str = ""
 ) -> PayloadDiagnosis:
@@ -417,6 +435,10 @@ def diagnose_payload(
     if returncode == 0:
         return PayloadDiagnosis(0, "", 0, 0)
     text = f"{stderr_tail}\n{stdout_tail}"
+    if 128 < returncode < 128 + 32 and returncode - 128 in _FATAL_SIGNALS:
+        # A shell reports a child killed by signal N as exit 128+N; the
+        # payload runs under a shell, so that is how its signals arrive.
+        returncode = -(returncode - 128)
     if returncode < 0:
         signum = -returncode
         try:

@@ -11,6 +11,7 @@ killed too, so no process of a job survives it.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import time
@@ -89,6 +90,12 @@ class PayloadProcess:
             ) from None
         self.pid = self.proc.pid
         self.pgid = self.pid
+        # A pidfd becomes readable when the process exits: waiting on it
+        # with select() costs nothing, where Popen.wait(timeout) polls.
+        try:
+            self._pidfd: int | None = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            self._pidfd = None
         try:
             self._known[self.pid] = psutil.Process(self.pid)
         except psutil.Error:
@@ -105,13 +112,27 @@ class PayloadProcess:
     def returncode(self) -> int | None:
         return self.proc.returncode
 
-    def wait(self, timeout: float | None = None) -> int | None:
-        """Wait for the payload; ``None`` when ``timeout`` passed first."""
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-        self._close()
+    def wait(self, timeout: float | None = None, wake_fds: Sequence[int] = ()) -> int | None:
+        """Wait for the payload; ``None`` when ``timeout`` passed first.
+
+        A readable descriptor in ``wake_fds`` (a signal's self-pipe, a
+        message channel) ends the wait early, so one thread can sleep on
+        the payload and on everything else that needs it at once.
+        """
+        rc = self.proc.poll()
+        if rc is not None:
+            self._close()
+            return rc
+        if self._pidfd is None:
+            try:
+                rc = self.proc.wait(timeout=timeout if not wake_fds else min(timeout or 0.5, 0.5))
+            except subprocess.TimeoutExpired:
+                return None
+        else:
+            select.select([self._pidfd, *wake_fds], [], [], timeout)
+            rc = self.proc.poll()
+        if rc is not None:
+            self._close()
         return rc
 
     def processes(self) -> list[psutil.Process]:
@@ -203,6 +224,9 @@ class PayloadProcess:
         return record
 
     def _close(self) -> None:
+        if getattr(self, "_pidfd", None) is not None and self.proc.returncode is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
         for fh in (self._out, self._err):
             if hasattr(fh, "close"):
                 try:

@@ -1,0 +1,168 @@
+"""The ``pilot`` command: run, hpc, serve, submit, status, demo, bench.
+
+Each subcommand parses its own options and hands a :class:`PilotConfig`
+to the code that does the work, so nothing below this module reads the
+command line or branches on environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pilot import __version__
+from pilot.comm.base import LocalUpstream
+from pilot.config import PilotConfig
+from pilot.errors import PilotError, error_diag
+from pilot.fileio import atomic_write_json
+from pilot.job import load_job_file
+from pilot.workflow import StopSignal, run_job
+
+log = logging.getLogger("pilot.cli")
+
+# Subcommands implemented in their own modules: name -> (module, function, help).
+_DELEGATED: dict[str, tuple[str, str, str]] = {}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workdir", default="pilot-work", help="base directory for job work directories"
+    )
+    p.add_argument(
+        "--site", "--queue", dest="site", default="LOCAL", help="PanDA queue name (siteName)"
+    )
+    p.add_argument(
+        "--input-url",
+        default="",
+        help="where inputs are read (path or URL; default: next to the job file)",
+    )
+    p.add_argument(
+        "--output-url", default="", help="where outputs are written (default: WORKDIR/storage)"
+    )
+    p.add_argument("--copytool", default="copy", help="copytool for stage-in/out (copy, http)")
+    p.add_argument("--heartbeat", type=float, default=1800.0, help="heartbeat interval in seconds")
+    p.add_argument(
+        "--monitor-interval", type=float, default=60.0, help="payload sampling interval in seconds"
+    )
+    p.add_argument(
+        "--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _config(args: argparse.Namespace, **overrides: object) -> PilotConfig:
+    values = dict(
+        workdir=Path(args.workdir).resolve(),
+        site_name=args.site,
+        input_url=args.input_url,
+        output_url=args.output_url,
+        copytool=args.copytool,
+        heartbeat_interval=args.heartbeat,
+        monitor_interval=args.monitor_interval,
+        kill_grace=args.kill_grace,
+    )
+    values.update(overrides)
+    return PilotConfig(**values)  # type: ignore[arg-type]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.job_file:
+        print(
+            "pilot run: --job-file is required (other upstreams: --url, --harvester)",
+            file=sys.stderr,
+        )
+        return 2
+    job_path = Path(args.job_file)
+    input_url = args.input_url or str(job_path.resolve().parent)
+    config = _config(args, input_url=input_url)
+    try:
+        job = load_job_file(job_path)
+    except PilotError as exc:
+        return _bad_definition(job_path, config, exc)
+    stop = StopSignal()
+    restore = stop.install()
+    try:
+        result = run_job(job, config, LocalUpstream(config.job_workdir(job.panda_id)), stop=stop)
+    finally:
+        restore()
+        stop.close()
+    _print_result(
+        result.state, job.panda_id, result.pilot_error_code, result.pilot_error_diag, result.workdir
+    )
+    return 0 if result.ok else 1
+
+
+def _bad_definition(job_path: Path, config: PilotConfig, exc: PilotError) -> int:
+    """A job file that does not validate still gets a failed final-update record."""
+    panda_id = 0
+    try:
+        raw = json.loads(job_path.read_text(encoding="utf-8"))
+        if isinstance(raw, dict):
+            panda_id = int(raw.get("PandaID", 0))
+    except (OSError, ValueError, TypeError):
+        pass
+    record = {
+        "jobId": panda_id,
+        "state": "failed",
+        "pilotErrorCode": int(exc.code),
+        "pilotErrorDiag": error_diag(exc.code, exc.detail),
+        "siteName": config.site_name,
+        "node": config.node,
+    }
+    target = config.workdir / (f"PandaJob_{panda_id}" if panda_id else "invalid_job")
+    try:
+        atomic_write_json(target / "final_update.json", record, indent=1)
+    except OSError:
+        pass
+    print(
+        f"pilot: invalid job definition {job_path}: {int(exc.code)} {exc.acronym}: {exc.diag}",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _print_result(state: str, panda_id: int, code: int, diag: str, workdir: Path) -> None:
+    line = f"job {panda_id}: {state}"
+    if code:
+        line += f" (pilotErrorCode {code}: {diag})"
+    print(line)
+    print(f"work directory: {workdir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pilot", description="PanDA pilot for the grid and HPC")
+    parser.add_argument("--version", action="version", version=f"pilot {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run jobs on this node")
+    _add_common(run)
+    run.add_argument("--job-file", help="a PanDA job definition (JSON) to run")
+    run.set_defaults(func=cmd_run)
+    for name, (_module, _func, help_text) in _DELEGATED.items():
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        module, func, _ = _DELEGATED[argv[0]]
+        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    level = logging.DEBUG if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)  # the job's own log file still gets INFO
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

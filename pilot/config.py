@@ -1,0 +1,49 @@
+"""The pilot's configuration, decided once at start.
+
+Everything that depends on the command line, the queue description or the
+environment is read here into one frozen object and passed down; nothing
+deeper in the pilot looks at ``os.environ`` to change its behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PilotConfig:
+    """How this pilot runs jobs. Times in seconds, sizes in MB unless named otherwise."""
+
+    workdir: Path = Path("pilot-work")
+    site_name: str = "LOCAL"
+    node: str = field(default_factory=socket.gethostname)
+    pilot_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    )
+    # storage: where inputs are read from and outputs written to (URL or path)
+    input_url: str = ""
+    output_url: str = ""
+    copytool: str = "copy"
+    copytool_options: dict[str, Any] = field(default_factory=dict)
+    stage_attempts: int = 2
+    stagein_timeout: float = 3600.0
+    stageout_timeout: float = 3600.0
+    trace_url: str = ""
+    # payload supervision
+    heartbeat_interval: float = 1800.0
+    monitor_interval: float = 60.0
+    kill_grace: float = 10.0
+    # queue description (schedconfig), already parsed
+    queue: dict[str, Any] = field(default_factory=dict)
+    # log extracts sent with the final update (PanDA keeps 1024 characters)
+    log_extract_chars: int = 1024
+    keep_workdir: bool = True
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def job_workdir(self, panda_id: int) -> Path:
+        return self.workdir / f"PandaJob_{panda_id}"

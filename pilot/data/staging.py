@@ -1,0 +1,217 @@
+"""Stage-in and stage-out of a job's files, with a transfer event per attempt.
+
+Storage is described by two base URLs (where inputs are read, where
+outputs go); a file's URL is ``<base>/<scope>/<lfn>`` (inputs are also
+looked up flat, ``<base>/<lfn>``, as shared-file-system sites lay them out).
+Each attempt produces a :class:`TransferEvent`; the trace module turns those
+into rucio-style traces. Failures become the PanDA code for their
+direction, so the final update tells operators which side broke.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pilot.data.checksum import file_checksum
+from pilot.data.copytools import Copytool, TransferResult, remove_quietly, url_to_path
+from pilot.errors import ErrorCode, PilotError
+from pilot.job import FileSpec, Job
+
+log = logging.getLogger(__name__)
+
+# Codes a retry cannot fix: the file is not there, or not what it should be.
+_FINAL = {
+    ErrorCode.MISSINGINPUTFILE,
+    ErrorCode.GETADMISMATCH,
+    ErrorCode.GETMD5MISMATCH,
+    ErrorCode.NOLOCALSPACE,
+    ErrorCode.MISSINGOUTPUTFILE,
+    ErrorCode.NOSTORAGEPROTOCOL,
+    ErrorCode.UNKNOWNCOPYTOOL,
+}
+
+
+@dataclass
+class TransferEvent:
+    """One transfer attempt, as a trace records it."""
+
+    direction: str  # "get" or "put"
+    spec: FileSpec
+    url: str
+    protocol: str
+    state: str  # PanDA trace clientState: DONE, STAGEIN_ATTEMPT_FAILED, ...
+    reason: str = ""
+    time_start: float = 0.0
+    transfer_start: float = 0.0
+    validate_start: float = 0.0
+    time_end: float = 0.0
+    size: int = 0
+    hostname: str = field(default_factory=socket.gethostname)
+
+
+TransferSink = Callable[[TransferEvent], None]
+
+
+def _file_url(base: str, spec: FileSpec) -> str:
+    base = base.rstrip("/")
+    return f"{base}/{spec.scope}/{spec.lfn}" if spec.scope else f"{base}/{spec.lfn}"
+
+
+def _candidates(base: str, spec: FileSpec) -> list[str]:
+    urls = [_file_url(base, spec)]
+    flat = f"{base.rstrip('/')}/{spec.lfn}"
+    if flat not in urls:
+        urls.append(flat)
+    return urls
+
+
+def _verify(spec: FileSpec, result: TransferResult, local: Path) -> None:
+    parts = spec.checksum_parts()
+    if spec.fsize and result.size != spec.fsize:
+        raise PilotError(
+            ErrorCode.STAGEINFAILED,
+            f"{spec.lfn}: size {result.size} differs from the job's {spec.fsize}",
+        )
+    if not parts:
+        return
+    kind, want = parts
+    got = result.adler32 if kind == "adler32" else (result.md5 or file_checksum(local, "md5"))
+    if got != want:
+        code = ErrorCode.GETADMISMATCH if kind == "adler32" else ErrorCode.GETMD5MISMATCH
+        raise PilotError(code, f"{spec.lfn}: {kind} {got} differs from the job's {want}")
+
+
+def stage_in(
+    job: Job,
+    workdir: Path,
+    copytool: Copytool,
+    source: str,
+    *,
+    sink: TransferSink | None = None,
+    attempts: int = 2,
+    timeout: float = 0,
+) -> list[FileSpec]:
+    """Bring every input of ``job`` into ``workdir`` and check it against the job's checksum."""
+    for spec in job.in_files:
+        dest = workdir / spec.lfn
+        last: PilotError | None = None
+        for attempt in range(max(1, attempts)):
+            for url in _candidates(source, spec):
+                if _is_local_missing(url):
+                    last = PilotError(ErrorCode.MISSINGINPUTFILE, f"{spec.lfn} not found at {url}")
+                    continue
+                event = TransferEvent(
+                    "get", spec, url, copytool.name, "INIT_REPORT", time_start=time.time()
+                )
+                try:
+                    event.transfer_start = time.time()
+                    result = copytool.get(url, dest, checksum=spec.checksum, timeout=timeout)
+                    event.validate_start = time.time()
+                    _verify(spec, result, dest)
+                except PilotError as exc:
+                    remove_quietly(dest)
+                    last = exc
+                    event.state, event.reason = "STAGEIN_ATTEMPT_FAILED", exc.diag
+                    event.time_end = time.time()
+                    _emit(sink, event)
+                    if exc.code in _FINAL and exc.code != ErrorCode.MISSINGINPUTFILE:
+                        raise
+                    continue
+                event.state, event.size, event.time_end = "DONE", result.size, time.time()
+                _emit(sink, event)
+                spec.local_path, spec.surl, spec.status = str(dest), url, "transferred"
+                log.info("staged in %s (%d bytes) from %s", spec.lfn, result.size, url)
+                break
+            if spec.status == "transferred":
+                break
+            if last is not None and last.code in _FINAL:
+                break
+            log.warning("stage-in of %s failed (attempt %d): %s", spec.lfn, attempt + 1, last)
+        if spec.status != "transferred":
+            err = last or PilotError(ErrorCode.STAGEINFAILED, spec.lfn)
+            if err.code not in _FINAL and err.code not in (ErrorCode.STAGEINTIMEOUT,):
+                err = PilotError(ErrorCode.STAGEINFAILED, err.diag)
+            raise err
+    return job.in_files
+
+
+def _is_local_missing(url: str) -> bool:
+    try:
+        return not url_to_path(url).exists()
+    except PilotError:
+        return False
+
+
+def stage_out(
+    files: list[FileSpec],
+    workdir: Path,
+    copytool: Copytool,
+    destination: str,
+    *,
+    sink: TransferSink | None = None,
+    attempts: int = 2,
+    timeout: float = 0,
+) -> list[FileSpec]:
+    """Send ``files`` (outputs and log) from ``workdir`` to ``destination``.
+
+    A missing or empty output fails the job before anything is sent: a
+    half-written dataset is worse than a failed job.
+    """
+    for spec in files:
+        local = Path(spec.local_path) if spec.local_path else workdir / spec.lfn
+        if not local.is_file():
+            raise PilotError(
+                ErrorCode.MISSINGOUTPUTFILE, f"{spec.lfn} was not produced by the payload"
+            )
+        if local.stat().st_size == 0 and spec.kind == "output":
+            raise PilotError(ErrorCode.EMPTYOUTPUTFILE, f"{spec.lfn} is empty")
+        url = _file_url(destination, spec)
+        last: PilotError | None = None
+        for attempt in range(max(1, attempts)):
+            event = TransferEvent(
+                "put", spec, url, copytool.name, "INIT_REPORT", time_start=time.time()
+            )
+            try:
+                event.transfer_start = time.time()
+                result = copytool.put(local, url, timeout=timeout)
+            except PilotError as exc:
+                last = exc
+                event.state, event.reason, event.time_end = (
+                    "STAGEOUT_ATTEMPT_FAILED",
+                    exc.diag,
+                    time.time(),
+                )
+                _emit(sink, event)
+                log.warning("stage-out of %s failed (attempt %d): %s", spec.lfn, attempt + 1, exc)
+                if exc.code in _FINAL:
+                    break
+                continue
+            event.state, event.size, event.time_end = "DONE", result.size, time.time()
+            _emit(sink, event)
+            spec.fsize, spec.checksum, spec.surl = result.size, f"ad:{result.adler32}", url
+            spec.local_path, spec.status = str(local), "transferred"
+            break
+        if spec.status != "transferred":
+            err = last or PilotError(ErrorCode.STAGEOUTFAILED, spec.lfn)
+            if err.code not in (
+                ErrorCode.MISSINGOUTPUTFILE,
+                ErrorCode.NOREMOTESPACE,
+                ErrorCode.STAGEOUTTIMEOUT,
+            ):
+                err = PilotError(ErrorCode.STAGEOUTFAILED, err.diag)
+            raise err
+    return files
+
+
+def _emit(sink: TransferSink | None, event: TransferEvent) -> None:
+    if sink is None:
+        return
+    try:
+        sink(event)
+    except OSError as exc:  # a trace that cannot be recorded never fails a job
+        log.warning("could not record transfer trace for %s: %s", event.spec.lfn, exc)

@@ -1,0 +1,395 @@
+"""One job's life on one node.
+
+get job -> validate -> work directory -> stage-in -> payload under watch ->
+diagnosis -> stage-out of outputs and log -> final update. Every step that can
+fail raises a :class:`PilotError`; the first one decides the job's codes and
+the remaining steps still run where they make sense (the log tarball is
+staged out for a failed job too), so a job always ends in one final update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from pilot.comm.base import Upstream
+from pilot.config import PilotConfig
+from pilot.data.copytools import make_copytool
+from pilot.data.staging import TransferSink, stage_in, stage_out
+from pilot.errors import ErrorCode, PilotError, diagnose_payload, error_diag, signal_code
+from pilot.fileio import atomic_write_json, tail
+from pilot.job import Job
+from pilot.payload.command import build_command
+from pilot.payload.runner import PayloadProcess
+from pilot.report import (
+    JOB_REPORT,
+    PAYLOAD_STDERR,
+    PAYLOAD_STDOUT,
+    PILOT_LOG,
+    CriticalLines,
+    JobResult,
+    final_update_fields,
+    job_report,
+    log_extracts,
+    make_log_tarball,
+)
+
+log = logging.getLogger("pilot.workflow")
+
+PILOT_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGXCPU, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopSignal:
+    """Signals sent to the pilot, handed to the job loop through a self-pipe.
+
+    The handler only records the signal and writes one byte; the job loop,
+    asleep in ``select`` on the payload and on this pipe, wakes at once and
+    stops the payload itself, so the final update is always sent.
+    """
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self.signum: int | None = None
+
+    @property
+    def fd(self) -> int:
+        return self._r
+
+    def trigger(self, signum: int, _frame: object = None) -> None:
+        if self.signum is None:
+            self.signum = signum
+        try:
+            os.write(self._w, b"!")
+        except BlockingIOError:
+            pass
+
+    def install(self, signals: Iterable[int] = PILOT_SIGNALS) -> Callable[[], None]:
+        """Install the handlers; returns a function that puts the old ones back."""
+        old = {s: signal.signal(s, self.trigger) for s in signals}
+
+        def restore() -> None:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+        return restore
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Monitor(Protocol):
+    """What the job loop needs from the payload monitor (``pilot.monitor``)."""
+
+    def next_due(self) -> float: ...
+
+    def check(self) -> PilotError | None: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+    def evidence(self) -> str: ...
+
+    def connections_report(self) -> str: ...
+
+
+MonitorFactory = Callable[[PayloadProcess, Path, Job, PilotConfig], Monitor]
+EventServiceRunner = Callable[[Job, Path, PilotConfig, "StopSignal | None"], dict[str, Any]]
+
+
+def _attach_logging(workdir: Path) -> tuple[logging.Handler, CriticalLines]:
+    root = logging.getLogger("pilot")
+    file_handler = logging.FileHandler(workdir / PILOT_LOG, encoding="utf-8")
+    file_handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)-8s %(name)s | %(message)s")
+    )
+    critical = CriticalLines()
+    root.addHandler(file_handler)
+    root.addHandler(critical)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    return file_handler, critical
+
+
+def _detach_logging(handlers: Iterable[logging.Handler]) -> None:
+    root = logging.getLogger("pilot")
+    for h in handlers:
+        root.removeHandler(h)
+        h.close()
+
+
+def run_job(
+    job: Job,
+    config: PilotConfig,
+    upstream: Upstream,
+    *,
+    stop: StopSignal | None = None,
+    monitor_factory: MonitorFactory | None = None,
+    es_runner: EventServiceRunner | None = None,
+    transfer_sink: TransferSink | None = None,
+    getjob_seconds: float = 0.0,
+) -> JobResult:
+    """Run one validated job to its final update; never raises a PilotError."""
+    workdir = config.job_workdir(job.panda_id)
+    result = JobResult(job=job, workdir=workdir)
+    result.timings["getjob"] = getjob_seconds
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        result.fail(PilotError(ErrorCode.MKDIR, f"{workdir}: {exc}"))
+        return _finish(result, config, upstream, critical=[str(exc)])
+    handlers = _attach_logging(workdir)
+    try:
+        log.info("job %d: %s %s", job.panda_id, job.transformation, job.job_pars)
+        _heartbeat(upstream, job, config, "starting")
+        _run_steps(job, config, upstream, result, stop, monitor_factory, es_runner, transfer_sink)
+    finally:
+        if result.pilot_error_code:
+            log.critical("job %d failed: %s", job.panda_id, result.pilot_error_diag)
+        _detach_logging(handlers)
+    return _finish(result, config, upstream, critical=list(handlers[1].lines))
+
+
+def _run_steps(
+    job: Job,
+    config: PilotConfig,
+    upstream: Upstream,
+    result: JobResult,
+    stop: StopSignal | None,
+    monitor_factory: MonitorFactory | None,
+    es_runner: EventServiceRunner | None,
+    sink: TransferSink | None,
+) -> None:
+    workdir = result.workdir
+    copytool = None
+    try:
+        copytool = make_copytool(config.copytool, **config.copytool_options)
+        t0 = time.monotonic()
+        if job.in_files:
+            stage_in(
+                job,
+                workdir,
+                copytool,
+                config.input_url or ".",
+                sink=sink,
+                attempts=config.stage_attempts,
+                timeout=config.stagein_timeout,
+            )
+        result.timings["stagein"] = time.monotonic() - t0
+        _heartbeat(upstream, job, config, "running")
+        t0 = time.monotonic()
+        if job.event_service:
+            if es_runner is None:
+                raise PilotError(
+                    ErrorCode.NOTIMPLEMENTED, "this pilot was started without event-service support"
+                )
+            summary = es_runner(job, workdir, config, stop)
+            result.n_events = int(summary.get("nEvents", 0))
+            result.metrics.update(summary.get("metrics", {}))
+            result.extra["eventService"] = {
+                k: v for k, v in summary.items() if k not in ("metrics", "results")
+            }
+            if summary.get("error"):
+                raise summary["error"]
+        else:
+            _run_payload(job, config, upstream, result, stop, monitor_factory)
+        result.timings["payload"] = time.monotonic() - t0
+    except PilotError as exc:
+        result.fail(exc)
+    t0 = time.monotonic()
+    if result.pilot_error_code == 0 and result.exe_error_code == 0:
+        result.state = "finished"
+        try:
+            if copytool is not None and job.out_files:
+                for spec in job.out_files:
+                    spec.guid = spec.guid or str(uuid.uuid4())
+                stage_out(
+                    job.out_files,
+                    workdir,
+                    copytool,
+                    _output_url(config),
+                    sink=sink,
+                    attempts=config.stage_attempts,
+                    timeout=config.stageout_timeout,
+                )
+                result.outputs.extend(job.out_files)
+        except PilotError as exc:
+            result.fail(exc)
+    _stage_out_log(job, config, result, copytool, sink)
+    result.timings["stageout"] = time.monotonic() - t0
+
+
+def _output_url(config: PilotConfig) -> str:
+    return config.output_url or str(config.workdir / "storage")
+
+
+def _stage_out_log(job, config, result, copytool, sink) -> None:  # noqa: ANN001 - internal step
+    if job.log_file is None or copytool is None:
+        return
+    # the job report travels inside the log: write a provisional one first
+    result.end_time = time.time()
+    atomic_write_json(result.workdir / JOB_REPORT, job_report(result), indent=1, fsync=False)
+    try:
+        spec = make_log_tarball(job, result.workdir)
+        if spec is None:
+            return
+        spec.guid = spec.guid or str(uuid.uuid4())
+        stage_out(
+            [spec],
+            result.workdir,
+            copytool,
+            _output_url(config),
+            sink=sink,
+            attempts=config.stage_attempts,
+        )
+        result.outputs.append(spec)
+    except PilotError as exc:
+        log.error("log stage-out failed: %s", exc)
+        result.fail(exc)
+
+
+def _heartbeat(upstream: Upstream, job: Job, config: PilotConfig, state: str) -> str | None:
+    fields = {
+        "jobId": job.panda_id,
+        "state": state,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+        "siteName": config.site_name,
+        "node": config.node,
+        "attemptNr": job.attempt_nr,
+        "pilotID": config.pilot_id,
+        "coreCount": job.core_count,
+        "cpuConsumptionUnit": "s",
+    }
+    try:
+        return upstream.heartbeat(job, fields)
+    except PilotError as exc:  # a missed heartbeat is not a failed job
+        log.warning("heartbeat failed: %s", exc)
+        return None
+
+
+def _run_payload(
+    job: Job,
+    config: PilotConfig,
+    upstream: Upstream,
+    result: JobResult,
+    stop: StopSignal | None,
+    monitor_factory: MonitorFactory | None,
+) -> None:
+    workdir = result.workdir
+    command = build_command(job, workdir, env_extra=config.extra_env)
+    (workdir / "payload.sh").write_text(f"#!/bin/sh\n{command.shell}\n", encoding="utf-8")
+    log.info("payload: %s", command.shell)
+    payload = PayloadProcess(
+        command.shell,
+        cwd=workdir,
+        env=command.env,
+        stdout=workdir / PAYLOAD_STDOUT,
+        stderr=workdir / PAYLOAD_STDERR,
+        shell=True,
+    )
+    monitor = monitor_factory(payload, workdir, job, config) if monitor_factory else None
+    wake = [stop.fd] if stop else []
+    next_heartbeat = time.monotonic() + config.heartbeat_interval
+    killed: PilotError | None = None
+    try:
+        for _ in range(10_000_000):  # bounded; each turn sleeps until something is due
+            now = time.monotonic()
+            due = next_heartbeat
+            if monitor is not None:
+                due = min(due, now + max(0.0, monitor.next_due()))
+            rc = payload.wait(timeout=max(0.05, min(due - now, 60.0)), wake_fds=wake)
+            if rc is not None:
+                break
+            if stop is not None and stop.signum is not None:
+                killed = PilotError(
+                    signal_code(stop.signum), f"pilot received {signal.Signals(stop.signum).name}"
+                )
+            elif monitor is not None and (breach := monitor.check()) is not None:
+                killed = breach
+                (workdir / "monitor_evidence.txt").write_text(monitor.evidence(), encoding="utf-8")
+            elif time.monotonic() >= next_heartbeat:
+                next_heartbeat = time.monotonic() + config.heartbeat_interval
+                command_reply = _heartbeat(upstream, job, config, "running")
+                if command_reply == "tobekilled":
+                    killed = PilotError(
+                        ErrorCode.PANDAKILL, "the server asked for the job to be killed"
+                    )
+            if killed is not None:
+                log.critical("killing the payload: %s", killed.diag)
+                record = payload.kill_tree(config.kill_grace, int(killed.code), killed.detail)
+                log.info(
+                    "kill: signals %s to %s, survivors %s",
+                    record.signals,
+                    record.pids,
+                    record.survivors,
+                )
+                break
+    finally:
+        if payload.poll() is None:
+            payload.kill_tree(config.kill_grace)
+        if monitor is not None:
+            result.metrics.update(monitor.summary())
+            report = monitor.connections_report()
+            if report:
+                result.extra["connections"] = report
+    if killed is not None:
+        result.exe_error_code = result.trans_exit_code = payload.returncode or 0
+        raise killed
+    rc = payload.returncode if payload.returncode is not None else -1
+    if "cpuConsumptionTime" not in result.metrics:
+        result.metrics["cpuConsumptionTime"] = _children_cpu()
+    diagnosis = diagnose_payload(
+        rc, tail(workdir / PAYLOAD_STDERR, 8192), tail(workdir / PAYLOAD_STDOUT, 4096)
+    )
+    result.exe_error_code = diagnosis.exe_error_code
+    result.trans_exit_code = diagnosis.trans_exit_code
+    if not diagnosis.ok:
+        result.exe_error_diag = diagnosis.pilot_error_diag
+        raise PilotError(diagnosis.pilot_error_code, diagnosis.pilot_error_diag.split(": ", 1)[-1])
+    log.info("payload finished with exit code 0")
+
+
+def _children_cpu() -> float:
+    """CPU of reaped children of the pilot: a fallback when no monitor ran."""
+    t = os.times()
+    return round(t.children_user + t.children_system, 3)
+
+
+def _finish(
+    result: JobResult, config: PilotConfig, upstream: Upstream, critical: list[str]
+) -> JobResult:
+    result.end_time = time.time()
+    if result.state != "finished" and not result.pilot_error_code:
+        result.fail(PilotError(ErrorCode.UNKNOWNPAYLOADFAILURE, "job ended without a diagnosis"))
+    if result.pilot_error_code and not result.pilot_error_diag:
+        result.pilot_error_diag = error_diag(result.pilot_error_code)
+    result.log_extracts = log_extracts(
+        result.workdir, critical, str(result.extra.get("connections", "")), config.log_extract_chars
+    )
+    fields = final_update_fields(result, config.site_name, config.node, config.pilot_id)
+    try:
+        if result.workdir.is_dir():
+            atomic_write_json(result.workdir / JOB_REPORT, job_report(result), indent=1)
+        delivered = upstream.final_update(result.job, fields)
+    except PilotError as exc:
+        delivered = False
+        log.error("final update not delivered: %s", exc)
+    result.extra["final_update_delivered"] = delivered
+    return result
+
+
+def wall_limit(job: Job, config: PilotConfig) -> float:
+    """Walltime the payload may use: the job's, else the queue's, else none."""
+    limits = [v for v in (job.max_walltime, int(config.queue.get("maxtime", 0) or 0)) if v > 0]
+    return float(min(limits)) if limits else math.inf
