@@ -1,0 +1,128 @@
+"""Range ledger and its journal: transitions, lookups, replay after a kill."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pilot.errors import PilotError
+from pilot.eventservice.model import RangeResult, RangeStatus
+from pilot.job import EventRange
+from yoda.journal import Book, Journal, replay, resume_book
+from yoda.ledger import Ledger, State
+
+
+def ranges(panda=1001, n=10, task=77, lfn="EVNT.01.pool.root"):
+    return [
+        EventRange(f"{task}-{panda}-5001-{i}-1", i * 10 + 1, i * 10 + 10, lfn, "G-1", "mc")
+        for i in range(n)
+    ]
+
+
+def job(panda=1001, task=77):
+    return {"PandaID": panda, "taskID": task, "transformation": "toysim"}
+
+
+def test_ids_and_ranges_round_trip_through_the_compact_table():
+    led = Ledger()
+    rs = ranges(n=5) + ranges(panda=1002, n=3)
+    rows = led.add_ranges(rs)
+    assert list(rows) == list(range(8))
+    for row, r in zip(rows, rs):
+        assert led.event_range(int(row)) == r
+        assert led.find(r.event_range_id) == row
+    assert led.find("77-1001-5001-99-1") is None
+    assert led.find("garbage") is None
+    assert len(led.files) == 1
+    assert led.count(State.READY) == 8
+
+
+def test_duplicates_are_skipped():
+    led = Ledger()
+    led.add_ranges(ranges(n=4))
+    again = led.add_ranges(ranges(n=6))
+    assert list(again) == [4, 5]
+    assert led.n == 6
+
+
+def test_transitions_and_counts():
+    led = Ledger()
+    led.add_ranges(ranges(n=6))
+    got = led.next_ready(4)
+    assert got == [0, 1, 2, 3]
+    led.lease(got, droid=3, deadline=100.0)
+    assert list(led.leased_by(3)) == got
+    led.finish([0], State.FINISHED)
+    led.release([1], charge=True)
+    led.release([2], charge=False)
+    assert led.next_ready(3) == [1, 2, 4]
+    assert led.rows["tries"][1] == 1 and led.rows["tries"][2] == 0
+    assert led.count(State.FINISHED) == 1 and led.count(State.LEASED) == 1
+    with pytest.raises(ValueError):
+        led.finish([3], State.READY)
+
+
+def test_memory_per_range_is_small():
+    led = Ledger(capacity=100_000)
+    n = 100_000
+    led.add_job(1, 1)
+    led.add_columns(
+        0, np.arange(n), np.zeros(n), np.ones(n), np.arange(n), np.arange(n), np.zeros(n)
+    )
+    assert led.nbytes() / n < 64
+
+
+def _book(tmp_path):
+    book = Book(Ledger(), Journal(tmp_path / "journal", sync_every=4))
+    j = book.add_job(job())
+    book.add_ranges(j, ranges(n=6))
+    return book
+
+
+def test_replay_rebuilds_the_ledger_and_unsent_results(tmp_path):
+    book = _book(tmp_path)
+    book.lease([0, 1, 2], droid=2, deadline=50.0)
+    r0 = RangeResult("77-1001-5001-0-1", RangeStatus.FINISHED, "/o/0", 10, "0a0b0c0d")
+    r1 = RangeResult("77-1001-5001-1-1", RangeStatus.FAILED, error_code=1224)
+    book.done(2, [(0, r0), (1, r1)])
+    book.sent([0])
+    book.release([2], charge=True)
+    book.journal.close()
+    rep = replay(tmp_path / "journal")
+    led = rep.ledger
+    assert [led.state(i) for i in range(6)] == [
+        State.FINISHED,
+        State.FAILED,
+        State.READY,
+        State.READY,
+        State.READY,
+        State.READY,
+    ]
+    assert rep.unsent == {1: r1}
+    assert rep.jobs == [job()]
+    assert led.rows["tries"][2] == 1
+
+
+def test_resume_releases_old_leases_without_charge_and_bumps_the_epoch(tmp_path):
+    book = _book(tmp_path)
+    book.epoch(1)
+    book.lease([0, 1], droid=1, deadline=50.0)
+    book.journal.close()
+    with open(tmp_path / "journal", "ab") as fh:
+        fh.write(b'{"op":"done","d":1,"res":[[0,{"event_ra')  # killed mid-write
+    book2, epoch = resume_book(tmp_path / "journal")
+    assert epoch == 2
+    assert book2.ledger.count(State.READY) == 6
+    assert book2.ledger.rows["tries"][0] == 0
+    book2.journal.close()
+    rep = replay(tmp_path / "journal")
+    assert not rep.torn and rep.epoch == 2 and rep.ledger.count(State.READY) == 6
+
+
+def test_corrupt_middle_of_journal_is_a_pilot_error(tmp_path):
+    p = tmp_path / "journal"
+    p.write_bytes(b'{"op":"epoch","n":1}\nnot json\n{"op":"epoch","n":2}\n')
+    with pytest.raises(PilotError):
+        replay(p)
+    with pytest.raises(PilotError):
+        replay(tmp_path / "missing")

@@ -1,0 +1,355 @@
+"""The range ledger: where every event range of the allocation stands.
+
+One row per range in a numpy structured array, so a million ranges cost tens
+of megabytes, not the gigabyte a dict per range would. The range id is not
+stored as text: ``<jediTaskID>-<PandaID>-<fileID>-<jobProcessID>-<attemptNr>``
+is rebuilt from the job index (task and PandaID live in the small job table)
+and three integer columns. LFN, GUID, scope and PFN are interned per file,
+since thousands of ranges share one input file.
+
+States: READY -> LEASED (droid, deadline) -> FINISHED | FAILED | FATAL, or
+back to READY when the lease is released (droid died, lease expired, drained
+before it started). The ledger only applies transitions; the journal
+(:mod:`yoda.journal`) records each one first, and the scheduler decides them.
+
+Lookup by id (duplicate ranges from upstream, late messages) uses a 64-bit
+hash of the id's numbers kept in a few sorted runs merged like an LSM tree:
+adding a batch costs a sort of that batch, lookups a binary search per run.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from pilot.errors import ErrorCode, PilotError
+from pilot.job import EventRange
+
+
+class State(IntEnum):
+    READY = 0
+    LEASED = 1
+    FINISHED = 2
+    FAILED = 3
+    FATAL = 4
+
+
+TERMINAL = (State.FINISHED, State.FAILED, State.FATAL)
+
+RANGE_DTYPE = np.dtype(
+    [
+        ("job", "<u4"),  # index into the job table
+        ("file_id", "<i8"),
+        ("proc", "<u4"),  # jobProcessID
+        ("attempt", "<u2"),  # attemptNr of the id (PanDA's, not ours)
+        ("state", "u1"),
+        ("tries", "u1"),  # leases lost to a dead droid or an expired lease
+        ("start", "<i8"),
+        ("nev", "<u4"),  # lastEvent - startEvent + 1
+        ("fref", "<u4"),  # index into the file table
+        ("droid", "<i4"),  # rank holding the lease, -1 if none
+        ("deadline", "<f4"),  # lease deadline, seconds after Ledger.t0
+    ]
+)
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads structured integers over 64 bits."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def range_key(panda_id, file_id, proc, attempt) -> np.ndarray:
+    """64-bit key of range ids given their numeric parts (vectorised)."""
+    with np.errstate(over="ignore"):
+        k = _mix(np.asarray(panda_id, dtype=np.uint64))
+        k = _mix(k ^ np.asarray(file_id, dtype=np.int64).astype(np.uint64))
+        k = _mix(k ^ np.asarray(proc, dtype=np.uint64))
+        return _mix(k ^ np.asarray(attempt, dtype=np.uint64)) & _MASK64
+
+
+@dataclass(frozen=True)
+class JobEntry:
+    panda_id: int
+    task_id: int
+
+
+def parse_range_id(rid: str) -> tuple[int, int, int, int, int]:
+    try:
+        task, panda, file_id, proc, attempt = (int(p) for p in rid.split("-"))
+    except ValueError:
+        raise PilotError(ErrorCode.MESSAGEHANDLINGFAILURE, f"bad eventRangeID {rid!r}") from None
+    return task, panda, file_id, proc, attempt
+
+
+class Ledger:
+    """All ranges of all jobs of one allocation."""
+
+    def __init__(self, capacity: int = 1024, t0: float = 0.0) -> None:
+        self.t0 = t0
+        self.rows = np.zeros(max(16, capacity), dtype=RANGE_DTYPE)
+        self.n = 0
+        self.jobs: list[JobEntry] = []
+        self._job_index: dict[int, int] = {}
+        self.files: list[tuple[str, str, str, str]] = []
+        self._file_index: dict[tuple[str, str, str, str], int] = {}
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted keys, rows)
+        self._cursor = 0  # rows below it are not READY unless in _released
+        self._released: collections.deque[int] = collections.deque()
+        self.counts = np.zeros(len(State), dtype=np.int64)
+
+    # -- jobs, files, ranges -------------------------------------------------
+
+    def add_job(self, panda_id: int, task_id: int) -> int:
+        idx = self._job_index.get(panda_id)
+        if idx is None:
+            idx = len(self.jobs)
+            self.jobs.append(JobEntry(panda_id, task_id))
+            self._job_index[panda_id] = idx
+        return idx
+
+    def job_of(self, panda_id: int) -> int | None:
+        return self._job_index.get(panda_id)
+
+    def intern_file(self, lfn: str, guid: str, scope: str, pfn: str) -> tuple[int, bool]:
+        key = (lfn, guid, scope, pfn)
+        idx = self._file_index.get(key)
+        if idx is not None:
+            return idx, False
+        idx = len(self.files)
+        self.files.append(key)
+        self._file_index[key] = idx
+        return idx, True
+
+    def _grow(self, extra: int) -> None:
+        need = self.n + extra
+        if need <= len(self.rows):
+            return
+        cap = max(need, int(len(self.rows) * 1.5))
+        bigger = np.zeros(cap, dtype=RANGE_DTYPE)
+        bigger[: self.n] = self.rows[: self.n]
+        self.rows = bigger
+
+    def reserve(self, total: int) -> None:
+        """Size the table for ``total`` ranges at once (no growth slack)."""
+        self._grow(max(0, total - self.n))
+
+    def add_columns(
+        self,
+        job: int,
+        file_id: np.ndarray,
+        proc: np.ndarray,
+        attempt: np.ndarray,
+        start: np.ndarray,
+        last: np.ndarray,
+        fref: np.ndarray,
+    ) -> np.ndarray:
+        """Append READY ranges given as columns; returns their rows. Duplicates are skipped."""
+        file_id = np.asarray(file_id, dtype=np.int64)
+        proc = np.asarray(proc, dtype=np.uint32)
+        attempt = np.asarray(attempt, dtype=np.uint16)
+        panda = np.full(len(file_id), self.jobs[job].panda_id, dtype=np.uint64)
+        keys = range_key(panda, file_id, proc, attempt)
+        keep = ~self._contains(keys)
+        # duplicates inside the batch itself
+        _, first = np.unique(keys, return_index=True)
+        inside = np.zeros(len(keys), dtype=bool)
+        inside[first] = True
+        keep &= inside
+        m = int(keep.sum())
+        self._grow(m)
+        sl = slice(self.n, self.n + m)
+        block = self.rows[sl]
+        block["job"] = job
+        block["file_id"] = file_id[keep]
+        block["proc"] = proc[keep]
+        block["attempt"] = attempt[keep]
+        block["state"] = State.READY
+        block["tries"] = 0
+        start = np.asarray(start, dtype=np.int64)[keep]
+        block["start"] = start
+        block["nev"] = np.asarray(last, dtype=np.int64)[keep] - start + 1
+        block["fref"] = np.asarray(fref, dtype=np.uint32)[keep]
+        block["droid"] = -1
+        block["deadline"] = 0
+        rows = np.arange(self.n, self.n + m, dtype=np.int64)
+        self._add_run(keys[keep], rows)
+        self.n += m
+        self.counts[State.READY] += m
+        return rows
+
+    def add_ranges(self, ranges: list[EventRange]) -> np.ndarray:
+        """Append validated ranges (their jobs must be known); returns the new rows."""
+        out = []
+        by_job: dict[int, list[EventRange]] = {}
+        for r in ranges:
+            task, panda, _, _, _ = parse_range_id(r.event_range_id)
+            job = self._job_index.get(panda)
+            if job is None:
+                job = self.add_job(panda, task)
+            by_job.setdefault(job, []).append(r)
+        for job, group in by_job.items():
+            parts = np.array(
+                [parse_range_id(r.event_range_id)[2:] for r in group], dtype=np.int64
+            ).reshape(-1, 3)
+            fref = [self.intern_file(r.lfn, r.guid, r.scope, r.pfn)[0] for r in group]
+            out.append(
+                self.add_columns(
+                    job,
+                    parts[:, 0],
+                    parts[:, 1],
+                    parts[:, 2],
+                    np.array([r.start_event for r in group]),
+                    np.array([r.last_event for r in group]),
+                    np.array(fref),
+                )
+            )
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def _add_run(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        order = np.argsort(keys, kind="stable")
+        self._runs.append((keys[order], rows[order].astype(np.uint32)))
+        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
+            (k2, r2), (k1, r1) = self._runs.pop(), self._runs.pop()
+            k = np.concatenate([k1, k2])
+            r = np.concatenate([r1, r2])
+            order = np.argsort(k, kind="stable")
+            self._runs.append((k[order], r[order]))
+
+    def _contains(self, keys: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(keys), dtype=bool)
+        for run_keys, _ in self._runs:
+            pos = np.searchsorted(run_keys, keys)
+            pos[pos >= len(run_keys)] = 0
+            found |= run_keys[pos] == keys if len(run_keys) else False
+        return found
+
+    def find(self, rid: str) -> int | None:
+        """Row of a range id, or None if unknown."""
+        try:
+            task, panda, file_id, proc, attempt = parse_range_id(rid)
+        except PilotError:
+            return None
+        job = self._job_index.get(panda)
+        if job is None:
+            return None
+        key = range_key([panda], [file_id], [proc], [attempt])
+        for run_keys, run_rows in self._runs:
+            lo = int(np.searchsorted(run_keys, key[0]))
+            while lo < len(run_keys) and run_keys[lo] == key[0]:
+                row = int(run_rows[lo])
+                r = self.rows[row]
+                if (
+                    r["job"] == job
+                    and r["file_id"] == file_id
+                    and r["proc"] == proc
+                    and r["attempt"] == attempt
+                ):
+                    return row
+                lo += 1
+        return None
+
+    def range_id(self, row: int) -> str:
+        r = self.rows[row]
+        job = self.jobs[int(r["job"])]
+        return (
+            f"{job.task_id}-{job.panda_id}-{int(r['file_id'])}-{int(r['proc'])}-{int(r['attempt'])}"
+        )
+
+    def event_range(self, row: int) -> EventRange:
+        r = self.rows[row]
+        lfn, guid, scope, pfn = self.files[int(r["fref"])]
+        start = int(r["start"])
+        return EventRange(
+            self.range_id(row), start, start + int(r["nev"]) - 1, lfn, guid, scope, pfn
+        )
+
+    def panda_id(self, row: int) -> int:
+        return self.jobs[int(self.rows[row]["job"])].panda_id
+
+    # -- transitions ---------------------------------------------------------
+
+    def state(self, row: int) -> State:
+        return State(int(self.rows[row]["state"]))
+
+    def next_ready(self, n: int) -> list[int]:
+        """Up to ``n`` READY rows, released ones first (they waited longest)."""
+        out: list[int] = []
+        st = self.rows["state"]
+        while self._released and len(out) < n:
+            row = self._released.popleft()
+            if st[row] == State.READY and row not in out:
+                out.append(row)
+        while len(out) < n and self._cursor < self.n:
+            chunk = st[self._cursor : min(self.n, self._cursor + 4 * (n - len(out)) + 64)]
+            idx = np.flatnonzero(chunk == State.READY)
+            take = idx[: n - len(out)]
+            out.extend(int(i) + self._cursor for i in take)
+            if len(take) and len(out) == n:
+                self._cursor += int(take[-1]) + 1
+            else:
+                self._cursor += len(chunk)
+        return out
+
+    def _set(self, rows: list[int] | np.ndarray, state: State) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return
+        old = self.rows["state"][rows]
+        np.subtract.at(self.counts, old.astype(np.int64), 1)
+        self.counts[state] += len(rows)
+        self.rows["state"][rows] = state
+
+    def lease(self, rows: list[int], droid: int, deadline: float) -> None:
+        self._set(rows, State.LEASED)
+        self.rows["droid"][rows] = droid
+        self.rows["deadline"][rows] = deadline - self.t0
+
+    def extend(self, rows: list[int], deadline: float) -> None:
+        self.rows["deadline"][rows] = deadline - self.t0
+
+    def release(self, rows: list[int], charge: bool) -> None:
+        self._set(rows, State.READY)
+        self.rows["droid"][rows] = -1
+        if charge and len(rows):
+            tries = self.rows["tries"][rows]
+            self.rows["tries"][rows] = np.minimum(tries.astype(np.int64) + 1, 255)
+        self._released.extend(int(r) for r in rows)
+
+    def finish(self, rows: list[int], state: State) -> None:
+        if state not in TERMINAL:
+            raise ValueError(f"{state} is not terminal")
+        self._set(rows, state)
+        self.rows["droid"][rows] = -1
+
+    # -- queries -------------------------------------------------------------
+
+    def deadline(self, row: int) -> float:
+        return float(self.rows["deadline"][row]) + self.t0
+
+    def leased_by(self, droid: int) -> np.ndarray:
+        r = self.rows[: self.n]
+        return np.flatnonzero((r["state"] == State.LEASED) & (r["droid"] == droid))
+
+    def leased(self) -> np.ndarray:
+        return np.flatnonzero(self.rows["state"][: self.n] == State.LEASED)
+
+    def count(self, state: State) -> int:
+        return int(self.counts[state])
+
+    def ready_of_job(self, job: int) -> int:
+        r = self.rows[: self.n]
+        return int(np.count_nonzero((r["job"] == job) & (r["state"] == State.READY)))
+
+    def all_terminal(self) -> bool:
+        return self.count(State.READY) == 0 and self.count(State.LEASED) == 0
+
+    def nbytes(self) -> int:
+        """Bytes held for the ranges themselves (table, id index), not the job/file tables."""
+        return int(self.rows.nbytes + sum(k.nbytes + r.nbytes for k, r in self._runs))
