@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pilot.payload.container import ContainerSpec
+
 
 @dataclass(frozen=True)
 class PilotConfig:
@@ -44,6 +46,8 @@ class PilotConfig:
     log_extract_chars: int = 1024
     keep_workdir: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
+    # user containers: None runs payloads on the host
+    container: ContainerSpec | None = None
 
     def job_workdir(self, panda_id: int) -> Path:
         return self.workdir / f"PandaJob_{panda_id}"

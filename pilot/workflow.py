@@ -16,6 +16,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +28,7 @@ from pilot.errors import ErrorCode, PilotError, diagnose_payload, error_diag, si
 from pilot.fileio import atomic_write_json, tail
 from pilot.job import Job
 from pilot.payload.command import build_command
+from pilot.payload.container import wrap
 from pilot.payload.runner import PayloadProcess
 from pilot.report import (
     JOB_REPORT,
@@ -290,13 +292,20 @@ def _run_payload(
     command = build_command(job, workdir, env_extra=config.extra_env)
     (workdir / "payload.sh").write_text(f"#!/bin/sh\n{command.shell}\n", encoding="utf-8")
     log.info("payload: %s", command.shell)
+    argv: list[str] | str = command.shell
+    spec = config.container
+    if spec is not None:
+        if job.container_name:
+            spec = replace(spec, image=job.container_name)
+        argv = wrap(command.shell, workdir, spec)
+        log.info("container: %s", " ".join(argv[:-1]))
     payload = PayloadProcess(
-        command.shell,
+        argv,
         cwd=workdir,
         env=command.env,
         stdout=workdir / PAYLOAD_STDOUT,
         stderr=workdir / PAYLOAD_STDERR,
-        shell=True,
+        shell=isinstance(argv, str),
     )
     monitor = monitor_factory(payload, workdir, job, config) if monitor_factory else None
     wake = [stop.fd] if stop else []
