@@ -20,6 +20,7 @@ from pilot.config import PilotConfig
 from pilot.errors import PilotError, error_diag
 from pilot.fileio import atomic_write_json
 from pilot.job import load_job_file
+from pilot.monitor.watch import make_monitor
 from pilot.workflow import StopSignal, run_job
 
 log = logging.getLogger("pilot.cli")
@@ -51,6 +52,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kill-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
     )
+    p.add_argument(
+        "--connection-policy",
+        default="",
+        help="outbound connections of the payload: report (default), deny-all, or allow:HOST/NET[:PORT],...",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -64,6 +70,7 @@ def _config(args: argparse.Namespace, **overrides: object) -> PilotConfig:
         heartbeat_interval=args.heartbeat,
         monitor_interval=args.monitor_interval,
         kill_grace=args.kill_grace,
+        connection_policy=args.connection_policy,
     )
     values.update(overrides)
     return PilotConfig(**values)  # type: ignore[arg-type]
@@ -86,7 +93,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = StopSignal()
     restore = stop.install()
     try:
-        result = run_job(job, config, LocalUpstream(config.job_workdir(job.panda_id)), stop=stop)
+        result = run_job(
+            job,
+            config,
+            LocalUpstream(config.job_workdir(job.panda_id)),
+            stop=stop,
+            monitor_factory=make_monitor,
+        )
     finally:
         restore()
         stop.close()

@@ -46,6 +46,11 @@ class PilotConfig:
     log_extract_chars: int = 1024
     keep_workdir: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
+    # outbound connections of the payload: "report", "deny-all", or an allow-list
+    # (see pilot.monitor.connections.ConnectionPolicy.from_spec)
+    connection_policy: str = ""
+    # all monitor limits times this factor (tests shrink hours to seconds)
+    limit_scale: float = 1.0
     # user containers: None runs payloads on the host
     container: ContainerSpec | None = None
 

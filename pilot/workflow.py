@@ -105,6 +105,8 @@ class Monitor(Protocol):
 
     def connections_report(self) -> str: ...
 
+    def close(self) -> None: ...
+
 
 MonitorFactory = Callable[[PayloadProcess, Path, Job, PilotConfig], Monitor]
 EventServiceRunner = Callable[[Job, Path, PilotConfig, "StopSignal | None"], dict[str, Any]]
@@ -348,6 +350,7 @@ def _run_payload(
         if payload.poll() is None:
             payload.kill_tree(config.kill_grace)
         if monitor is not None:
+            monitor.close()
             result.metrics.update(monitor.summary())
             report = monitor.connections_report()
             if report:
