@@ -1,0 +1,202 @@
+"""Running the dispatcher: ``pilot serve`` and :class:`EmbeddedServer` for tests and the demo.
+
+waitress serves the WSGI application (PanDA's own server is WSGI too). The
+event loop runs in one thread we own, one poll at a time, so that
+:meth:`EmbeddedServer.stop` can end it from any thread without racing
+waitress's internals: it sets a flag and pulls waitress's trigger, and the
+loop thread closes every socket itself.
+
+Binding beyond loopback turns on the bearer-token check for the pilot's
+calls: an open dispatcher on a network would hand jobs to anyone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from waitress.server import create_server
+
+from pilot.server import loading
+from pilot.server.app import DispatcherApp
+from pilot.server.db import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 25080
+TOKEN_ENV = "PILOT_SERVER_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class EmbeddedServer:
+    """A dispatcher on ``host:port`` (0: an ephemeral port) in a background thread.
+
+    ``url`` is ``http://host:port`` once :meth:`start` returns; ``store``
+    gives tests direct access to jobs, ranges and final records.
+    """
+
+    def __init__(
+        self,
+        db_path: str | Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+        *,
+        threads: int = 8,
+        require_pilot_token: bool | None = None,
+    ) -> None:
+        self.db_path = str(db_path)
+        self.host = host
+        self.port = port
+        self.token = token or secrets.token_urlsafe(24)
+        self.threads = threads
+        self.require_pilot_token = (
+            (not is_loopback(host)) if require_pilot_token is None else require_pilot_token
+        )
+        self.store: Store | None = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("server not started")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> EmbeddedServer:
+        """Open the database, bind, and serve in a thread; returns once listening."""
+        self.store = Store(self.db_path)
+        app = DispatcherApp(
+            self.store, token=self.token, require_pilot_token=self.require_pilot_token
+        )
+        self._server = create_server(
+            app,
+            host=self.host,
+            port=self.port,
+            threads=self.threads,
+            max_request_body_size=app.max_body + 1024,
+            clear_untrusted_proxy_headers=True,
+            ident="pilot-dispatcher",
+        )
+        self.port = int(self._server.effective_port)
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
+        self._thread.start()
+        log.info("dispatcher listening on %s (db %s)", self.url, self.db_path)
+        return self
+
+    def _loop(self) -> None:
+        server = self._server
+        while not self._stopping.is_set():
+            server.asyncore.loop(timeout=1.0, map=server._map, count=1)
+        server.task_dispatcher.shutdown()
+        server.asyncore.close_all(server._map)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving and close the database; safe to call twice."""
+        if self._thread is not None:
+            self._stopping.set()
+            self._server.pull_trigger()
+            self._thread.join(timeout)
+            self._thread = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def wait(self) -> None:
+        """Block until :meth:`stop` is called (``pilot serve``)."""
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(1.0)
+
+    def load_jobs(self, jobs: list[dict[str, Any]] | dict[str, Any]) -> list[int]:
+        assert self.store is not None, "server not started"
+        return loading.load_jobs(self.store, jobs if isinstance(jobs, list) else [jobs])
+
+    def load_task(self, task: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None, "server not started"
+        return loading.load_task(self.store, task)
+
+    def final_records(self, panda_id: int | None = None) -> list[dict[str, Any]]:
+        assert self.store is not None, "server not started"
+        return self.store.final_records(panda_id)
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """``pilot serve [--db FILE] [--host 127.0.0.1] [--port P] [--token T]``."""
+    parser = argparse.ArgumentParser(
+        prog="pilot serve", description="Embedded PanDA-compatible dispatcher (HTTP + SQLite)."
+    )
+    parser.add_argument("--db", default="pilot-server.db", help="SQLite file (created if absent)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port)")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"admin/bearer token (default ${TOKEN_ENV}, else a random one written to --token-file)",
+    )
+    parser.add_argument(
+        "--token-file", default=None, help="write the token here (mode 0600) for `pilot submit`"
+    )
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--url-file", default=None, help="write the server URL here once listening")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    server = EmbeddedServer(args.db, args.host, args.port, token, threads=args.threads)
+    try:
+        server.start()
+    except OSError as exc:
+        print(f"pilot serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    token_file = args.token_file or (None if token else f"{args.db}.token")
+    if token_file:
+        _write_private(token_file, server.token + "\n")
+    if args.url_file:
+        _write_private(args.url_file, server.url + "\n")
+    print(f"pilot serve: listening on {server.url} (db {args.db})", flush=True)
+    if token_file:
+        print(f"pilot serve: token in {token_file}", flush=True)
+    if server.require_pilot_token:
+        print("pilot serve: not on loopback, pilot calls need the bearer token", flush=True)
+
+    def _stop(signum: int, frame: object) -> None:
+        threading.Thread(target=server.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    server.wait()
+    server.stop()
+    return 0
+
+
+def _write_private(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+main = serve_main
