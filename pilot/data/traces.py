@@ -1,0 +1,283 @@
+"""Rucio-style transfer traces: one per file transfer attempt, sent to a trace URL.
+
+Rucio's trace server (``/traces/``) and the PanDA monitoring built on it read
+these field names exactly as the PanDA pilot sends them, so :class:`Trace`
+uses them verbatim (hence the camelCase attributes). Times are epoch seconds.
+
+A trace is bookkeeping, never part of the job's outcome: a trace server that
+is down, slow or answers garbage is logged as a warning, and the trace is
+appended to a JSON-lines file in the work directory (``unsent_traces.jsonl``)
+so the record is kept and can be replayed with :meth:`TraceSender.resend`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import logging
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import requests
+
+import pilot
+from pilot.data.http import redact_url
+from pilot.errors import PilotError, error_diag
+from pilot.job import FileSpec, Job
+
+log = logging.getLogger(__name__)
+
+UNSENT_NAME = "unsent_traces.jsonl"
+ANALYSIS_LABELS = {"user", "panda"}
+
+
+class ClientState(str, Enum):
+    """``clientState`` values the PanDA pilot reports."""
+
+    INIT_REPORT = "INIT_REPORT"
+    FOUND_ROOT = "FOUND_ROOT"
+    DONE = "DONE"
+    FILE_EXIST = "FILE_EXIST"
+    STAGEIN_ATTEMPT_FAILED = "STAGEIN_ATTEMPT_FAILED"
+    STAGEOUT_ATTEMPT_FAILED = "STAGEOUT_ATTEMPT_FAILED"
+    FAILED_REMOTE_OPEN = "FAILED_REMOTE_OPEN"
+    NO_REPLICA = "NO_REPLICA"
+
+
+def _user_hash() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return hashlib.md5(user.encode(), usedforsecurity=False).hexdigest()
+
+
+def _ip() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return ""
+
+
+@dataclass
+class Trace:
+    """One trace; the attribute names are the wire names."""
+
+    eventType: str = "get_sm"  # get_sm, put_sm; get_sm_a, put_sm_a for analysis jobs
+    eventVersion: str = field(default_factory=lambda: f"pandapilot {pilot.__version__}")
+    clientState: str = ClientState.INIT_REPORT.value
+    stateReason: str = ""
+    protocol: str = ""
+    localSite: str = ""
+    remoteSite: str = ""
+    timeStart: float = field(default_factory=time.time)
+    transferStart: float | None = None
+    validateStart: float | None = None
+    timeEnd: float | None = None
+    dataset: str = ""
+    scope: str = ""
+    filename: str = ""
+    guid: str = ""
+    filesize: int = 0
+    usr: str = field(default_factory=_user_hash)
+    appid: str = ""  # the PandaID
+    hostname: str = field(default_factory=socket.gethostname)
+    ip: str = field(default_factory=_ip)
+    suspicious: str = "0"
+    url: str = ""
+    uuid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    taskid: str = ""
+    pq: str = ""
+
+    @classmethod
+    def for_file(
+        cls,
+        job: Job | None,
+        spec: FileSpec,
+        direction: str,
+        *,
+        local_site: str = "",
+        remote_site: str = "",
+        protocol: str = "",
+        pq: str = "",
+    ) -> Trace:
+        """A trace for one file of a job; ``direction`` is ``get`` or ``put``."""
+        if direction not in ("get", "put"):
+            raise ValueError(f"direction must be get or put, not {direction!r}")
+        analysis = job is not None and job.prod_source_label in ANALYSIS_LABELS
+        return cls(
+            eventType=f"{direction}_sm" + ("_a" if analysis else ""),
+            protocol=protocol,
+            localSite=local_site,
+            remoteSite=remote_site or spec.ddm_endpoint,
+            dataset=spec.dataset,
+            scope=spec.scope,
+            filename=spec.lfn,
+            guid=spec.guid,
+            filesize=spec.fsize,
+            appid=str(job.panda_id) if job else "",
+            taskid=str(job.task_id) if job and job.task_id else "",
+            pq=pq or local_site,
+        )
+
+    @classmethod
+    def from_event(
+        cls, event: Any, job: Job | None = None, *, local_site: str = "", pq: str = ""
+    ) -> Trace:
+        """A trace from a stage-in/out transfer event (``pilot.data.staging.TransferEvent``)."""
+        trace = cls.for_file(
+            job,
+            event.spec,
+            event.direction,
+            local_site=local_site,
+            protocol=event.protocol,
+            pq=pq,
+        )
+        trace.clientState = event.state
+        trace.stateReason = event.reason[:256] if event.reason else ""
+        trace.timeStart = event.time_start or trace.timeStart
+        trace.transferStart = event.transfer_start or None
+        trace.validateStart = event.validate_start or None
+        trace.timeEnd = event.time_end or None
+        trace.filesize = event.size or trace.filesize
+        trace.hostname = getattr(event, "hostname", trace.hostname)
+        trace.url = _strip_query(event.url)
+        return trace
+
+    def done(self, size: int | None = None, url: str = "") -> Trace:
+        self.clientState = ClientState.DONE.value
+        self.timeEnd = time.time()
+        if size is not None:
+            self.filesize = size
+        if url:
+            self.url = _strip_query(url)
+        return self
+
+    def failed(self, error: PilotError | str) -> Trace:
+        """Mark this attempt failed, with the diagnostic as ``stateReason``."""
+        get = self.eventType.startswith("get")
+        self.clientState = (
+            ClientState.STAGEIN_ATTEMPT_FAILED if get else ClientState.STAGEOUT_ATTEMPT_FAILED
+        ).value
+        self.stateReason = error.diag if isinstance(error, PilotError) else error_diag(0, error)
+        self.timeEnd = time.time()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TraceSender:
+    """POSTs traces as JSON; failures are logged and kept in ``unsent``, never raised."""
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 20.0,
+        *,
+        unsent: str | Path | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.unsent = Path(unsent) if unsent else None
+        self.session = session or requests.Session()
+        self.sent = 0
+        self.failed = 0
+
+    @classmethod
+    def for_workdir(cls, url: str, workdir: str | Path, timeout: float = 20.0) -> TraceSender:
+        return cls(url, timeout, unsent=Path(workdir) / UNSENT_NAME)
+
+    def send(self, trace: Trace | dict[str, Any]) -> bool:
+        """Send one trace; ``True`` when the server took it."""
+        body = trace.to_dict() if isinstance(trace, Trace) else dict(trace)
+        if not self.url:
+            self._keep(body, "no trace URL configured")
+            return False
+        try:
+            resp = self.session.post(
+                self.url,
+                data=json.dumps(body),
+                headers={"Content-Type": "application/json"},
+                timeout=self.timeout,
+            )
+            ok = 200 <= resp.status_code < 300
+            reason = f"HTTP {resp.status_code}"
+            resp.close()
+        except requests.exceptions.RequestException as exc:
+            ok, reason = False, type(exc).__name__
+        if ok:
+            self.sent += 1
+            return True
+        self.failed += 1
+        log.warning(
+            "trace for %s (%s) not sent to %s: %s",
+            body.get("filename"),
+            body.get("clientState"),
+            _strip_query(self.url),
+            reason,
+        )
+        self._keep(body, reason)
+        return False
+
+    def _keep(self, body: dict[str, Any], reason: str) -> None:
+        if self.unsent is None:
+            return
+        try:
+            self.unsent.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.unsent, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(body, sort_keys=True) + "\n")
+        except OSError as exc:
+            log.warning("cannot keep unsent trace in %s: %s", self.unsent, exc.strerror)
+
+    def resend(self) -> int:
+        """Send the traces kept in ``unsent`` again; returns how many went through."""
+        if self.unsent is None or not self.unsent.exists():
+            return 0
+        try:
+            lines = self.unsent.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return 0
+        keep_path, self.unsent = self.unsent, None  # do not re-append while replaying
+        left, done = [], 0
+        try:
+            for line in lines:
+                try:
+                    body = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(body, dict) and self.send(body):
+                    done += 1
+                elif isinstance(body, dict):
+                    left.append(line)
+        finally:
+            self.unsent = keep_path
+        keep_path.write_text("".join(x + "\n" for x in left), encoding="utf-8")
+        return done
+
+
+class TraceSink:
+    """Turns stage-in/out transfer events into traces and sends them (a staging sink)."""
+
+    def __init__(
+        self, sender: TraceSender, job: Job | None = None, *, local_site: str = "", pq: str = ""
+    ) -> None:
+        self.sender = sender
+        self.job = job
+        self.local_site = local_site
+        self.pq = pq
+
+    def __call__(self, event: Any) -> None:
+        self.sender.send(Trace.from_event(event, self.job, local_site=self.local_site, pq=self.pq))
+
+
+def _strip_query(url: str) -> str:
+    """A URL for a trace: no query string (it may carry a credential), no user info."""
+    return redact_url(url).split("?", 1)[0]
