@@ -1,0 +1,96 @@
+"""CPU cost of the payload monitor, per sample and per hour at the default interval.
+
+Runs a real payload tree (a shell with sleeping children and a Python
+process holding 100 MB) and measures, with the pilot's own CPU clock
+(``time.process_time``):
+
+- baseline: one bare ``psutil.Process.memory_info()`` call on one process;
+- ``Sampler.sample()`` of the whole tree (memory incl. PSS, CPU, I/O, threads);
+- a full ``JobMonitor.check()`` (sample + sockets + tracer log + stdout size,
+  and the work-directory walk every ``disk_interval``).
+
+Usage: ``python benchmarks/bench_monitor.py [--samples N] [--children K]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from pilot.monitor.limits import Limits
+from pilot.monitor.sampler import Sampler
+from pilot.monitor.watch import DEFAULT_INTERVAL, JobMonitor
+from pilot.payload.runner import PayloadProcess
+
+
+def cpu_per_call(fn, n: int) -> float:  # noqa: ANN001 - any callable
+    start = time.process_time()
+    for _ in range(n):
+        fn()
+    return (time.process_time() - start) / n
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--children", type=int, default=4)
+    ap.add_argument("--files", type=int, default=500, help="files in the work directory")
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-monitor-") as tmp:
+        work = Path(tmp)
+        for i in range(args.files):
+            (work / f"f{i:05d}").write_bytes(b"x" * 1024)
+        holder = "import time; x = b'\\x01' * (100 * 1024 * 1024); time.sleep(600)"
+        script = " & ".join(["sleep 600"] * args.children + [f'"{sys.executable}" -c "{holder}"'])
+        payload = PayloadProcess(
+            f"{script} & wait", cwd=work, shell=True, stdout=work / "payload.stdout"
+        )
+        try:
+            for _ in range(50):  # until the tree is complete (bounded)
+                if len(payload.processes()) >= args.children + 2:
+                    break
+                time.sleep(0.1)
+            procs = payload.processes()
+            one = psutil.Process(payload.pid)
+
+            base = cpu_per_call(one.memory_info, args.samples * 5)
+            full_one = cpu_per_call(one.memory_full_info, args.samples)
+            sampler = Sampler(payload, work / "series.txt")
+            per_sample = cpu_per_call(sampler.sample, args.samples)
+
+            monitor = JobMonitor(payload, work, Limits(looping_s=10**6), interval=DEFAULT_INTERVAL)
+            t = [monitor.started]
+
+            def check() -> None:
+                t[0] += DEFAULT_INTERVAL
+                assert monitor.check(now=t[0]) is None
+
+            per_check = cpu_per_call(check, args.samples)
+        finally:
+            payload.kill_tree(2.0)
+
+    per_hour_samples = 3600 / DEFAULT_INTERVAL
+    print(f"payload tree: {len(procs)} processes, work directory: {args.files} files")
+    print(f"baseline psutil memory_info() on 1 process : {base * 1e6:8.1f} us")
+    print(f"psutil memory_full_info() on 1 process     : {full_one * 1e6:8.1f} us")
+    print(
+        f"Sampler.sample() of the tree               : {per_sample * 1e3:8.3f} ms "
+        f"({per_sample / base:.0f}x baseline, {per_sample / len(procs) * 1e6:.0f} us/process)"
+    )
+    print(f"JobMonitor.check() incl. sockets and disk   : {per_check * 1e3:8.3f} ms")
+    hour = per_check * per_hour_samples
+    print(
+        f"at the default interval ({DEFAULT_INTERVAL:g} s): {hour:.3f} CPU s per hour = "
+        f"{hour / 3600 * 100:.5f} % of a core"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
