@@ -10,10 +10,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pilot.config import PilotConfig
 from pilot.errors import ErrorCode, PilotError
+from pilot.job import Job
 from pilot.monitor.limits import Limits
 from pilot.monitor.sampler import COLUMNS, OUTPUT_NAME, read_series
-from pilot.monitor.watch import EVIDENCE_NAME, JobMonitor
+from pilot.monitor.watch import EVIDENCE_NAME, JobMonitor, make_monitor
 from pilot.payload.runner import KillRecord, PayloadProcess
 
 PY = sys.executable
@@ -155,5 +157,20 @@ def test_next_due_never_negative(tmp_path: Path, interval: float) -> None:
         assert monitor.next_due() == 0.0  # the first sample is due at once
         assert monitor.check() is None
         assert 0.0 < monitor.next_due() <= interval
+    finally:
+        payload.kill_tree(1.0)
+
+
+def test_workflow_factory_takes_limits_from_job_and_queue(tmp_path: Path) -> None:
+    job = Job.from_panda({"PandaID": "5", "transformation": "x", "maxWalltime": "7200"})
+    config = PilotConfig(
+        workdir=tmp_path, monitor_interval=5.0, queue={"maxrss": "100", "maxtime": "3600"}
+    )
+    payload = PayloadProcess(["sleep", "5"], cwd=tmp_path)
+    try:
+        monitor = make_monitor(payload, tmp_path, job, config)
+        assert monitor.interval == 5.0
+        assert monitor.limits.memory_kb == 100 * 1024 and monitor.limits.walltime_s == 3600
+        assert monitor.connections.policy.describe() == "report"
     finally:
         payload.kill_tree(1.0)
