@@ -1,0 +1,648 @@
+"""Render and submit the batch job that runs ``pilot hpc`` on an allocation.
+
+``pilot hpc submit`` turns a few numbers (nodes, ranks per node, cores per
+rank, walltime) into a batch script for Slurm, PBS (Pro or Torque), LSF or
+Flux and hands it to ``sbatch``, ``qsub``, ``bsub`` or ``flux batch``. The
+script's body is the same everywhere: note the start, compute the walltime
+end (start + requested walltime, passed to ``pilot hpc --walltime-end`` so
+that Yoda drains in time), set the environment, go to the work directory (the
+access point in Harvester mode, as Harvester's own templates do), and run the
+MPI launcher in the background with TERM/INT/USR1/USR2 forwarded to it, so
+that ``scancel --batch --signal=TERM`` (or PBS/LSF's equivalents) reaches
+the ranks while the shell waits for them to drain.
+
+Sites that already have a Harvester batch template use it as is
+(``--template``): its placeholders (``{nNode}``, ``{nCorePerNode}``,
+``{requestWalltime}``, ``{accessPoint}``, ...) are filled the way Harvester's
+submitters fill them, ``{{``/``}}`` are literal braces (Python format
+rules, as in Harvester), and ``{pilotCommand}`` stands for the whole body
+above. An unknown placeholder is an error, never a silently broken script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from hpc.resources import CommandResult, parse_walltime, run_command
+from pilot.errors import ErrorCode, PilotError
+
+SCHEDULERS = ("slurm", "pbs", "lsf", "flux")
+LAUNCHERS = ("mpiexec", "srun", "flux")
+FORWARDED_SIGNALS = ("TERM", "INT", "USR1", "USR2")
+
+SubmitRunner = Callable[[Sequence[str], "str | None"], CommandResult]
+
+
+def _default_submit_runner(argv: Sequence[str], stdin_text: str | None) -> CommandResult:
+    return run_command(argv, timeout=120.0, input_text=stdin_text)
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """Everything a batch script depends on; validated on construction."""
+
+    scheduler: str
+    nodes: int
+    walltime: int  # seconds
+    url: str | None = None
+    queue: str | None = None  # the PanDA queue
+    harvester: str | None = None  # the Harvester access point
+    ranks_per_node: int = 1
+    cores_per_rank: int = 1
+    launcher: str | None = None  # None: the scheduler's default
+    job_name: str = "panda-pilot"
+    batch_queue: str | None = None  # the batch system's queue / partition
+    account: str | None = None
+    log_dir: str = "."
+    workdir: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    pilot_command: str = "pilot"
+    path_prepend: str | None = None
+    resume: bool = False
+    oversubscribe: bool = False
+    ulfm: bool = False
+    allow_run_as_root: bool = False
+    pbs_flavor: str = "pro"
+    extra_directives: tuple[str, ...] = ()
+    launcher_args: tuple[str, ...] = ()
+    harvester_values: tuple[tuple[str, str], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.scheduler not in SCHEDULERS:
+            problems.append(
+                f"unknown scheduler {self.scheduler!r} (one of {', '.join(SCHEDULERS)})"
+            )
+        for name in ("nodes", "walltime", "ranks_per_node", "cores_per_rank"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if bool(self.url) == bool(self.harvester):
+            problems.append("give exactly one upstream: --url URL --queue Q, or --harvester DIR")
+        if self.url and not self.queue:
+            problems.append("--url needs --queue (the PanDA queue)")
+        if self.launcher_name not in LAUNCHERS:
+            problems.append(f"unknown launcher {self.launcher!r} (one of {', '.join(LAUNCHERS)})")
+        elif self.launcher_name == "srun" and self.scheduler != "slurm":
+            problems.append("--launcher srun needs --scheduler slurm")
+        elif self.launcher_name == "flux" and self.scheduler != "flux":
+            problems.append("--launcher flux needs --scheduler flux")
+        if self.pbs_flavor not in ("pro", "torque"):
+            problems.append("--pbs-flavor is pro or torque")
+        for key, _ in self.env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                problems.append(f"bad environment variable name {key!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]{1,64}", self.job_name):
+            problems.append(f"bad job name {self.job_name!r} (letters, digits, _.+-)")
+        if problems:
+            raise PilotError(ErrorCode.GENERALERROR, "; ".join(problems))
+
+    @property
+    def launcher_name(self) -> str:
+        if self.launcher:
+            return self.launcher
+        return "flux" if self.scheduler == "flux" else "mpiexec"
+
+    @property
+    def total_ranks(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    @property
+    def cores_per_node(self) -> int:
+        return self.ranks_per_node * self.cores_per_rank
+
+    @property
+    def total_cores(self) -> int:
+        return self.nodes * self.cores_per_node
+
+    @property
+    def run_dir(self) -> str:
+        """Where the job runs: the access point in Harvester mode."""
+        return self.harvester or self.workdir or self.log_dir
+
+
+# --------------------------------------------------------------------------
+# directives per scheduler
+
+
+def _hms(seconds: int) -> str:
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Dialect:
+    """One batch system: its directives, its submit command, its job ids."""
+
+    name = "?"
+
+    def directives(self, req: BatchRequest) -> list[str]:
+        raise NotImplementedError
+
+    def submit_argv(self, script: Path) -> tuple[list[str], bool]:
+        """The submit command, and whether the script goes to its stdin."""
+        raise NotImplementedError
+
+    def parse_job_id(self, stdout: str) -> str:
+        raise NotImplementedError
+
+
+class SlurmDialect(Dialect):
+    name = "slurm"
+
+    def directives(self, req: BatchRequest) -> list[str]:
+        days, rest = divmod(req.walltime, 86400)
+        lines = [
+            f"--job-name={req.job_name}",
+            f"--nodes={req.nodes}",
+            f"--ntasks-per-node={req.ranks_per_node}",
+            f"--cpus-per-task={req.cores_per_rank}",
+            f"--time={days}-{_hms(rest)}",
+            f"--output={req.log_dir}/{req.job_name}-%j.out",
+            f"--error={req.log_dir}/{req.job_name}-%j.err",
+        ]
+        if req.batch_queue:
+            lines.append(f"--partition={req.batch_queue}")
+        if req.account:
+            lines.append(f"--account={req.account}")
+        return [f"#SBATCH {line}" for line in (*lines, *req.extra_directives)]
+
+    def submit_argv(self, script: Path) -> tuple[list[str], bool]:
+        return ["sbatch", "--parsable", str(script)], False
+
+    def parse_job_id(self, stdout: str) -> str:
+        # --parsable prints "<id>" or "<id>;<cluster>"
+        match = re.search(r"^(\d+)(?:;\S+)?\s*$", stdout.strip(), re.M)
+        if not match:
+            raise PilotError(ErrorCode.GENERALERROR, f"sbatch printed no job id: {stdout[-200:]!r}")
+        return match.group(1)
+
+
+class PbsDialect(Dialect):
+    name = "pbs"
+
+    def directives(self, req: BatchRequest) -> list[str]:
+        if req.pbs_flavor == "torque":
+            shape = f"nodes={req.nodes}:ppn={req.cores_per_node}"
+        else:
+            shape = (
+                f"select={req.nodes}:ncpus={req.cores_per_node}"
+                f":mpiprocs={req.ranks_per_node}:ompthreads={req.cores_per_rank}"
+            )
+        lines = [
+            f"-N {req.job_name}",
+            f"-l {shape}",
+            f"-l walltime={_hms(req.walltime)}",
+            f"-o {req.log_dir}/",
+            f"-e {req.log_dir}/",
+        ]
+        if req.batch_queue:
+            lines.append(f"-q {req.batch_queue}")
+        if req.account:
+            lines.append(f"-A {req.account}")
+        return [f"#PBS {line}" for line in (*lines, *req.extra_directives)]
+
+    def submit_argv(self, script: Path) -> tuple[list[str], bool]:
+        return ["qsub", str(script)], False
+
+    def parse_job_id(self, stdout: str) -> str:
+        match = re.search(r"^(\d+(?:\[\])?(?:\.\S+)?)\s*$", stdout.strip(), re.M)
+        if not match:
+            raise PilotError(ErrorCode.GENERALERROR, f"qsub printed no job id: {stdout[-200:]!r}")
+        return match.group(1)
+
+
+class LsfDialect(Dialect):
+    name = "lsf"
+
+    def directives(self, req: BatchRequest) -> list[str]:
+        minutes = math.ceil(req.walltime / 60)
+        lines = [
+            f"-J {req.job_name}",
+            f"-n {req.total_ranks}",
+            f'-R "span[ptile={req.ranks_per_node}]"',
+            f'-R "affinity[core({req.cores_per_rank})]"',
+            f"-W {minutes // 60}:{minutes % 60:02d}",
+            f"-o {req.log_dir}/{req.job_name}-%J.out",
+            f"-e {req.log_dir}/{req.job_name}-%J.err",
+        ]
+        if req.batch_queue:
+            lines.append(f"-q {req.batch_queue}")
+        if req.account:
+            lines.append(f"-P {req.account}")
+        return [f"#BSUB {line}" for line in (*lines, *req.extra_directives)]
+
+    def submit_argv(self, script: Path) -> tuple[list[str], bool]:
+        # bsub reads #BSUB lines only from a script given on its stdin
+        return ["bsub"], True
+
+    def parse_job_id(self, stdout: str) -> str:
+        match = re.search(r"Job <(\d+)> is submitted", stdout)
+        if not match:
+            raise PilotError(ErrorCode.GENERALERROR, f"bsub printed no job id: {stdout[-200:]!r}")
+        return match.group(1)
+
+
+class FluxDialect(Dialect):
+    name = "flux"
+
+    def directives(self, req: BatchRequest) -> list[str]:
+        lines = [
+            f"--job-name={req.job_name}",
+            f"-N {req.nodes}",
+            f"-n {req.total_ranks}",
+            f"-c {req.cores_per_rank}",
+            f"-t {math.ceil(req.walltime / 60)}m",
+            f"--output={req.log_dir}/{req.job_name}-{{{{id}}}}.out",
+            f"--error={req.log_dir}/{req.job_name}-{{{{id}}}}.err",
+        ]
+        if req.batch_queue:
+            lines.append(f"--queue={req.batch_queue}")
+        if req.account:
+            lines.append(f"--bank={req.account}")
+        return [f"# flux: {line}" for line in (*lines, *req.extra_directives)]
+
+    def submit_argv(self, script: Path) -> tuple[list[str], bool]:
+        return ["flux", "batch", str(script)], False
+
+    def parse_job_id(self, stdout: str) -> str:
+        lines = [line.strip() for line in stdout.splitlines() if line.strip()]
+        if not lines or not re.fullmatch(r"\S+", lines[-1]):
+            raise PilotError(
+                ErrorCode.GENERALERROR, f"flux batch printed no job id: {stdout[-200:]!r}"
+            )
+        return lines[-1]
+
+
+DIALECTS: dict[str, Dialect] = {
+    d.name: d for d in (SlurmDialect(), PbsDialect(), LsfDialect(), FluxDialect())
+}
+
+
+# --------------------------------------------------------------------------
+# the body
+
+
+def launcher_argv(req: BatchRequest) -> list[str]:
+    """The MPI launcher's words, before the pilot command."""
+    name = req.launcher_name
+    if name == "srun":
+        argv = [
+            "srun",
+            "--mpi=pmi2",
+            f"--nodes={req.nodes}",
+            f"--ntasks={req.total_ranks}",
+            f"--ntasks-per-node={req.ranks_per_node}",
+            f"--cpus-per-task={req.cores_per_rank}",
+            "--kill-on-bad-exit=0",
+        ]
+        if req.oversubscribe:
+            argv.append("--overcommit")
+    elif name == "flux":
+        argv = ["flux", "run", "-N", str(req.nodes), "-n", str(req.total_ranks)]
+        argv += ["-c", str(req.cores_per_rank)]
+    else:
+        argv = ["mpiexec"]
+        if req.allow_run_as_root:
+            argv.append("--allow-run-as-root")
+        argv += ["-n", str(req.total_ranks)]
+        pe = f":pe={req.cores_per_rank}" if req.cores_per_rank > 1 else ""
+        argv += ["--map-by", f"ppr:{req.ranks_per_node}:node{pe}"]
+        if req.oversubscribe:
+            argv.append("--oversubscribe")
+        if req.ulfm:
+            argv += ["--with-ft", "ulfm"]
+    return argv + list(req.launcher_args)
+
+
+def pilot_argv(req: BatchRequest) -> list[str]:
+    """``pilot hpc ...`` for the ranks (the walltime end is added in shell)."""
+    argv = shlex.split(req.pilot_command) + ["hpc"]
+    if req.harvester:
+        argv += ["--harvester", req.harvester]
+    else:
+        argv += ["--url", str(req.url), "--queue", str(req.queue)]
+    if req.workdir:
+        argv += ["--workdir", req.workdir]
+    if req.resume:
+        argv.append("--resume")
+    return argv
+
+
+def _forwarding(req: BatchRequest) -> list[str]:
+    """Shell lines that pass the batch system's signals on to the ranks.
+
+    srun and ``flux run`` forward signals to every task themselves. Open MPI's
+    ``mpiexec`` (5.x, as in the PyPI wheel) does not for TERM and INT: under
+    Slurm it exits on them and leaves the ranks on its own node orphaned. So
+    TERM and INT go straight to the launcher's children (the ranks on this
+    node, rank 0 among them, which drains the others over MPI); USR1 and
+    USR2, which ``mpiexec`` forwards to all ranks everywhere, go to it.
+    """
+    direct = req.launcher_name == "mpiexec"
+    lines = [
+        "pilot_forward() {",
+        '    echo "pilot batch job: SIG$1, forwarding"',
+        '    [ -n "$PILOT_LAUNCHER" ] || return 0',
+    ]
+    if direct:
+        lines += [
+            '    local kids=""',
+            '    if [ "$1" = TERM ] || [ "$1" = INT ]; then',
+            '        kids=$(pgrep -P "$PILOT_LAUNCHER" 2>/dev/null ||'
+            ' cat /proc/"$PILOT_LAUNCHER"/task/*/children 2>/dev/null)',
+            "    fi",
+            '    if [ -n "$kids" ]; then',
+            '        kill -"$1" $kids 2>/dev/null',
+            "    else",
+            '        kill -"$1" "$PILOT_LAUNCHER" 2>/dev/null',
+            "    fi",
+        ]
+    else:
+        lines.append('    kill -"$1" "$PILOT_LAUNCHER" 2>/dev/null')
+    lines += ["    return 0", "}"]
+    lines += [f"trap 'pilot_forward {sig}' {sig}" for sig in FORWARDED_SIGNALS]
+    return lines
+
+
+def render_body(req: BatchRequest) -> str:
+    """The scheduler-independent part of the script (``{pilotCommand}``)."""
+    quote = shlex.quote
+    launch = " ".join(quote(word) for word in launcher_argv(req) + pilot_argv(req))
+    lines = [
+        "set -u",
+        "PILOT_START=$(date +%s)",
+        f"PILOT_WALLTIME_END=$((PILOT_START + {req.walltime}))",
+        f"export PILOT_BATCH_SCHEDULER={req.scheduler}",
+        f"export OMP_NUM_THREADS={req.cores_per_rank}",
+    ]
+    if req.path_prepend:
+        lines.append(f'export PATH={quote(req.path_prepend)}:"$PATH"')
+    lines += [f"export {key}={quote(value)}" for key, value in req.env]
+    lines += [
+        f"cd {quote(req.run_dir)} || exit 1",
+        'echo "pilot batch job started on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ),'
+        ' walltime end $PILOT_WALLTIME_END"',
+        "# The launcher runs in the background so that signals reach it while",
+        "# the shell waits: the ranks drain and exit on their own.",
+        'PILOT_LAUNCHER=""',
+        *_forwarding(req),
+    ]
+    lines += [
+        f'{launch} --walltime-end "$PILOT_WALLTIME_END" &',
+        "PILOT_LAUNCHER=$!",
+        "# wait returns early (>128) when a trapped signal arrives: wait again;",
+        "# the last wait collects the launcher's own exit status.",
+        'while kill -0 "$PILOT_LAUNCHER" 2>/dev/null; do wait "$PILOT_LAUNCHER"; done',
+        'wait "$PILOT_LAUNCHER"',
+        "PILOT_RC=$?",
+        'echo "pilot batch job finished at $(date -u +%Y-%m-%dT%H:%M:%SZ), exit code $PILOT_RC"',
+        'exit "$PILOT_RC"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_script(req: BatchRequest) -> str:
+    """The whole batch script for ``req.scheduler``."""
+    header = [
+        "#!/bin/bash",
+        *DIALECTS[req.scheduler].directives(req),
+        f"# PanDA pilot batch job ({req.scheduler}: {req.nodes} nodes x"
+        f" {req.ranks_per_node} ranks x {req.cores_per_rank} cores),"
+        " rendered by `pilot hpc submit`",
+    ]
+    return "\n".join(header) + "\n" + render_body(req)
+
+
+# --------------------------------------------------------------------------
+# Harvester templates
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}|[{}]")
+
+
+def template_values(req: BatchRequest) -> dict[str, str]:
+    """Harvester's placeholder names, filled from the request."""
+    values = {
+        "nNode": req.nodes,
+        "nCorePerNode": req.cores_per_node,
+        "nCoreTotal": req.total_cores,
+        "nRankPerNode": req.ranks_per_node,
+        "nRankTotal": req.total_ranks,
+        "nCorePerRank": req.cores_per_rank,
+        "requestWalltime": req.walltime,
+        "requestWalltimeMinute": math.ceil(req.walltime / 60),
+        "requestRam": 0,
+        "requestRamPerCore": 0,
+        "requestDisk": 0,
+        "accessPoint": req.run_dir,
+        "workerID": "",
+        "harvesterID": "",
+        "computingSite": req.queue or "",
+        "pandaQueueName": req.queue or "",
+        "localQueueName": req.batch_queue or "",
+        "jobType": "",
+        "logDir": req.log_dir,
+        "jobName": req.job_name,
+        "pilotCommand": render_body(req).rstrip("\n"),
+    }
+    values.update(dict(req.harvester_values))
+    return {key: str(value) for key, value in values.items()}
+
+
+def render_template(template: str, req: BatchRequest) -> str:
+    """Fill a Harvester batch template; unknown placeholders are an error."""
+    values = template_values(req)
+    unknown: list[str] = []
+    stray: list[int] = []
+
+    def fill(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            return token[0]
+        name = match.group(1)
+        if name is None:
+            stray.append(match.start())
+            return token
+        if name not in values:
+            unknown.append(name)
+            return token
+        return values[name]
+
+    text = _PLACEHOLDER.sub(fill, template)
+    if unknown or stray:
+        detail = []
+        if unknown:
+            detail.append(f"unknown placeholders {sorted(set(unknown))}")
+        if stray:
+            detail.append(f"lone braces at offsets {stray[:5]}")
+        raise PilotError(
+            ErrorCode.GENERALERROR,
+            "batch template: " + "; ".join(detail) + " (write literal braces as {{ and }})",
+        )
+    return text
+
+
+# --------------------------------------------------------------------------
+# submission
+
+
+@dataclass(frozen=True)
+class Submission:
+    job_id: str
+    script_path: Path
+    command: tuple[str, ...]
+
+
+def submit_script(scheduler: str, script_path: Path, run: SubmitRunner | None = None) -> Submission:
+    """Hand a rendered script to the batch system; its job id or PilotError."""
+    dialect = DIALECTS[scheduler]
+    argv, via_stdin = dialect.submit_argv(script_path)
+    stdin_text = script_path.read_text(encoding="utf-8") if via_stdin else None
+    result = (run or _default_submit_runner)(argv, stdin_text)
+    if not result.ok:
+        raise PilotError(
+            ErrorCode.GENERALERROR,
+            f"{argv[0]} failed (exit {result.returncode}): {(result.stderr or result.stdout)[-300:]}",
+        )
+    return Submission(dialect.parse_job_id(result.stdout), script_path, tuple(argv))
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pilot hpc submit",
+        description="Render a batch script that runs `pilot hpc` under MPI, and submit it.",
+    )
+    parser.add_argument("--scheduler", required=True, choices=SCHEDULERS)
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument(
+        "--walltime", required=True, help="minutes, H:M:S, D-H:M:S, or 90s/30m/2h (as sbatch -t)"
+    )
+    upstream = parser.add_mutually_exclusive_group(required=True)
+    upstream.add_argument("--url", help="PanDA server URL (with --queue)")
+    upstream.add_argument("--harvester", help="Harvester access point directory")
+    parser.add_argument("--queue", help="PanDA queue name")
+    parser.add_argument("--ranks-per-node", type=int, default=1)
+    parser.add_argument("--cores-per-rank", type=int, default=1)
+    parser.add_argument("--launcher", choices=LAUNCHERS, help="default: mpiexec (flux: flux run)")
+    parser.add_argument("--launcher-arg", action="append", default=[], help="extra launcher word")
+    parser.add_argument("--oversubscribe", action="store_true", help="more ranks than cores")
+    parser.add_argument("--ulfm", action="store_true", help="mpiexec --with-ft ulfm (Open MPI 5)")
+    parser.add_argument("--batch-queue", "--partition", dest="batch_queue")
+    parser.add_argument("--account")
+    parser.add_argument("--job-name", default="panda-pilot")
+    parser.add_argument("--log-dir", default=".", help="batch stdout/stderr and the script")
+    parser.add_argument("--workdir", help="the pilot's work directory (pilot hpc --workdir)")
+    parser.add_argument("--resume", action="store_true", help="pilot hpc --resume")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--pilot-command", default="pilot", help="how ranks start the pilot")
+    parser.add_argument(
+        "--path-prepend",
+        default=os.path.dirname(sys.executable),
+        help="put this before PATH in the job (default: this Python's bin directory; '' for none)",
+    )
+    parser.add_argument("--pbs-flavor", choices=("pro", "torque"), default="pro")
+    parser.add_argument("--directive", action="append", default=[], help="extra directive")
+    parser.add_argument("--template", help="a Harvester batch template to fill instead")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a template value (workerID=7, harvesterID=..., requestRam=...)",
+    )
+    parser.add_argument("--script-out", help="write the script here (default: in --log-dir)")
+    parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    return parser
+
+
+def _pairs(items: list[str], what: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PilotError(ErrorCode.GENERALERROR, f"{what} needs NAME=VALUE, got {item!r}")
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+def request_from_args(args: argparse.Namespace) -> BatchRequest:
+    return BatchRequest(
+        scheduler=args.scheduler,
+        nodes=args.nodes,
+        walltime=parse_walltime(args.walltime),
+        url=args.url,
+        queue=args.queue,
+        harvester=os.path.abspath(args.harvester) if args.harvester else None,
+        ranks_per_node=args.ranks_per_node,
+        cores_per_rank=args.cores_per_rank,
+        launcher=args.launcher,
+        job_name=args.job_name,
+        batch_queue=args.batch_queue,
+        account=args.account,
+        log_dir=os.path.abspath(args.log_dir),
+        workdir=os.path.abspath(args.workdir) if args.workdir else None,
+        env=_pairs(args.env, "--env"),
+        pilot_command=args.pilot_command,
+        path_prepend=args.path_prepend or None,
+        resume=args.resume,
+        oversubscribe=args.oversubscribe,
+        ulfm=args.ulfm,
+        allow_run_as_root=hasattr(os, "geteuid") and os.geteuid() == 0,
+        pbs_flavor=args.pbs_flavor,
+        extra_directives=tuple(args.directive),
+        launcher_args=tuple(args.launcher_arg),
+        harvester_values=_pairs(args.set, "--set"),
+    )
+
+
+def submit_main(argv: list[str] | None = None, run: SubmitRunner | None = None) -> int:
+    """``pilot hpc submit``: 0 submitted (job id on stdout), 1 failed, 2 bad usage."""
+    args = _build_parser().parse_args(argv)
+    try:
+        req = request_from_args(args)
+        if args.template:
+            try:
+                template = Path(args.template).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise PilotError(ErrorCode.GENERALERROR, f"batch template: {exc}") from exc
+            script = render_template(template, req)
+        else:
+            script = render_script(req)
+    except PilotError as exc:
+        print(f"pilot hpc submit: {exc.detail}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        if args.script_out:
+            Path(args.script_out).write_text(script, encoding="utf-8")
+        sys.stdout.write(script)
+        return 0
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    path = Path(args.script_out or Path(req.log_dir) / f"{req.job_name}-{stamp}-{os.getpid()}.sh")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(req.log_dir).mkdir(parents=True, exist_ok=True)
+        path.write_text(script, encoding="utf-8")
+        path.chmod(0o755)
+        submission = submit_script(req.scheduler, path, run)
+    except OSError as exc:
+        print(f"pilot hpc submit: cannot write {path}: {exc}", file=sys.stderr)
+        return 1
+    except PilotError as exc:
+        print(f"pilot hpc submit: {exc.detail}", file=sys.stderr)
+        return 1
+    print(submission.job_id)
+    print(f"pilot hpc submit: script {path}", file=sys.stderr)
+    return 0
+
+
+main = submit_main
+
+if __name__ == "__main__":
+    sys.exit(submit_main())
