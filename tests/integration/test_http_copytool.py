@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from pilot.data.copytools import make_copytool
 from pilot.data.http import HttpCopyTool, redact_url
-from pilot.data.traces import Trace, TraceSender
+from pilot.data.staging import stage_in, stage_out
+from pilot.data.traces import Trace, TraceSender, TraceSink
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import FileSpec, Job
 
@@ -387,3 +389,33 @@ def test_trace_server_down_is_not_fatal_and_kept(tmp_path: Path, traces) -> None
     assert sender.resend() == 1
     assert received[0]["uuid"] == trace.uuid
     assert (tmp_path / "unsent_traces.jsonl").read_text() == ""
+
+
+def test_staging_with_http_sends_a_trace_per_transfer(storage, traces, tmp_path: Path) -> None:
+    store, base = storage
+    received, trace_url = traces
+    store.files["/mc/in1"] = DATA
+    store.files["/mc/in2"] = DATA[:1000]
+    job = Job.from_panda(
+        {
+            "PandaID": "77",
+            "transformation": "run.sh",
+            "inFiles": "in1,in2",
+            "scopeIn": "mc",
+            "checksum": f"ad:{adler(DATA)},ad:{adler(DATA[:1000])}",
+            "outFiles": "out1",
+            "scopeOut": "mc",
+        }
+    )
+    copytool = make_copytool("http", discover_token=False, backoff=0.05)
+    sink = TraceSink(TraceSender.for_workdir(trace_url, tmp_path, 5), job, local_site="Q")
+    stage_in(job, tmp_path, copytool, base, sink=sink, timeout=20)
+    (tmp_path / "out1").write_bytes(b"result")
+    stage_out(job.out_files, tmp_path, copytool, f"{base}/out", sink=sink, timeout=20)
+    assert store.files["/out/mc/out1"] == b"result"
+    assert [(t["eventType"], t["filename"], t["clientState"]) for t in received] == [
+        ("get_sm", "in1", "DONE"),
+        ("get_sm", "in2", "DONE"),
+        ("put_sm", "out1", "DONE"),
+    ]
+    assert all(t["protocol"] == "http" and t["appid"] == "77" for t in received)
