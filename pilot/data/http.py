@@ -375,12 +375,25 @@ class HttpCopyTool:
             if expected is not None and expected.isdigit() and int(expected) != digest.size:
                 _remove(tmp)
                 raise _Retry(f"got {digest.size} bytes of {expected}")
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError as exc:
+            _remove(tmp)
+            raise PilotError(
+                ErrorCode.STAGEINFAILED, f"cannot move {dest.name} into place: {exc.strerror}"
+            ) from None
         return digest
 
     def _put_once(self, src: Path, url: str, deadline: float) -> _Digest:
         for _ in range(2):  # a second time after creating missing parent collections
-            body = _Upload(src, deadline, self.chunk_size)
+            try:
+                body = _Upload(src, deadline, self.chunk_size)
+            except FileNotFoundError:
+                raise PilotError(ErrorCode.MISSINGOUTPUTFILE, f"{src} does not exist") from None
+            except OSError as exc:
+                raise PilotError(
+                    ErrorCode.STAGEOUTFAILED, f"cannot read {src.name}: {exc.strerror}"
+                ) from None
             try:
                 resp = self._request("PUT", url, deadline, data=body)
             finally:
