@@ -113,7 +113,7 @@ class EventExecutor:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = dict(env) if env is not None else None
         self.max_restarts = max_restarts
-        self.output_dir = Path(output_dir) if output_dir else self.workdir / "es_outputs"
+        self.output_dir = Path(output_dir).resolve() if output_dir else self.workdir / "es_outputs"
         self.mode = resolve_mode(job, mode)
         self.range_timeout = range_timeout
         self.prefetch = prefetch if prefetch is not None else max(2, 2 * job.core_count)

@@ -12,7 +12,8 @@ backoff; what is still undelivered at the end stays in the spool
 
 An optional ``stage_out(result) -> RangeResult`` hook runs before a finished
 range is journaled: a range counts as done only once its output is safe, so
-the hook may turn it into a failed one. Without it the output stays in the
+the hook may turn it into a failed one (a PilotError it raises does the
+same, with its code). Without it the output stays in the
 output directory (Harvester stages it out from there).
 
 A ``deadline`` (epoch seconds) or a set ``stop_event`` stops the payload and
@@ -174,7 +175,18 @@ def run_event_service(
     def take(results: list[RangeResult]) -> None:
         for i, r in enumerate(results):
             if stage_out is not None and r.status is RangeStatus.FINISHED:
-                results[i] = stage_out(r)
+                try:
+                    results[i] = stage_out(r)
+                except PilotError as exc:
+                    log.warning("range %s: stage-out failed: %s", r.event_range_id, exc)
+                    results[i] = RangeResult(
+                        r.event_range_id,
+                        RangeStatus.FAILED,
+                        cpu=r.cpu,
+                        wall=r.wall,
+                        error_code=int(exc.code),
+                        error_diag=exc.diag,
+                    )
         spool.add(results)
 
     def try_flush(now: float) -> None:

@@ -49,10 +49,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def _checked(raw: str, workdir: Path) -> Path:
-    path = Path(raw)
-    if not path.is_absolute():
-        path = workdir / path
-    path = path.resolve()
+    path = Path(os.path.realpath(os.path.join(workdir, raw)))
     if not _inside(path, workdir):
         raise PilotError(
             ErrorCode.BADOUTPUTFILENAME, f"output {raw} is outside the work directory {workdir}"
@@ -87,17 +84,21 @@ def _move(src: Path, dst: Path) -> None:
 def collect_output(
     paths: list[str], event_range_id: str, workdir: Path, output_dir: Path
 ) -> CollectedOutput:
-    """Check, move and checksum a range's outputs; PilotError when they are not usable."""
-    workdir = Path(workdir).resolve()
-    output_dir = Path(output_dir)
+    """Check, move and checksum a range's outputs; PilotError when they are not usable.
+
+    ``workdir`` and ``output_dir`` are taken as given when absolute (the
+    executor resolves them once; resolving per range costs more than the move).
+    """
+    workdir = Path(workdir) if Path(workdir).is_absolute() else Path(workdir).resolve()
+    output_dir = Path(output_dir) if Path(output_dir).is_absolute() else Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     files = [_checked(p, workdir) for p in paths]
     if len(files) == 1:
         src = files[0]
         dst = output_dir / src.name
-        if dst.exists() and dst.resolve() != src:
-            dst = output_dir / f"{event_range_id}.{src.name}"
-        if dst.resolve() != src:
+        if src.parent != output_dir:
+            if dst.exists():
+                dst = output_dir / f"{event_range_id}.{src.name}"
             _move(src, dst)
     else:
         dst = output_dir / f"{event_range_id}.zip"

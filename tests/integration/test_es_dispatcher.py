@@ -21,14 +21,20 @@ def server(tmp_path: Path):
     s.stop()
 
 
-def dispatch(server: EmbeddedServer, client: PandaClient, n_ranges: int, pars: str = "") -> Job:
+def dispatch(
+    server: EmbeddedServer,
+    client: PandaClient,
+    n_ranges: int,
+    pars: str = "",
+    transformation: str = sys.executable,
+) -> Job:
     server.load_task(
         {
             "nJobs": 1,
             "nRanges": n_ranges,
             "nEventsPerRange": 4,
             "job": {
-                "transformation": sys.executable,
+                "transformation": transformation,
                 "jobPars": f"-m pilot.payloads.toysim {pars}".strip(),
                 "computingSite": "ESQ",
                 "coreCount": 1,
@@ -49,7 +55,8 @@ def all_updates(server: EmbeddedServer) -> dict[str, int]:
 
 def test_500_ranges_each_reported_finished_once(server, tmp_path):
     client = PandaClient(server.url, retries=2, backoff=0.1)
-    job = dispatch(server, client, 500)
+    # as users write it: transformation python3, jobPars -m pilot.payloads.toysim
+    job = dispatch(server, client, 500, transformation="python3")
     assert job.event_service
     s = run_event_service(job, tmp_path / "work", client, client, batch_size=100)
     assert s.error is None and s.n_finished == 500 and s.n_undelivered == 0

@@ -134,3 +134,20 @@ def test_stop_releases_unfinished_ranges(tmp_path):
     assert "3-7-1-5-0" in {r.event_range_id for r in s.released}
     assert set(d.updates) | {r.event_range_id for r in s.released} == d.dispatched
     assert not set(d.updates) & {r.event_range_id for r in s.released}
+
+
+def test_stage_out_hook_can_fail_a_range(tmp_path):
+    d = Dispatcher(4)
+
+    def stage_out(result):
+        if result.event_range_id == "3-7-1-2-0":
+            raise PilotError(ErrorCode.STAGEOUTFAILED, "object store refused")
+        result.output_path = "s3://bucket/" + result.output_path.rsplit("/", 1)[1]
+        return result
+
+    s = run_event_service(make_job(""), tmp_path, d, d, stage_out=stage_out)
+    assert d.updates["3-7-1-2-0"]["eventStatus"] == "failed"
+    assert d.updates["3-7-1-2-0"]["errorCode"] == ErrorCode.STAGEOUTFAILED
+    assert s.n_finished == 3 and all(
+        r.output_path.startswith("s3://") for r in s.results if r.status.value == "finished"
+    )
