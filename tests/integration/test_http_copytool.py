@@ -80,6 +80,13 @@ def make_handler(store: Storage) -> type[BaseHTTPRequestHandler]:
             if data is None or store.mode == "404":
                 self._reply(404)
                 return
+            if store.mode == "truncate":  # promise more than is sent, then hang up
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data) + 1000))
+                self.end_headers()
+                self.wfile.write(data[:100])
+                self.close_connection = True
+                return
             if store.mode == "corrupt":
                 data = data[:-1] + bytes([data[-1] ^ 0xFF])
             if store.mode == "slow":
@@ -419,3 +426,14 @@ def test_staging_with_http_sends_a_trace_per_transfer(storage, traces, tmp_path:
         ("put_sm", "out1", "DONE"),
     ]
     assert all(t["protocol"] == "http" and t["appid"] == "77" for t in received)
+
+
+def test_truncated_download_is_retried_then_fails(storage, tmp_path: Path) -> None:
+    store, base = storage
+    store.files["/t"] = DATA
+    store.mode = "truncate"
+    with pytest.raises(PilotError) as err:
+        tool(retries=1).get(f"{base}/t", tmp_path / "t", timeout=20)
+    assert err.value.code == ErrorCode.STAGEINFAILED
+    assert store.requests.count("GET /t") == 2
+    assert not list(tmp_path.iterdir())

@@ -128,3 +128,19 @@ def test_tracer_does_not_break_a_payload_that_cannot_write_the_log(
     payload = PayloadProcess([PY, "-c", code], cwd=tmp_path, env=env, stdout=tmp_path / "out")
     assert payload.wait(timeout=20) == 0
     assert (tmp_path / "out").read_text().strip() == "ok"
+
+
+def test_tracer_keeps_an_existing_sitecustomize(tmp_path: Path, listener: int) -> None:
+    other = tmp_path / "site"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("import os\nos.environ['SITE_HOOK_RAN'] = 'yes'\n")
+    env = tracer_env(tmp_path, {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(other)})
+    code = (
+        "import os, socket; "
+        f"socket.create_connection(('127.0.0.1', {listener})).close(); "
+        "print(os.environ.get('SITE_HOOK_RAN'))"
+    )
+    payload = PayloadProcess([PY, "-c", code], cwd=tmp_path, env=env, stdout=tmp_path / "out")
+    assert payload.wait(timeout=20) == 0
+    assert (tmp_path / "out").read_text().strip() == "yes"
+    assert f"127.0.0.1:{listener}" in (tmp_path / TRACER_LOG).read_text()
