@@ -379,7 +379,6 @@ def render_body(req: BatchRequest) -> str:
     lines = [
         "set -u",
         "PILOT_START=$(date +%s)",
-        f"PILOT_WALLTIME_END=$((PILOT_START + {req.walltime}))",
         f"export PILOT_BATCH_SCHEDULER={req.scheduler}",
         f"export OMP_NUM_THREADS={req.cores_per_rank}",
     ]
@@ -387,6 +386,11 @@ def render_body(req: BatchRequest) -> str:
         lines.append(f'export PATH={quote(req.path_prepend)}:"$PATH"')
     lines += [f"export {key}={quote(value)}" for key, value in req.env]
     lines += [
+        "# The allocation's end as the batch system tells it, else start + walltime.",
+        "PILOT_WALLTIME_END=$(python3 -m hpc.resources --end-time 2>/dev/null)",
+        'case "$PILOT_WALLTIME_END" in',
+        f"    '' | *[!0-9]*) PILOT_WALLTIME_END=$((PILOT_START + {req.walltime})) ;;",
+        "esac",
         f"cd {quote(req.run_dir)} || exit 1",
         'echo "pilot batch job started on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ),'
         ' walltime end $PILOT_WALLTIME_END"',

@@ -417,6 +417,8 @@ class LsfDetector(Detector):
     def _end_time(job_id: str, run: CommandRunner, now: float) -> float | None:
         # time_left prints "H:MM L" (or H:MM:SS with -hms); "-" when unlimited.
         bjobs = run(["bjobs", "-noheader", "-hms", "-o", "time_left", job_id])
+        if not bjobs.ok:  # LSF before 10.1.0.2 has no -hms
+            bjobs = run(["bjobs", "-noheader", "-o", "time_left", job_id])
         if not bjobs.ok or not bjobs.stdout.strip():
             return None
         left = parse_hms(bjobs.stdout.split()[0])

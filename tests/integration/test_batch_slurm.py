@@ -165,6 +165,9 @@ def test_resources_inside_a_real_allocation(hello_job) -> None:
     # --walltime 2 (minutes): the allocation ends 120 s after it started.
     assert res["end_time"] is not None
     assert submitted + 60 <= res["end_time"] <= record["now"] + 121
+    # The script passed the same end to the ranks (`pilot hpc --walltime-end`).
+    argv = record["argv"]
+    assert int(argv[argv.index("--walltime-end") + 1]) == int(res["end_time"])
 
 
 def test_scancel_term_reaches_the_ranks(slurm_up, tmp_path) -> None:

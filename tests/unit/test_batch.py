@@ -77,6 +77,7 @@ def test_slurm_script(tmp_path: Path) -> None:
         "--walltime-end", "END",
     ]  # fmt: skip
     assert "PILOT_WALLTIME_END=$((PILOT_START + 5400))" in script
+    assert "python3 -m hpc.resources --end-time" in script
     assert "export OMP_NUM_THREADS=2" in script
     assert "export A='x y'" in script
     assert "cd /scratch/logs || exit 1" in script

@@ -187,6 +187,7 @@ def test_pbs_without_node_file_or_walltime() -> None:
 # -- LSF -----------------------------------------------------------------------
 
 BJOBS = ("bjobs", "-noheader", "-hms", "-o", "time_left", "314")
+BJOBS_OLD = ("bjobs", "-noheader", "-o", "time_left", "314")
 
 
 @pytest.mark.parametrize(("output", "left"), [("01:30:00 L\n", 5400), ("1:30 L\n", 5400)])
@@ -198,6 +199,12 @@ def test_lsf_hosts_slots_and_time_left(output: str, left: int) -> None:
     assert (res.ranks_per_node, res.cores_per_node) == (16, 16)
     assert res.end_time == NOW + left
     assert res.shared_dir == "/gpfs/me"
+
+
+def test_lsf_without_hms_support() -> None:
+    env = {"LSB_JOBID": "314", "LSB_MCPU_HOSTS": "h1 4"}
+    tools = FakeTools({BJOBS: CommandResult(255, "", "-hms: Illegal option"), BJOBS_OLD: "0:05 L"})
+    assert detect_resources(env, tools, now=NOW).end_time == NOW + 300
 
 
 def test_lsf_hosts_fallback_and_no_bjobs() -> None:
