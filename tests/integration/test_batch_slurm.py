@@ -27,9 +27,17 @@ pytestmark = pytest.mark.slurm
 FAKE_PILOT = textwrap.dedent(
     """\
     import json, os, signal, sys, time
-    from mpi4py import MPI
 
     out = os.environ["FAKE_PILOT_OUT"]
+    if os.environ.get("FAKE_PILOT_MODE") == "srun":  # tasks started by srun, no MPI
+        rank = int(os.environ["SLURM_PROCID"])
+        record = {"rank": rank, "size": int(os.environ["SLURM_NTASKS"]), "argv": sys.argv[1:],
+                  "step": os.environ.get("SLURM_STEP_ID")}
+        with open(os.path.join(out, f"rank-{rank}.json"), "w") as f:
+            json.dump(record, f)
+        sys.exit(0)
+
+    from mpi4py import MPI
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
 
@@ -168,6 +176,16 @@ def test_resources_inside_a_real_allocation(hello_job) -> None:
     # The script passed the same end to the ranks (`pilot hpc --walltime-end`).
     argv = record["argv"]
     assert int(argv[argv.index("--walltime-end") + 1]) == int(res["end_time"])
+
+
+def test_srun_launcher_starts_the_tasks(slurm_up, tmp_path) -> None:
+    job_id = _submit(tmp_path, "srun", "--launcher", "srun")
+    state = wait_for_job(job_id, timeout=120)
+    assert state == "COMPLETED", f"job {job_id} {state}:\n{_logs(tmp_path)}"
+    records = [json.loads((tmp_path / "out" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["size"]) for r in records] == [(0, 2), (1, 2)]
+    assert records[0]["step"] not in (None, "batch")  # a job step of its own
+    assert records[0]["argv"][:3] == ["hpc", "--url", "http://127.0.0.1:9"]
 
 
 def test_scancel_term_reaches_the_ranks(slurm_up, tmp_path) -> None:
