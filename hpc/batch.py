@@ -3,13 +3,16 @@
 ``pilot hpc submit`` turns a few numbers (nodes, ranks per node, cores per
 rank, walltime) into a batch script for Slurm, PBS (Pro or Torque), LSF or
 Flux and hands it to ``sbatch``, ``qsub``, ``bsub`` or ``flux batch``. The
-script's body is the same everywhere: note the start, compute the walltime
-end (start + requested walltime, passed to ``pilot hpc --walltime-end`` so
-that Yoda drains in time), set the environment, go to the work directory (the
-access point in Harvester mode, as Harvester's own templates do), and run the
-MPI launcher in the background with TERM/INT/USR1/USR2 forwarded to it, so
-that ``scancel --batch --signal=TERM`` (or PBS/LSF's equivalents) reaches
-the ranks while the shell waits for them to drain.
+script's body is the same everywhere: set the environment, find the
+allocation's end (``python3 -m hpc.resources --end-time``, else start +
+requested walltime; passed to ``pilot hpc --walltime-end`` so that Yoda
+drains in time), go to the work directory (the access point in Harvester
+mode, as Harvester's own templates do), and run the MPI launcher in the
+background with TERM/INT/USR1/USR2 passed on to the ranks, so that
+``scancel --batch --signal=TERM`` (or ``qsig``/``bkill -s``) reaches them
+while the shell waits for them to drain. (``scancel --signal=TERM`` without
+``--batch``/``--full`` signals only job steps, and ``mpiexec``'s ranks on
+the first node live in the batch step.)
 
 Sites that already have a Harvester batch template use it as is
 (``--template``): its placeholders (``{nNode}``, ``{nCorePerNode}``,
