@@ -20,6 +20,7 @@ import select
 import socket
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from pilot.errors import ErrorCode, PilotError
 
@@ -92,13 +93,15 @@ class MessageChannel:
         self._conn = None
         self._buffer = b""
 
-    def receive(self, timeout: float) -> list[str]:
+    def receive(self, timeout: float, also: tuple[int, ...] = ()) -> list[str]:
         """Messages that arrived within ``timeout`` seconds (returns at the first batch).
 
-        A peer that hangs up leaves ``closed_by_peer`` set; a partial last line
-        it left behind is dropped with a warning.
+        ``also``: more file descriptors that end the wait when readable (the
+        payload's pidfd, so its death wakes the pilot at once). A peer that
+        hangs up leaves ``closed_by_peer`` set; a partial last line it left
+        behind is dropped with a warning.
         """
-        waitables: list[socket.socket] = [self._listener]
+        waitables: list[Any] = [self._listener, *also]
         if self._conn is not None:
             waitables.append(self._conn)
         try:

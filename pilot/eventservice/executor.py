@@ -22,7 +22,9 @@ A payload that dies fails the range it was working on (1224 ESRECOVERABLE,
 the diagnosis of the exit in the diagnostic); ``ERR_`` messages map as
 :mod:`pilot.eventservice.messages` documents. A range with no message for
 ``range_timeout`` seconds counts as hung: the payload is killed, the range
-failed and the payload restarted. Messages about unknown or already reported
+failed and the payload restarted; so is a payload that has not said ``Ready
+for events`` within ``ready_timeout`` seconds of its start (both off by
+default: a real transform may initialise for many minutes). Messages about unknown or already reported
 ranges are logged and dropped.
 """
 
@@ -107,6 +109,7 @@ class EventExecutor:
         range_timeout: float | None = None,
         prefetch: int | None = None,
         command: list[str] | None = None,
+        ready_timeout: float | None = None,
     ) -> None:
         self.job = job
         self.workdir = Path(workdir).resolve()
@@ -118,6 +121,9 @@ class EventExecutor:
         self.range_timeout = range_timeout
         self.prefetch = prefetch if prefetch is not None else max(2, 2 * job.core_count)
         self.command = command
+        self.ready_timeout = ready_timeout
+        self._launched_at = 0.0
+        self._said_ready = False
         self.payload: PayloadProcess | None = None
         self.restarts = 0
         self.error: PilotError | None = None  # set when the payload cannot go on
@@ -134,6 +140,7 @@ class EventExecutor:
         self._exited = False
         self._pending: list[RangeResult] = []
         self._stderr_offset = 0
+        self._pidfd: int | None = None
 
     # -- shared bookkeeping --------------------------------------------------
     def add_ranges(self, ranges: list[EventRange]) -> None:
@@ -216,6 +223,8 @@ class EventExecutor:
         self._waiting = False
         self._told_no_more = False
         self._exited = False
+        self._said_ready = False
+        self._launched_at = time.monotonic()
         stderr = self.workdir / "payload.stderr"
         self._stderr_offset = stderr.stat().st_size if stderr.exists() else 0
         self.payload = PayloadProcess(
@@ -225,6 +234,12 @@ class EventExecutor:
             stdout=self.workdir / "payload.stdout",
             stderr=self.workdir / "payload.stderr",
         )
+        self._close_pidfd()
+        try:
+            # Readable when the payload exits: a death before it connected wakes us at once.
+            self._pidfd = os.pidfd_open(self.payload.pid)
+        except (AttributeError, OSError):
+            self._pidfd = None
         log.info(
             "event-service payload started, pid %d (restart %d)", self.payload.pid, self.restarts
         )
@@ -247,6 +262,7 @@ class EventExecutor:
     def _handle(self, text: str) -> None:
         msg = parse_message(text)
         if isinstance(msg, ReadyMessage):
+            self._said_ready = True
             self._waiting = True
             self._dispatch()
         elif isinstance(msg, DoneMessage):
@@ -267,7 +283,8 @@ class EventExecutor:
                     time.sleep(max(0.0, deadline - time.monotonic()))
                 break
             wait = min(_CHECK_INTERVAL, deadline - time.monotonic())
-            for text in self._channel.receive(max(0.0, wait)):
+            also = (self._pidfd,) if self._pidfd is not None else ()
+            for text in self._channel.receive(max(0.0, wait), also):
                 self._handle(text)
             self._check_payload(deadline)
             if time.monotonic() >= deadline:
@@ -293,6 +310,19 @@ class EventExecutor:
                     self.payload.returncode or -9, f"no progress for {self.range_timeout:.0f} s"
                 )
                 return
+        if (
+            rc is None
+            and self.ready_timeout
+            and not self._said_ready
+            and time.monotonic() - self._launched_at > self.ready_timeout
+        ):
+            log.warning("payload did not ask for events in %.0f s: killing it", self.ready_timeout)
+            self.payload.kill_tree(grace=5.0, reason_code=ErrorCode.ESRECOVERABLE, reason="silent")
+            self._payload_exited(
+                self.payload.returncode or -9,
+                f"payload did not ask for events within {self.ready_timeout:.0f} s",
+            )
+            return
         if rc is not None:
             self._payload_exited(rc, "")
 
@@ -317,10 +347,12 @@ class EventExecutor:
         done = self._told_no_more and not self._queue
         if done:
             self._exited = True
+            self._close_pidfd()
             log.info("event-service payload exited with %d after the last range", rc)
             return
         if self.restarts >= self.max_restarts:
             self._exited = True
+            self._close_pidfd()
             code = diag.pilot_error_code or ErrorCode.ESRECOVERABLE
             self.error = PilotError(
                 code, f"payload failed {self.restarts + 1} times, giving up; last: {why}"
@@ -330,6 +362,14 @@ class EventExecutor:
         self.restarts += 1
         log.warning("payload exited (%s): restart %d of %d", why, self.restarts, self.max_restarts)
         self._launch()
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            try:
+                os.close(self._pidfd)
+            except OSError:
+                pass
+            self._pidfd = None
 
     def _stderr_since_launch(self, max_bytes: int = 2048) -> str:
         """The stderr of the current payload run only: older runs must not colour the diagnosis."""
@@ -349,6 +389,7 @@ class EventExecutor:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+        self._close_pidfd()
         released = [r for r, _ in self._in_flight.values()] + list(self._queue)
         self._in_flight.clear()
         self._queue.clear()

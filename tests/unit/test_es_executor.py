@@ -200,3 +200,19 @@ def test_command_mode_broken_command_stops_after_max_restarts(tmp_path):
     results = drive(ex, make_ranges(5))
     assert ex.error is not None and len(results) == 2
     assert len(ex.stop(grace=0.1)) == 3
+
+
+def test_payload_that_never_asks_for_events_is_restarted_then_given_up(tmp_path):
+    job = make_job("-c 'import time; time.sleep(60)'")
+    ex = EventExecutor(job, tmp_path, max_restarts=1, ready_timeout=0.5, mode="protocol")
+    results = drive(ex, make_ranges(2))
+    assert results == [] and ex.error is not None and ex.restarts == 1
+    assert "did not ask for events" in ex.error.detail
+    assert len(ex.stop(grace=0.1)) == 2
+
+
+def test_payload_that_exits_at_once_is_restarted_then_given_up(tmp_path):
+    ex = EventExecutor(make_job("-c pass"), tmp_path, max_restarts=2)
+    results = drive(ex, make_ranges(2))
+    assert results == [] and ex.error is not None and ex.restarts == 2
+    assert len(ex.stop(grace=0.1)) == 2

@@ -151,3 +151,13 @@ def test_stage_out_hook_can_fail_a_range(tmp_path):
     assert s.n_finished == 3 and all(
         r.output_path.startswith("s3://") for r in s.results if r.status.value == "finished"
     )
+
+
+def test_payload_that_cannot_start_is_a_clear_error(tmp_path):
+    d = Dispatcher(3)
+    job = Job.from_panda(
+        {"PandaID": 7, "taskID": 3, "jobsetID": 2, "transformation": "/no/such/trf"}
+    )
+    s = run_event_service(job, tmp_path, d, d)
+    assert s.error is not None and s.error.code == ErrorCode.TRANSFORMNOTFOUND
+    assert s.n_ranges == 0 and not d.dispatched
