@@ -143,6 +143,20 @@ class HarvesterAccessPoint:
     def read_jobs(self) -> list[Job]:
         return [Job.from_panda(d) for d in self.read_job_definitions().values()]
 
+    def worker_jobs(self) -> list[Job]:
+        """The jobs fed to this worker: those of ``worker_pandaids.json`` when present, else all."""
+        definitions = self.read_job_definitions()
+        if not self.path("pandaids").exists():
+            return [Job.from_panda(d) for d in definitions.values()]
+        ids = self.read_pandaids()
+        missing = [i for i in ids if i not in definitions]
+        if missing:
+            raise PilotError(
+                ErrorCode.NOTDEFINED,
+                f"PandaIDs {missing[:5]} of {self.files.pandaids} have no job spec",
+            )
+        return [Job.from_panda(definitions[i]) for i in ids]
+
     def read_pandaids(self) -> list[int]:
         data = read_json(self.path("pandaids"))
         if not isinstance(data, list):

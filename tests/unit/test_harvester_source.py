@@ -1,0 +1,62 @@
+"""Harvester as the event-range source of the single-node loop: many jobs, silence."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+import pytest
+
+from pilot.comm.harvester import HarvesterAccessPoint, HarvesterEventSource
+from pilot.errors import ErrorCode, PilotError
+from pilot.eventservice.loop import run_event_service
+from pilot.job import Job
+
+
+def job_def(pid: int) -> dict:
+    return {
+        "PandaID": str(pid),
+        "taskID": "3",
+        "jobsetID": "2",
+        "transformation": sys.executable,
+        "jobPars": "-m pilot.payloads.toysim",
+        "eventService": "True",
+    }
+
+
+def test_worker_jobs_follow_worker_pandaids(tmp_path):
+    ap = HarvesterAccessPoint(tmp_path, many_jobs=True)
+    (tmp_path / "HPCJobs.json").write_text(json.dumps({str(p): job_def(p) for p in (5, 6, 7)}))
+    assert sorted(j.panda_id for j in ap.worker_jobs()) == [5, 6, 7]
+    (tmp_path / "worker_pandaids.json").write_text("[7, 5]")
+    assert [j.panda_id for j in ap.worker_jobs()] == [7, 5]
+    (tmp_path / "worker_pandaids.json").write_text("[7, 8]")
+    with pytest.raises(PilotError):
+        ap.worker_jobs()
+
+
+def test_many_jobs_ranges_come_from_the_job_directory(tmp_path):
+    ap = HarvesterAccessPoint(tmp_path, many_jobs=True)
+    src = HarvesterEventSource(ap, wait_timeout=30, first_delay=0.02)
+    rng = {"eventRangeID": "3-6-1-1-0", "startEvent": 1, "lastEvent": 2, "LFN": "f", "GUID": "g"}
+
+    def harvester():
+        request = json.loads((tmp_path / "6" / "worker_requestevents.json").read_text())
+        assert request["6"]["nRanges"] == 4
+        (tmp_path / "6" / "JobsEventRanges.json").write_text(json.dumps({"6": [rng]}))
+
+    t = threading.Timer(0.1, harvester)
+    t.start()
+    assert src.get_event_ranges(6, 2, 3, 4) == [rng]
+    t.join()
+
+
+def test_silent_harvester_ends_the_job_with_a_clear_error(tmp_path):
+    ap = HarvesterAccessPoint(tmp_path)
+    src = HarvesterEventSource(ap, wait_timeout=0.2, first_delay=0.05)
+    job = Job.from_panda(job_def(9))
+    s = run_event_service(job, tmp_path / "work", src, src, max_source_failures=2)
+    assert s.error is not None and s.error.code == ErrorCode.COMMUNICATIONFAILURE
+    assert "no event ranges" in s.error.detail
+    assert s.n_ranges == 0
