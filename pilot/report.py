@@ -54,6 +54,7 @@ class JobResult:
     end_time: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)  # updateJob memory/IO/CPU fields
+    metrics_text: str = ""  # extra jobMetrics pairs ("maxPSS=... readbyterate=...")
     n_events: int = 0
     outputs: list[FileSpec] = field(default_factory=list)
     log_extracts: str = ""
@@ -144,9 +145,11 @@ def job_metrics(result: JobResult) -> str:
     pairs = {"coreCount": result.job.core_count}
     if result.n_events:
         pairs["nEvents"] = result.n_events
+    extra = dict(kv.split("=", 1) for kv in result.metrics_text.split() if "=" in kv)
     for key in ("maxRSS", "maxPSS"):
-        if key in result.metrics:
+        if key in result.metrics and key not in extra:
             pairs[key] = result.metrics[key]
+    pairs.update(extra)
     return " ".join(f"{k}={v}" for k, v in pairs.items())
 
 

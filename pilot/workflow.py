@@ -24,6 +24,7 @@ from pilot.comm.base import Upstream
 from pilot.config import PilotConfig
 from pilot.data.copytools import make_copytool
 from pilot.data.staging import TransferSink, stage_in, stage_out
+from pilot.data.traces import TraceSender, TraceSink
 from pilot.errors import ErrorCode, PilotError, diagnose_payload, error_diag, signal_code
 from pilot.fileio import atomic_write_json, tail
 from pilot.job import Job
@@ -103,6 +104,10 @@ class Monitor(Protocol):
 
     def evidence(self) -> str: ...
 
+    def save_evidence(self) -> Path: ...
+
+    def job_metrics(self) -> str: ...
+
     def connections_report(self) -> str: ...
 
     def close(self) -> None: ...
@@ -154,6 +159,9 @@ def run_job(
         result.fail(PilotError(ErrorCode.MKDIR, f"{workdir}: {exc}"))
         return _finish(result, config, upstream, critical=[str(exc)])
     handlers = _attach_logging(workdir)
+    if transfer_sink is None:
+        sender = TraceSender.for_workdir(config.trace_url, workdir)
+        transfer_sink = TraceSink(sender, job, local_site=config.site_name, pq=config.site_name)
     try:
         log.info("job %d: %s %s", job.panda_id, job.transformation, job.job_pars)
         _heartbeat(upstream, job, config, "starting")
@@ -328,7 +336,7 @@ def _run_payload(
                 )
             elif monitor is not None and (breach := monitor.check()) is not None:
                 killed = breach
-                (workdir / "monitor_evidence.txt").write_text(monitor.evidence(), encoding="utf-8")
+                monitor.save_evidence()
             elif time.monotonic() >= next_heartbeat:
                 next_heartbeat = time.monotonic() + config.heartbeat_interval
                 command_reply = _heartbeat(upstream, job, config, "running")
@@ -352,6 +360,7 @@ def _run_payload(
         if monitor is not None:
             monitor.close()
             result.metrics.update(monitor.summary())
+            result.metrics_text = monitor.job_metrics()
             report = monitor.connections_report()
             if report:
                 result.extra["connections"] = report

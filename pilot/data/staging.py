@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pilot.data.checksum import file_checksum
 from pilot.data.copytools import Copytool, TransferResult, remove_quietly, url_to_path
+from pilot.data.http import redact_url
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import FileSpec, Job
 
@@ -125,7 +126,7 @@ def stage_in(
                 event.state, event.size, event.time_end = "DONE", result.size, time.time()
                 _emit(sink, event)
                 spec.local_path, spec.surl, spec.status = str(dest), url, "transferred"
-                log.info("staged in %s (%d bytes) from %s", spec.lfn, result.size, url)
+                log.info("staged in %s (%d bytes) from %s", spec.lfn, result.size, redact_url(url))
                 break
             if spec.status == "transferred":
                 break
