@@ -45,6 +45,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--output-url", default="", help="where outputs are written (default: WORKDIR/storage)"
     )
     p.add_argument("--copytool", default="copy", help="copytool for stage-in/out (copy, http)")
+    p.add_argument(
+        "--trace-url", default="", help="where transfer traces are sent (Rucio /traces/)"
+    )
     p.add_argument("--heartbeat", type=float, default=1800.0, help="heartbeat interval in seconds")
     p.add_argument(
         "--monitor-interval", type=float, default=60.0, help="payload sampling interval in seconds"
@@ -71,6 +74,7 @@ def _config(args: argparse.Namespace, **overrides: object) -> PilotConfig:
         monitor_interval=args.monitor_interval,
         kill_grace=args.kill_grace,
         connection_policy=args.connection_policy,
+        trace_url=args.trace_url,
     )
     values.update(overrides)
     return PilotConfig(**values)  # type: ignore[arg-type]
