@@ -5,7 +5,8 @@ command (``transformation`` + ``jobPars``) is split into words *first* and
 the placeholders are then replaced inside each word, so a GUID or LFN can
 never inject shell syntax. Placeholders: ``{eventRangeID}``,
 ``{startEvent}``, ``{lastEvent}``, ``{LFN}``, ``{GUID}``, ``{outputFile}``
-(``<workdir>/ranges/<eventRangeID>/out.<eventRangeID>``).
+(``<workdir>/ranges/<eventRangeID>/out.<eventRangeID>``), and ``{PFN}``
+(the range's PFN, or its LFN when it has none).
 
 A range is finished when its command exits 0 and leaves its output: the
 paths of a protocol done line on its stdout if it prints one (its CPU and
@@ -73,7 +74,8 @@ class CommandExecutor(EventExecutor):
             "eventRangeID": r.event_range_id,
             "startEvent": str(r.start_event),
             "lastEvent": str(r.last_event),
-            "LFN": r.pfn or r.lfn,
+            "LFN": r.lfn,
+            "PFN": r.pfn or r.lfn,
             "GUID": r.guid,
             "outputFile": str(rdir / f"out.{r.event_range_id}"),
         }

@@ -213,7 +213,9 @@ class EventExecutor:
 
     def start(self) -> None:
         if self._channel is None:
-            self._channel = MessageChannel(socket_path_for(self.workdir))
+            # One socket per job: several executors (one per PandaID) may share a directory.
+            name = f"es-{self.job.panda_id}.sock"
+            self._channel = MessageChannel(socket_path_for(self.workdir, name))
         self._launch()
 
     def _launch(self) -> None:
