@@ -49,6 +49,19 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 
+# One setup at a time (parallel test runs); the second finds Slurm up.
+LOCK=/run/lock/slurm-single-node.lock
+[ -d /run/lock ] || LOCK=/tmp/slurm-single-node.lock
+exec 9>"$LOCK"
+if command -v flock >/dev/null 2>&1 && ! flock -w 900 9; then
+    say "another setup holds the lock for 900s"
+    exit 4
+fi
+if slurm_ready; then
+    say "already up: node $(node_state)"
+    exit 0
+fi
+
 # --- packages -----------------------------------------------------------
 if ! command -v slurmctld >/dev/null 2>&1 || ! command -v slurmd >/dev/null 2>&1 \
     || ! command -v munged >/dev/null 2>&1 || ! command -v sbatch >/dev/null 2>&1; then

@@ -24,6 +24,9 @@ from tests.slurm_env import ensure_slurm, job_state, slurm, wait_for, wait_for_j
 
 pytestmark = pytest.mark.slurm
 
+# The job imports the code under test, not whatever copy is installed.
+REPO = Path(__file__).resolve().parents[2]
+
 FAKE_PILOT = textwrap.dedent(
     """\
     import json, os, signal, sys, time
@@ -84,6 +87,7 @@ def _submit(tmp: Path, mode: str, *extra: str) -> str:
         "--log-dir", str(tmp / "logs"), "--workdir", str(tmp / "work"),
         "--pilot-command", f"{sys.executable} {fake}",
         "--env", f"FAKE_PILOT_OUT={out}", "--env", f"FAKE_PILOT_MODE={mode}",
+        "--env", f"PYTHONPATH={REPO}",
         *extra,
     ]  # fmt: skip
     (tmp / "work").mkdir(exist_ok=True)
