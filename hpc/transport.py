@@ -304,6 +304,7 @@ class LocalHub:
         self._boxes: dict[int, dict[Tag, collections.deque[Envelope]]] = {}
         self._events: dict[int, collections.deque[PeerFailed]] = {}
         self.dead: set[int] = set()
+        self._told: set[int] = set()
 
     def endpoint(self, rank: int) -> LocalTransport:
         if not 0 <= rank < self.size:
@@ -338,6 +339,12 @@ class LocalHub:
 
     def take(self, rank: int, timeout: float) -> Incoming | None:
         with self._lock:
+            if rank in self.dead:  # a killed rank is cut off: it learns that once
+                if rank not in self._told:
+                    self._told.add(rank)
+                    return PeerFailed(0)
+                self._cond.setdefault(rank, threading.Condition(self._lock)).wait(timeout)
+                return None
             box = self._box(rank)
             cond = self._cond[rank]
             events = self._events[rank]

@@ -90,6 +90,7 @@ class Scheduler:
         self.exhausted = False  # the upstream has no more ranges for any job
         self.decisions = 0
         self._now = 0.0
+        self._expected: dict[int, float] = {}
         self.dropped = 0  # late, duplicate or unknown messages
         self._seq = 0
 
@@ -114,11 +115,16 @@ class Scheduler:
         want = sum(d.high(self.p) - len(d.leased) for d in self.live() if not d.draining)
         return max(0, want - self.ledger.count(State.READY))
 
+    def expect(self, ranks: list[int], now: float) -> None:
+        """Ranks that should say HELLO; one silent for ``hb_timeout`` counts as dead."""
+        for rank in ranks:
+            self._expected.setdefault(rank, now)
+
     def finished(self) -> bool:
-        """True when nothing more can happen: all droids gone, or all work done and reported."""
-        if self.droids and not self.live():
-            return True
-        return self.exhausted and self.ledger.all_terminal() and not self.live()
+        """True when every droid said BYE or died (and at least one ever came, or was expected)."""
+        if self._expected:
+            return not self.live() and all(r in self.droids for r in self._expected)
+        return bool(self.droids) and not self.live()
 
     # -- messages ------------------------------------------------------------
 
@@ -303,6 +309,10 @@ class Scheduler:
         """Time-driven rules: dead droids, expired leases, the walltime drain."""
         self._now = now
         out: Out = []
+        for rank, since in self._expected.items():
+            if rank not in self.droids and now - since > self.p.hb_timeout:
+                log.warning("rank %d never said HELLO: counted as dead", rank)
+                self.droids[rank] = Droid(rank, 1, alive=False)
         for d in list(self.live()):
             if now - d.last_seen > self.p.hb_timeout:
                 log.warning(

@@ -1,0 +1,400 @@
+"""A Droid: one rank > 0 that keeps its cores busy with ranges from Yoda.
+
+It says HELLO, gets the job definitions (CONFIG), and then keeps a small
+queue of leased ranges between the low and high watermarks: it asks for more
+(WORK_REQ) when it holds fewer than ``low``, and feeds the payload executor
+(:class:`pilot.eventservice.executor.EventExecutor`, one per PandaID) only as
+much as the executor wants. Ranges still in the Droid's own queue have not
+started, so at DRAIN they go straight back to Yoda without costing anything.
+
+Results come out of the executor with their output already renamed into
+place and checksummed; they are sent in batches (UPDATE) and kept until Yoda
+ACKs them. A payload that dies is the executor's business (it restarts it and
+fails the range it was on); a hung range is killed by the executor's
+``range_timeout``, which is the lease Yoda gave.
+
+Waiting costs nothing: the Droid blocks in the executor's poll (a socket
+wait) or in the transport's backoff, never spins. On STOP, on Yoda's death
+(ULFM) or when it is done, it returns from :meth:`Droid.run`; the caller
+ends with MPI_Finalize, never Abort.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from hpc.transport import Envelope, Kind, PeerFailed, Transport
+from pilot.errors import PilotError
+from pilot.eventservice.model import RangeResult
+from pilot.job import EventRange, Job
+
+log = logging.getLogger(__name__)
+YODA = 0
+
+
+class Executor(Protocol):
+    """What the Droid needs of :class:`pilot.eventservice.executor.EventExecutor`."""
+
+    def start(self) -> None: ...
+    def add_ranges(self, ranges: list[EventRange]) -> None: ...
+    def no_more_ranges(self) -> None: ...
+    def wanted(self) -> int: ...
+    def poll(self, timeout: float) -> list[RangeResult]: ...
+    def in_flight(self) -> list[str]: ...
+    def stop(self, grace: float) -> list[EventRange]: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+
+ExecutorFactory = Callable[[Job, Path, int, float], Executor]
+
+
+def event_executor(job: Job, workdir: Path, slots: int, lease_s: float) -> Executor:
+    """The real executor: the shared event-service code, outputs under ``workdir``."""
+    from pilot.eventservice.executor import EventExecutor
+
+    return EventExecutor(
+        job,
+        workdir,
+        max_restarts=3,
+        output_dir=workdir / "outputs",
+        range_timeout=lease_s,
+        prefetch=max(1, slots),
+    )
+
+
+@dataclass
+class DroidOptions:
+    slots: int = 1
+    update_batch: int = 50
+    update_interval: float = 0.5
+    hello_timeout: float = 60.0  # no CONFIG in this long: give up
+    hello_retry: float = 5.0
+    yoda_timeout: float = 300.0  # no word from Yoda in this long: give up
+    stop_grace: float = 5.0
+    poll_max: float = 0.2  # longest wait in one turn of the loop
+
+
+class Droid:
+    def __init__(
+        self,
+        transport: Transport,
+        workdir: str | Path,
+        executor_factory: ExecutorFactory = event_executor,
+        options: DroidOptions | None = None,
+        *,
+        node: str | None = None,
+    ) -> None:
+        self.t = transport
+        self.workdir = Path(workdir)
+        self.factory = executor_factory
+        self.o = options or DroidOptions()
+        self.node = node or socket.gethostname()
+        self.epoch = 0
+        self.seq = 0
+        self.jobs: dict[int, Job] = {}
+        self.executors: dict[int, Executor] = {}
+        self.queue: deque[tuple[int, EventRange]] = deque()  # leased, not yet given to a payload
+        self.rows: dict[str, int] = {}  # range id -> ledger row, for everything held
+        self.results: list[tuple[int, RangeResult]] = []  # not yet sent
+        self.unacked: dict[int, list[tuple[int, RangeResult]]] = {}
+        self.released: list[int] = []  # to give back with the next UPDATE / BYE
+        self.lease_s = 600.0
+        self.hb_interval = 10.0
+        self.requested = False
+        self.no_more = False
+        self.draining = False
+        self.drain_by: float | None = None
+        self.stopped = False
+        self.yoda_dead = False
+        self.configured = False
+        self._last_hb = 0.0
+        self._last_update = time.monotonic()
+        self._last_heard = time.monotonic()
+        self.done_count = 0
+
+    # -- sending -------------------------------------------------------------
+
+    def _send(self, kind: Kind, body: Any) -> int:
+        self.seq += 1
+        self.t.send(YODA, Envelope(kind, self.seq, self.epoch, body))
+        return self.seq
+
+    def held(self) -> int:
+        return len(self.rows)
+
+    def _request_work(self) -> None:
+        if self.requested or self.no_more or self.draining or not self.configured:
+            return
+        low = max(1, self.o.slots)
+        high = 2 * low
+        if self.held() < low:
+            self._send(Kind.WORK_REQ, {"want": high - self.held()})
+            self.requested = True
+
+    def _flush_results(self, force: bool = False) -> None:
+        if not self.results and not self.released:
+            return
+        if (
+            not force
+            and not self.released
+            and len(self.results) < self.o.update_batch
+            and time.monotonic() - self._last_update < self.o.update_interval
+        ):
+            return
+        batch, self.results = self.results, []
+        released, self.released = self.released, []
+        seq = self._send(
+            Kind.UPDATE,
+            {"results": [[row, r.to_dict()] for row, r in batch], "released": released},
+        )
+        self.unacked[seq] = batch
+        self._last_update = time.monotonic()
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_hb < self.hb_interval:
+            return
+        self._last_hb = now
+        running = set()
+        for ex in self.executors.values():
+            running.update(ex.in_flight())
+        queued = [row for rid, row in self.rows.items() if rid not in running]
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = -1.0
+        self._send(Kind.HB, {"queued": queued, "load1": load, "held": self.held()})
+
+    # -- receiving -----------------------------------------------------------
+
+    def _handle(self, got: Envelope | PeerFailed) -> None:
+        if isinstance(got, PeerFailed):
+            if got.rank == YODA:
+                log.error("Yoda (rank 0) is dead: stopping")
+                self.yoda_dead = True
+            return
+        if got.source != YODA:
+            log.info("dropped %s from rank %d", got.kind.name, got.source)
+            return
+        self._last_heard = time.monotonic()
+        if got.kind is Kind.CONFIG:
+            self._config(got)
+        elif got.epoch != self.epoch:
+            log.info("dropped %s of epoch %d (mine %d)", got.kind.name, got.epoch, self.epoch)
+        elif got.kind is Kind.WORK:
+            self._work(got.body if isinstance(got.body, dict) else {})
+        elif got.kind is Kind.ACK:
+            upto = got.body.get("upto", -1) if isinstance(got.body, dict) else -1
+            for seq in [s for s in self.unacked if s <= upto]:
+                self.done_count += len(self.unacked.pop(seq))
+        elif got.kind is Kind.DRAIN:
+            by = got.body.get("by") if isinstance(got.body, dict) else None
+            self._drain(by if isinstance(by, (int, float)) else None)
+        elif got.kind is Kind.STOP:
+            self.stopped = True
+        else:
+            log.info("dropped unexpected %s", got.kind.name)
+
+    def _config(self, env: Envelope) -> None:
+        body = env.body if isinstance(env.body, dict) else {}
+        self.epoch = env.epoch
+        self.lease_s = float(body.get("lease_s", self.lease_s))
+        self.hb_interval = float(body.get("hb_interval", self.hb_interval))
+        for d in body.get("jobs", []) or []:
+            try:
+                job = Job.from_panda(d)
+            except PilotError as exc:
+                log.error("job definition rejected: %s", exc)
+                continue
+            self.jobs[job.panda_id] = job
+        self.configured = True
+
+    def _work(self, body: dict[str, Any]) -> None:
+        self.requested = False
+        if body.get("no_more"):
+            self.no_more = True
+        for item in body.get("ranges", []) or []:
+            try:
+                row, d = item
+                r = EventRange.from_panda(d)
+            except (TypeError, ValueError, PilotError) as exc:
+                log.error("range dropped: %s", exc)
+                continue
+            if r.event_range_id in self.rows:
+                continue
+            self.rows[r.event_range_id] = int(row)
+            if self.draining:
+                self.released.append(int(row))
+                del self.rows[r.event_range_id]
+            else:
+                self.queue.append((int(row), r))
+
+    def _drain(self, by: float | None) -> None:
+        log.warning("DRAIN: finishing running ranges by %s", by)
+        self.draining = True
+        self.drain_by = by
+        while self.queue:
+            row, r = self.queue.popleft()
+            self.rows.pop(r.event_range_id, None)
+            self.released.append(row)
+        for ex in self.executors.values():
+            ex.no_more_ranges()
+        self._flush_results(force=True)
+
+    # -- executors -----------------------------------------------------------
+
+    def _executor(self, panda_id: int) -> Executor | None:
+        ex = self.executors.get(panda_id)
+        if ex is None:
+            job = self.jobs.get(panda_id)
+            if job is None:
+                return None
+            ex = self.factory(job, self.workdir / str(panda_id), self.o.slots, self.lease_s)
+            ex.start()
+            self.executors[panda_id] = ex
+        return ex
+
+    def _feed(self) -> None:
+        kept: deque[tuple[int, EventRange]] = deque()
+        while self.queue:
+            row, r = self.queue.popleft()
+            ex = self._executor(r.panda_id)
+            if ex is None or getattr(ex, "error", None) is not None:
+                # no job for it, or its payload gave up: someone else may do better
+                self.rows.pop(r.event_range_id, None)
+                self.released.append(row)
+                continue
+            if ex.wanted() > 0:
+                ex.add_ranges([r])
+            else:
+                kept.append((row, r))
+        self.queue = kept
+        if self.no_more and not self.queue:
+            for ex in self.executors.values():
+                ex.no_more_ranges()
+
+    def _collect(self, timeout: float) -> None:
+        executors = list(self.executors.values())
+        if not executors:
+            if timeout > 0:
+                got = self.t.recv(timeout)
+                if got is not None:
+                    self._handle(got)
+            return
+        each = timeout / len(executors)
+        for ex in executors:
+            for res in ex.poll(each):
+                row = self.rows.pop(res.event_range_id, None)
+                if row is None:
+                    log.warning("result for unknown range %s dropped", res.event_range_id)
+                    continue
+                self.results.append((row, res))
+
+    def _all_done(self) -> bool:
+        if self.draining:
+            return not self.rows or all(ex.finished for ex in self.executors.values())
+        return (
+            self.no_more
+            and not self.queue
+            and not self.rows
+            and all(ex.finished or getattr(ex, "error", None) for ex in self.executors.values())
+        )
+
+    # -- the loop ------------------------------------------------------------
+
+    def hello(self) -> bool:
+        """HELLO until CONFIG arrives; False if Yoda never answers."""
+        deadline = time.monotonic() + self.o.hello_timeout
+        while time.monotonic() < deadline and not self.configured:
+            self._send(Kind.HELLO, {"node": self.node, "slots": self.o.slots, "pid": os.getpid()})
+            retry = time.monotonic() + self.o.hello_retry
+            while time.monotonic() < min(retry, deadline) and not self.configured:
+                got = self.t.recv(timeout=min(retry, deadline) - time.monotonic())
+                if got is not None:
+                    self._handle(got)
+                if self.yoda_dead or self.stopped:
+                    return False
+        return self.configured
+
+    def run(self) -> int:
+        if not self.hello():
+            log.error("no CONFIG from Yoda")
+            return 1
+        quiet = 0.0
+        while not self.stopped and not self.yoda_dead:
+            busy = False
+            got = self.t.recv(0.0)
+            while got is not None:
+                busy = True
+                self._handle(got)
+                if self.stopped or self.yoda_dead:
+                    break
+                got = self.t.recv(0.0)
+            if self.stopped or self.yoda_dead:
+                break
+            self._request_work()
+            self._feed()
+            self._heartbeat()
+            self._flush_results()
+            if self.draining and self.drain_by is not None and time.time() > self.drain_by:
+                self._give_back_running()
+            if self._all_done() and not self.results:
+                return self._goodbye()
+            if time.monotonic() - self._last_heard > self.o.yoda_timeout:
+                log.error("no word from Yoda for %.0f s: stopping", self.o.yoda_timeout)
+                break
+            # wait: short after activity, longer when idle (never a spin)
+            quiet = 0.0 if busy else min(self.o.poll_max, max(0.005, quiet * 2 or 0.005))
+            self._collect(quiet)
+        self._shutdown()
+        return 0
+
+    def _give_back_running(self) -> None:
+        log.warning("drain deadline passed: stopping payloads, giving back unfinished ranges")
+        for ex in self.executors.values():
+            for r in ex.stop(self.o.stop_grace):
+                row = self.rows.pop(r.event_range_id, None)
+                if row is not None:
+                    self.released.append(row)
+            for res in ex.poll(0.0):
+                row = self.rows.pop(res.event_range_id, None)
+                if row is not None:
+                    self.results.append((row, res))
+        self.drain_by = None
+
+    def _goodbye(self) -> int:
+        """Send what is left, wait (bounded) for the ACKs, BYE, and wait for STOP."""
+        self._flush_results(force=True)
+        deadline = time.monotonic() + 30.0
+        while self.unacked and not self.yoda_dead and time.monotonic() < deadline:
+            got = self.t.recv(min(1.0, deadline - time.monotonic()))
+            if got is not None:
+                self._handle(got)
+        self._send(Kind.BYE, {"released": self.released, "done": self.done_count})
+        self.released = []
+        deadline = time.monotonic() + 30.0
+        while not self.stopped and not self.yoda_dead and time.monotonic() < deadline:
+            got = self.t.recv(min(1.0, deadline - time.monotonic()))
+            if got is not None:
+                self._handle(got)
+        self._shutdown()
+        return 0
+
+    def _shutdown(self) -> None:
+        for ex in self.executors.values():
+            try:
+                ex.stop(self.o.stop_grace)
+            except PilotError as exc:
+                log.warning("stopping the payload: %s", exc)
+        if hasattr(self.t, "flush"):
+            self.t.flush(2.0)

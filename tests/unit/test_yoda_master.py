@@ -1,0 +1,142 @@
+"""Yoda and Droids together over the in-process transport (threads, a zero-cost payload)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from droid.droid import Droid, DroidOptions
+from droid.nullexec import NullExecutor
+from hpc.transport import LocalHub
+from tests.mpi.fake_upstream import MemoryUpstream, make_ranges
+from tests.mpi.invariants import check
+from yoda.journal import Book, Journal, replay, resume_book
+from yoda.ledger import Ledger, State
+from yoda.master import Yoda, YodaOptions
+from yoda.scheduler import Policy, Scheduler
+
+JOBS = [
+    {"PandaID": 501, "taskID": 9, "jobsetID": 9, "transformation": "toysim"},
+    {"PandaID": 502, "taskID": 9, "jobsetID": 9, "transformation": "toysim"},
+]
+
+
+def factory(delay=0.0):
+    def make(job, workdir: Path, slots, lease_s):
+        return NullExecutor(job, workdir, slots, delay=delay, write_outputs=True)
+
+    return make
+
+
+def run_world(
+    tmp_path,
+    upstream,
+    n_droids=2,
+    *,
+    book=None,
+    epoch=1,
+    policy=None,
+    before=None,
+    delay=0.0,
+    kill=None,
+):
+    hub = LocalHub(n_droids + 1)
+    if book is None:
+        book = Book(Ledger(), Journal(tmp_path / "journal"))
+        book.epoch(epoch)
+        for j in JOBS:
+            book.add_job(j)
+    sched = Scheduler(book, policy or Policy(hb_interval=0.2, hb_timeout=5), epoch=epoch)
+    yoda = Yoda(
+        hub.endpoint(0),
+        upstream,
+        sched,
+        YodaOptions(update_interval=0.05, retry_min=0.05, retry_max=0.2, bye_wait_s=5),
+    )
+    droids = [
+        Droid(
+            hub.endpoint(r),
+            tmp_path / f"droid{r}",
+            factory(delay),
+            DroidOptions(slots=2, update_interval=0.05, hello_timeout=10, yoda_timeout=20),
+        )
+        for r in range(1, n_droids + 1)
+    ]
+    threads = [threading.Thread(target=d.run, daemon=True) for d in droids]
+    for t in threads:
+        t.start()
+    if before:
+        before(hub, yoda)
+    rc = yoda.run(max_seconds=60)
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    return rc, yoda
+
+
+def test_all_ranges_reported_once_with_their_outputs(tmp_path):
+    up = MemoryUpstream({501: make_ranges(9, 501, 40), 502: make_ranges(9, 502, 25)})
+    rc, yoda = run_world(tmp_path, up)
+    assert rc == 0
+    assert len(up.dispatched) == 65
+    assert check(up.dispatched, up.updates) == []
+    assert yoda.s.ledger.count(State.FINISHED) == 65
+    assert not yoda.book.unsent
+
+
+def test_upstream_down_for_a_while_loses_nothing(tmp_path):
+    up = MemoryUpstream({501: make_ranges(9, 501, 30), 502: []})
+
+    def flap(hub, yoda):
+        up.down = True
+        threading.Timer(0.5, lambda: setattr(up, "down", False)).start()
+
+    rc, _ = run_world(tmp_path, up, before=flap, delay=0.01)
+    assert rc == 0
+    assert check(up.dispatched, up.updates) == []
+    assert len(up.updates) == 30
+
+
+def test_a_dead_droid_ranges_finish_elsewhere(tmp_path):
+    up = MemoryUpstream({501: make_ranges(9, 501, 30), 502: []})
+
+    def kill_later(hub, yoda):
+        def when_busy():
+            for _ in range(500):  # bounded: 5 s
+                d = yoda.s.droids.get(2)
+                if d is not None and d.leased:
+                    break
+                time.sleep(0.01)
+            hub.kill(2)
+
+        threading.Thread(target=when_busy, daemon=True).start()
+
+    rc, yoda = run_world(tmp_path, up, n_droids=3, before=kill_later, delay=0.02)
+    assert rc == 0
+    assert check(up.dispatched, up.updates) == []
+    assert yoda.s.ledger.count(State.FINISHED) == 30
+
+
+def test_drain_on_request_gives_back_unstarted_ranges_uncharged(tmp_path):
+    up = MemoryUpstream({501: make_ranges(9, 501, 200), 502: []})
+
+    def drain_soon(hub, yoda):
+        threading.Timer(0.3, yoda.request_drain).start()
+
+    rc, yoda = run_world(tmp_path, up, before=drain_soon, delay=0.02)
+    assert rc == 0
+    led = yoda.s.ledger
+    assert led.count(State.LEASED) == 0
+    assert led.count(State.READY) > 0  # not all done: drained
+    assert int(led.rows["tries"][: led.n].max()) == 0
+    released = {led.range_id(r) for r in range(led.n) if led.state(r) is State.READY}
+    assert check(up.dispatched, up.updates, released=released) == []
+    # resume: the rest completes, nothing reported twice
+    book, epoch = resume_book(tmp_path / "journal")
+    rc, yoda2 = run_world(tmp_path, up, book=book, epoch=epoch)
+    assert rc == 0
+    assert check(up.dispatched, up.updates) == []
+    assert yoda2.s.ledger.count(State.FINISHED) == 200
+    rep = replay(tmp_path / "journal")
+    assert rep.ledger.count(State.FINISHED) == 200 and not rep.unsent

@@ -1,0 +1,289 @@
+"""The Yoda loop on rank 0: the only link to the upstream.
+
+It moves messages between the transport and the :class:`Scheduler`, fetches
+ranges from the upstream when the droids could take more than is READY, and
+sends results upstream in batches. A result is journaled before the droid is
+ACKed, sent upstream from the journal's "unsent" set, and marked ``sent``
+only after the upstream accepted it, so every range is reported once: a
+crash before ``sent`` means a resend after ``--resume``, a crash before the
+journal write means the range is run again.
+
+The upstream is any object with
+
+* ``get_event_ranges(panda_id, jobset_id, task_id, n_ranges) -> list[dict]``
+  (an empty list: the job has no more ranges), and
+* ``update_event_ranges(entries, version=0) -> list[bool]`` (per entry: accepted),
+
+which is what ``pilot.comm.panda.PandaClient`` and the Harvester shared-file
+source provide. Either may raise :class:`PilotError` when the upstream is
+down; the loop then backs off and retries, and nothing is lost meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from hpc.transport import Envelope, Kind, PeerFailed, Transport
+from pilot.errors import PilotError
+from pilot.eventservice.model import RangeResult
+from pilot.job import EventRange
+from yoda.ledger import State
+from yoda.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class RangeSource(Protocol):
+    def get_event_ranges(
+        self, panda_id: int, jobset_id: int, task_id: int, n_ranges: int
+    ) -> list[dict[str, Any]]: ...
+
+    def update_event_ranges(
+        self, entries: list[dict[str, Any]], version: int = 0
+    ) -> list[bool]: ...
+
+
+def update_entry(result: RangeResult) -> dict[str, Any]:
+    """An ``updateEventRanges`` v0 entry, plus the output facts Harvester's dump needs.
+
+    The extra keys (``path``, ``fsize``, ``chksum``) are what the shared-file
+    source writes into ``event_status.dump.json``; the HTTP client sends only
+    PanDA's keys.
+    """
+    entry = result.to_panda_v0()
+    if result.output_path:
+        entry["path"] = result.output_path
+        entry["fsize"] = result.fsize
+        entry["chksum"] = result.adler32
+    return entry
+
+
+@dataclass
+class YodaOptions:
+    update_batch: int = 200  # results per updateEventRanges call
+    update_interval: float = 1.0  # s: a partial batch waits at most this long
+    fetch_min: int = 8  # never ask the upstream for fewer ranges than this
+    fetch_max: int = 1000
+    tick_interval: float = 0.5
+    retry_min: float = 0.5  # backoff after an upstream failure
+    retry_max: float = 30.0
+    max_rejections: int = 5  # an entry the upstream refuses this often is given up
+    final_flush_s: float = 60.0  # time to get the last updates through at the end
+    bye_wait_s: float = 30.0  # after the drain deadline, how long to wait for BYEs
+
+
+class Yoda:
+    """Rank 0. :meth:`run` returns when every droid said BYE (or died) and updates are out."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        upstream: RangeSource,
+        scheduler: Scheduler,
+        options: YodaOptions | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.t = transport
+        self.up = upstream
+        self.s = scheduler
+        self.book = scheduler.book
+        self.o = options or YodaOptions()
+        self.clock = clock
+        self._dry: set[int] = set()  # PandaIDs without more ranges
+        self._fetch_retry_at = 0.0
+        self._fetch_backoff = self.o.retry_min
+        self._update_retry_at = 0.0
+        self._update_backoff = self.o.retry_min
+        self._last_update = 0.0
+        self._rejections: dict[int, int] = {}
+        self._stop_requested = False
+        self.reported = 0
+        self.fetched = 0
+
+    # -- signals -------------------------------------------------------------
+
+    def request_drain(self) -> None:
+        """Called from a SIGTERM handler: drain at the next turn of the loop."""
+        self._stop_requested = True
+
+    # -- upstream ------------------------------------------------------------
+
+    def _job_keys(self, job: dict[str, Any]) -> tuple[int, int, int]:
+        def num(key: str) -> int:
+            try:
+                return int(job.get(key) or 0)
+            except (TypeError, ValueError):
+                return 0
+
+        return num("PandaID"), num("jobsetID"), num("taskID") or num("jediTaskID")
+
+    def fetch(self, now: float) -> int:
+        """Ask the upstream for ranges if the droids could use them; returns ranges added."""
+        if self.s.exhausted or self.s.draining or now < self._fetch_retry_at:
+            return 0
+        want = self.s.wanted()
+        if want <= 0:
+            return 0
+        n = min(self.o.fetch_max, max(self.o.fetch_min, want))
+        added = 0
+        for job_index, job in enumerate(self.book.jobs):
+            panda_id, jobset_id, task_id = self._job_keys(job)
+            if panda_id in self._dry:
+                continue
+            try:
+                got = self.up.get_event_ranges(panda_id, jobset_id, task_id, n)
+            except PilotError as exc:
+                self._fetch_retry_at = now + self._fetch_backoff
+                log.warning("getEventRanges failed (%s); retry in %.1f s", exc, self._fetch_backoff)
+                self._fetch_backoff = min(self.o.retry_max, self._fetch_backoff * 2)
+                return added
+            self._fetch_backoff = self.o.retry_min
+            if not got:
+                log.info("job %d has no more ranges", panda_id)
+                self._dry.add(panda_id)
+                continue
+            ranges = []
+            for d in got:
+                try:
+                    r = EventRange.from_panda(d)
+                except PilotError as exc:
+                    log.error("job %d: upstream range dropped: %s", panda_id, exc)
+                    continue
+                if r.panda_id != panda_id:
+                    log.error("range %s is not of job %d: dropped", r.event_range_id, panda_id)
+                    continue
+                ranges.append(r)
+            rows = self.book.add_ranges(job_index, ranges)
+            added += len(rows)
+            self.fetched += len(rows)
+            if added >= n:
+                break
+        if all(self._job_keys(j)[0] in self._dry for j in self.book.jobs):
+            self.s.exhausted = True
+        return added
+
+    def push_updates(self, now: float, force: bool = False) -> int:
+        """Send journaled results upstream; returns how many were accepted."""
+        unsent = self.book.unsent
+        if not unsent or now < self._update_retry_at:
+            return 0
+        if (
+            not force
+            and len(unsent) < self.o.update_batch
+            and now - self._last_update < self.o.update_interval
+        ):
+            return 0
+        accepted = 0
+        rows = sorted(unsent)
+        for i in range(0, len(rows), self.o.update_batch):
+            chunk = rows[i : i + self.o.update_batch]
+            entries = [update_entry(unsent[r]) for r in chunk]
+            try:
+                answer = self.up.update_event_ranges(entries, version=0)
+            except PilotError as exc:
+                self._update_retry_at = now + self._update_backoff
+                log.warning(
+                    "updateEventRanges failed (%s); %d results kept, retry in %.1f s",
+                    exc,
+                    len(unsent),
+                    self._update_backoff,
+                )
+                self._update_backoff = min(self.o.retry_max, self._update_backoff * 2)
+                return accepted
+            self._update_backoff = self.o.retry_min
+            done = []
+            for row, ok in zip(chunk, list(answer) + [False] * (len(chunk) - len(answer))):
+                if ok:
+                    done.append(row)
+                    continue
+                n = self._rejections.get(row, 0) + 1
+                self._rejections[row] = n
+                if n >= self.o.max_rejections:
+                    log.error(
+                        "upstream refused the result of %s %d times: given up",
+                        unsent[row].event_range_id,
+                        n,
+                    )
+                    done.append(row)
+            self.book.sent(done)
+            accepted += len(done)
+            self.reported += len(done)
+        self._last_update = now
+        return accepted
+
+    # -- loop ----------------------------------------------------------------
+
+    def _send(self, out: list[tuple[int, Envelope]]) -> None:
+        for dest, env in out:
+            self.t.send(dest, env)
+
+    def _handle(self, got: Envelope | PeerFailed, now: float) -> None:
+        if isinstance(got, PeerFailed):
+            self._send(self.s.on_failed(got.rank, now))
+            return
+        if got.kind is not Kind.HELLO and got.epoch != self.s.epoch:
+            self.s.dropped += 1
+            log.info("dropped %s of epoch %d from rank %d", got.kind.name, got.epoch, got.source)
+            return
+        self._send(self.s.on_message(got, now))
+
+    def run(self, *, max_seconds: float | None = None) -> int:
+        """The loop. Returns 0 when all went out, 1 if results are left in the journal."""
+        start = self.clock()
+        self.s.expect(list(range(1, self.t.size)), start)
+        next_tick = 0.0
+        drain_deadline: float | None = None
+        while True:
+            now = self.clock()
+            if self._stop_requested and not self.s.draining:
+                log.warning("asked to stop: draining")
+                self._send(self.s.drain(now))
+            if now >= next_tick:
+                self._send(self.s.tick(now))
+                next_tick = now + self.o.tick_interval
+            if self.fetch(now) or self.s.exhausted:
+                self._send(self.s.serve_waiting(now))
+            self.push_updates(now)
+            if self.s.finished():
+                break
+            if self.s.draining:
+                if drain_deadline is None:
+                    by = self.s.p.walltime_end if self.s.p.walltime_end else now
+                    drain_deadline = max(now, by) + self.o.bye_wait_s
+                if now > drain_deadline:
+                    log.warning("droids did not all say BYE in time: stopping them")
+                    break
+            if max_seconds is not None and now - start > max_seconds:
+                log.error("Yoda ran for %.0f s: stopping", now - start)
+                break
+            got = self.t.recv(timeout=min(self.o.tick_interval, self.o.update_interval))
+            # drain everything queued before the periodic work: messages first
+            while got is not None:
+                self._handle(got, self.clock())
+                got = self.t.recv(timeout=0.0) if self.t.probe() else None
+        return self.finish()
+
+    def finish(self) -> int:
+        """STOP the droids, get the last updates through, sync the journal."""
+        self._send(self.s.stop_all())
+        deadline = self.clock() + self.o.final_flush_s
+        while self.book.unsent and self.clock() < deadline:
+            now = self.clock()
+            if now < self._update_retry_at:
+                time.sleep(min(self._update_retry_at - now, max(0.0, deadline - now)))
+                continue
+            self.push_updates(now, force=True)
+        if hasattr(self.t, "flush"):
+            self.t.flush(5.0)
+        if self.book.journal is not None:
+            self.book.journal.sync()
+        counts = {s.name: self.s.ledger.count(s) for s in State}
+        log.info(
+            "Yoda done: %s, reported %d, unsent %d", counts, self.reported, len(self.book.unsent)
+        )
+        return 0 if not self.book.unsent else 1
