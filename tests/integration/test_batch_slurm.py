@@ -20,52 +20,19 @@ from pathlib import Path
 import pytest
 
 from hpc.batch import submit_main
-from tests.slurm_env import ensure_slurm, job_state, slurm, wait_for, wait_for_job
+from tests.slurm_env import (
+    FAKE_PILOT,
+    ensure_slurm,
+    job_state,
+    slurm,
+    wait_for,
+    wait_for_job,
+)
 
 pytestmark = pytest.mark.slurm
 
 # The job imports the code under test, not whatever copy is installed.
 REPO = Path(__file__).resolve().parents[2]
-
-FAKE_PILOT = textwrap.dedent(
-    """\
-    import json, os, signal, sys, time
-
-    out = os.environ["FAKE_PILOT_OUT"]
-    if os.environ.get("FAKE_PILOT_MODE") == "srun":  # tasks started by srun, no MPI
-        rank = int(os.environ["SLURM_PROCID"])
-        record = {"rank": rank, "size": int(os.environ["SLURM_NTASKS"]), "argv": sys.argv[1:],
-                  "step": os.environ.get("SLURM_STEP_ID")}
-        with open(os.path.join(out, f"rank-{rank}.json"), "w") as f:
-            json.dump(record, f)
-        sys.exit(0)
-
-    from mpi4py import MPI
-    comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
-
-    def done(signum, frame):
-        with open(os.path.join(out, f"term-{rank}"), "w") as f:
-            f.write(str(signum))
-        sys.exit(0)
-
-    if os.environ.get("FAKE_PILOT_MODE") == "term":
-        signal.signal(signal.SIGTERM, done)
-        open(os.path.join(out, f"ready-{rank}"), "w").close()
-        for _ in range(600):  # at most 60 s
-            time.sleep(0.1)
-        sys.exit(3)
-    record = {"rank": rank, "size": comm.Get_size(), "argv": sys.argv[1:],
-              "host": MPI.Get_processor_name(), "now": time.time()}
-    if rank == 0:
-        from hpc.resources import detect_resources
-        record["resources"] = detect_resources().to_dict()
-    names = comm.gather(record["host"], root=0)
-    record["gathered"] = names
-    with open(os.path.join(out, f"rank-{rank}.json"), "w") as f:
-        json.dump(record, f)
-    """
-)
 
 
 @pytest.fixture(scope="module")
