@@ -31,6 +31,7 @@ import re
 import shlex
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,20 +142,21 @@ def _hms(seconds: int) -> str:
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-class Dialect:
+class Dialect(ABC):
     """One batch system: its directives, its submit command, its job ids."""
 
     name = "?"
 
-    def directives(self, req: BatchRequest) -> list[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def directives(self, req: BatchRequest) -> list[str]: ...
 
+    @abstractmethod
     def submit_argv(self, script: Path) -> tuple[list[str], bool]:
         """The submit command, and whether the script goes to its stdin."""
-        raise NotImplementedError
+        ...
 
-    def parse_job_id(self, stdout: str) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def parse_job_id(self, stdout: str) -> str: ...
 
 
 class SlurmDialect(Dialect):

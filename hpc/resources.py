@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
@@ -256,16 +257,16 @@ def _scratch(env: Mapping[str, str], *names: str) -> str:
 # one detector per scheduler
 
 
-class Detector:
+class Detector(ABC):
     """Reads one batch system; ``applies`` is a cheap environment check."""
 
     name = "?"
 
-    def applies(self, env: Mapping[str, str]) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def applies(self, env: Mapping[str, str]) -> bool: ...
 
-    def detect(self, env: Mapping[str, str], run: CommandRunner, now: float) -> BatchResources:
-        raise NotImplementedError
+    @abstractmethod
+    def detect(self, env: Mapping[str, str], run: CommandRunner, now: float) -> BatchResources: ...
 
 
 class SlurmDetector(Detector):
