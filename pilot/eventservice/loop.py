@@ -16,6 +16,13 @@ the hook may turn it into a failed one (a PilotError it raises does the
 same, with its code). Without it the output stays in the
 output directory (Harvester stages it out from there).
 
+``zip_outputs`` reports with ``updateEventRanges`` version 1: the finished
+outputs of each report go into one zip (``es_zips/`` in the work directory)
+named ``EventService_premerge_<PandaID>_<attemptNr>_<n>.zip`` and are
+reported as one ``zipFile`` group (``objstoreID`` when given). A Harvester
+reporter always gets per-range outputs (Harvester zips by itself if so
+configured).
+
 A ``deadline`` (epoch seconds) or a set ``stop_event`` stops the payload and
 *releases* the ranges not done: they are neither failed nor reported, and
 PanDA hands them out again.
@@ -61,6 +68,7 @@ class EventServiceSummary:
     wall: float = 0.0
     results: list[RangeResult] = field(default_factory=list)
     released: list[EventRange] = field(default_factory=list)
+    zips: list[dict[str, Any]] = field(default_factory=list)
     n_delivered: int = 0
     n_rejected: int = 0
     n_undelivered: int = 0
@@ -124,9 +132,19 @@ def _parse_ranges(raw: Any, seen: set[str]) -> list[EventRange]:
     return ranges
 
 
-def flush_spool(workdir: str | Path, reporter: RangeUpdater, batch_size: int = 100) -> int:
-    """Send what an earlier run left undelivered; the number delivered."""
-    return ResultSpool(Path(workdir) / SPOOL_NAME).flush(reporter, batch_size)
+def flush_spool(
+    workdir: str | Path,
+    reporter: RangeUpdater,
+    batch_size: int = 100,
+    version: int = 0,
+    objstore_id: int | None = None,
+) -> int:
+    """Send what an earlier run left undelivered; the number delivered.
+
+    ``version=1`` for a job that ran with ``zip_outputs``: its journaled zips are reused.
+    """
+    spool = ResultSpool(Path(workdir) / SPOOL_NAME)
+    return spool.flush(reporter, batch_size, version=version, objstore_id=objstore_id)
 
 
 def run_event_service(
@@ -151,6 +169,8 @@ def run_event_service(
     final_flush_timeout: float = 120.0,
     kill_grace: float = 10.0,
     executor: EventExecutor | None = None,
+    zip_outputs: bool = False,
+    objstore_id: int | None = None,
 ) -> EventServiceSummary:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -189,10 +209,19 @@ def run_event_service(
                     )
         spool.add(results)
 
+    def send() -> None:
+        if zip_outputs:
+            n = len(spool.zips) + 1
+            name = f"EventService_premerge_{job.panda_id}_{job.attempt_nr}_{n:05d}.zip"
+            spool.zip_pending(workdir / "es_zips", name)
+            spool.flush(reporter, batch_size, version=1, objstore_id=objstore_id)
+        else:
+            spool.flush(reporter, batch_size)
+
     def try_flush(now: float) -> None:
         nonlocal last_report
         try:
-            spool.flush(reporter, batch_size)
+            send()
             report.ok()
         except PilotError as exc:
             log.warning("range updates not delivered, retrying later: %s", exc)
@@ -258,8 +287,9 @@ def run_event_service(
         if not ex.finished and ex.payload is not None and ex.payload.poll() is None:
             summary.released += ex.stop(kill_grace)
     take(ex.poll(0.0))
-    _final_flush(spool, reporter, batch_size, final_flush_timeout)
+    _final_flush(spool, send, final_flush_timeout)
     summary.restarts = ex.restarts
+    summary.zips = list(spool.zips)
     for r in spool.results():
         summary.results.append(r)
         if r.status is RangeStatus.FINISHED:
@@ -279,9 +309,7 @@ def run_event_service(
     return summary
 
 
-def _final_flush(
-    spool: ResultSpool, reporter: RangeUpdater, batch_size: int, timeout: float
-) -> None:
+def _final_flush(spool: ResultSpool, send: Callable[[], None], timeout: float) -> None:
     """Deliver the rest, retrying with backoff for at most ``timeout`` seconds."""
     end = time.monotonic() + timeout
     delay = 1.0
@@ -289,7 +317,7 @@ def _final_flush(
         if not spool.n_pending:
             return
         try:
-            spool.flush(reporter, batch_size)
+            send()
             return
         except PilotError as exc:
             left = end - time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,22 @@ def test_crashing_payload_fails_chosen_ranges_with_codes(server, tmp_path):
     assert len(others) == 117 and all(r["status"] == "finished" for r in others)
     assert set(all_updates(server).values()) == {1}
     assert (s.n_finished, s.n_failed, s.n_fatal) == (117, 2, 1)
+
+
+def test_zipped_outputs_reported_with_version_1(server, tmp_path):
+    client = PandaClient(server.url, retries=2, backoff=0.1)
+    job = dispatch(server, client, 150, "--fail-on-event 21")
+    s = run_event_service(
+        job, tmp_path / "work", client, client, batch_size=50, zip_outputs=True, objstore_id=3
+    )
+    assert s.error is None and (s.n_finished, s.n_failed) == (149, 1)
+    ranges = server.store.ranges(job.panda_id)
+    assert sum(r["status"] == "finished" for r in ranges) == 149
+    assert set(all_updates(server).values()) == {1}
+    zipped: list[str] = []
+    for z in s.zips:
+        assert adler32_of(Path(z["path"])) == z["adler32"]
+        with zipfile.ZipFile(z["path"]) as zf:
+            assert len(zf.namelist()) == len(z["ids"])
+        zipped += z["ids"]
+    assert len(zipped) == len(set(zipped)) == 149
