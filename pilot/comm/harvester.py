@@ -277,6 +277,10 @@ class HarvesterAccessPoint:
         return self.path("kill_worker").exists()
 
 
+def _access_point(value: HarvesterAccessPoint | str | Path) -> HarvesterAccessPoint:
+    return value if isinstance(value, HarvesterAccessPoint) else HarvesterAccessPoint(value)
+
+
 def _wait(read: Any, timeout: float, first_delay: float, what: str) -> Any:
     """Call ``read`` until it returns something, sleeping with exponential backoff."""
     end = time.monotonic() + timeout
@@ -329,12 +333,12 @@ class HarvesterEventSource:
 
     def __init__(
         self,
-        access_point: HarvesterAccessPoint,
+        access_point: HarvesterAccessPoint | str | Path,
         *,
         wait_timeout: float = 300.0,
         first_delay: float = 0.2,
     ) -> None:
-        self.ap = access_point
+        self.ap = _access_point(access_point)
         self.wait_timeout = wait_timeout
         self.first_delay = first_delay
         self._buffer: dict[int, list[dict]] = {}
@@ -405,9 +409,11 @@ class HarvesterUpstream:
     all jobs are done).
     """
 
-    def __init__(self, access_point: HarvesterAccessPoint, *, finish_worker: bool = True) -> None:
-        self.ap = access_point
-        self.finish_worker = finish_worker and not access_point.many_jobs
+    def __init__(
+        self, access_point: HarvesterAccessPoint | str | Path, *, finish_worker: bool = True
+    ) -> None:
+        self.ap = _access_point(access_point)
+        self.finish_worker = finish_worker and not self.ap.many_jobs
 
     def _attributes(self, fields_: dict[str, Any]) -> dict[str, Any]:
         attrs = {k: v for k, v in fields_.items() if k not in _NOT_ATTRIBUTES}

@@ -38,7 +38,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from pilot.errors import ErrorCode, PilotError, diagnose_payload, error_diag
+from pilot.errors import ErrorCode, PayloadDiagnosis, PilotError, diagnose_payload, error_diag
 from pilot.eventservice.channel import CHANNEL_VARIABLE, MessageChannel, socket_path_for
 from pilot.eventservice.messages import (
     NO_MORE,
@@ -127,7 +127,7 @@ class EventExecutor:
         self.payload: PayloadProcess | None = None
         self.restarts = 0
         self.error: PilotError | None = None  # set when the payload cannot go on
-        self.exit_diagnosis = None
+        self.exit_diagnosis: PayloadDiagnosis | None = None  # of the payload's last exit
         self._queue: deque[EventRange] = deque()
         self._in_flight: dict[str, tuple[EventRange, float]] = {}
         self._known: set[str] = set()
