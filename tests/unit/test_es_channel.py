@@ -67,3 +67,23 @@ def test_long_work_directory_gets_a_short_socket(tmp_path):
     ch = MessageChannel(path)
     ch.close()
     assert not path.parent.exists()
+
+
+def test_overlong_message_drops_the_connection(channel):
+    from pilot.eventservice.channel import MAX_LINE
+
+    c = _client(channel)
+    c.setblocking(False)
+    data = b"Ready for events\n" + b"x" * (MAX_LINE + 10)
+    sent = 0
+    got: list[str] = []
+    for _ in range(2000):
+        try:
+            sent += c.send(data[sent:])
+        except BlockingIOError:
+            pass
+        got += channel.receive(0.05)
+        if channel.closed_by_peer:
+            break
+    assert got == ["Ready for events"] and channel.closed_by_peer and not channel.connected
+    c.close()
