@@ -26,7 +26,27 @@ from pilot.workflow import StopSignal, run_job
 log = logging.getLogger("pilot.cli")
 
 # Subcommands implemented in their own modules: name -> (module, function, help).
-_DELEGATED: dict[str, tuple[str, str, str]] = {}
+_DELEGATED: dict[str, tuple[str, str, str]] = {
+    "hpc": (
+        "pilot.cli",
+        "hpc_main",
+        "MPI mode (Yoda-Droid); 'hpc submit' and 'hpc resources' for batch systems",
+    ),
+}
+
+# `pilot hpc <word>`: batch-system tools; anything else starts the MPI ranks.
+_HPC_TOOLS: dict[str, tuple[str, str]] = {
+    "submit": ("hpc.batch", "submit_main"),
+    "resources": ("hpc.resources", "main"),
+}
+
+
+def hpc_main(argv: list[str]) -> int:
+    """``pilot hpc``: the only place ``pilot`` imports the MPI side (DESIGN: dependencies point one way)."""
+    if argv and argv[0] in _HPC_TOOLS:
+        module, func = _HPC_TOOLS[argv[0]]
+        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    return int(importlib.import_module("hpc.roles").main(argv) or 0)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
