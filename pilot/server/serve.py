@@ -87,15 +87,20 @@ class EmbeddedServer:
         app = DispatcherApp(
             self.store, token=self.token, require_pilot_token=self.require_pilot_token
         )
-        self._server = create_server(
-            app,
-            host=self.host,
-            port=self.port,
-            threads=self.threads,
-            max_request_body_size=app.max_body + 1024,
-            clear_untrusted_proxy_headers=True,
-            ident="pilot-dispatcher",
-        )
+        try:
+            self._server = create_server(
+                app,
+                host=self.host,
+                port=self.port,
+                threads=self.threads,
+                max_request_body_size=app.max_body + 1024,
+                clear_untrusted_proxy_headers=True,
+                ident="pilot-dispatcher",
+            )
+        except OSError:
+            self.store.close()
+            self.store = None
+            raise
         self.port = int(self._server.effective_port)
         self._stopping.clear()
         self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
@@ -121,10 +126,12 @@ class EmbeddedServer:
             self.store.close()
             self.store = None
 
-    def wait(self) -> None:
-        """Block until :meth:`stop` is called (``pilot serve``)."""
-        while self._thread is not None and self._thread.is_alive():
-            self._thread.join(1.0)
+    def wait(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set (by a signal handler) or the loop ends, then stop."""
+        thread = self._thread
+        while thread is not None and thread.is_alive() and not stop.wait(1.0):
+            pass
+        self.stop()
 
     def load_jobs(self, jobs: list[dict[str, Any]] | dict[str, Any]) -> list[int]:
         assert self.store is not None, "server not started"
@@ -166,6 +173,13 @@ def serve_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     token = args.token or os.environ.get(TOKEN_ENV) or None
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     server = EmbeddedServer(args.db, args.host, args.port, token, threads=args.threads)
     try:
         server.start()
@@ -183,13 +197,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     if server.require_pilot_token:
         print("pilot serve: not on loopback, pilot calls need the bearer token", flush=True)
 
-    def _stop(signum: int, frame: object) -> None:
-        threading.Thread(target=server.stop, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    server.wait()
-    server.stop()
+    server.wait(stop)
+    print("pilot serve: stopped", flush=True)
     return 0
 
 
