@@ -1,0 +1,88 @@
+"""A pilot killed with SIGKILL mid-job loses nothing and reports nothing twice.
+
+The first pilot journals results but is killed before reporting them; a
+second pilot in the same work directory sends them along with its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from pilot.comm.panda import PandaClient
+from pilot.eventservice.spool import SPOOL_NAME
+from pilot.job import Job
+from pilot.server.serve import EmbeddedServer
+
+PILOT = textwrap.dedent(
+    """
+    import json, sys
+    from pilot.comm.panda import PandaClient
+    from pilot.eventservice.loop import run_event_service
+    from pilot.job import Job
+    url, job_json, workdir, interval = sys.argv[1:5]
+    client = PandaClient(url, retries=2, backoff=0.1)
+    s = run_event_service(Job.from_panda(json.loads(job_json)), workdir, client, client,
+                          batch_size=10**6, report_interval=float(interval))
+    print(json.dumps({"finished": s.n_finished, "undelivered": s.n_undelivered}))
+    """
+)
+
+
+def journaled(workdir: Path) -> int:
+    try:
+        return sum(
+            '"op":"result"' in line for line in (workdir / SPOOL_NAME).read_text().splitlines()
+        )
+    except FileNotFoundError:
+        return 0
+
+
+def test_killed_pilot_then_resumed(tmp_path):
+    with EmbeddedServer(tmp_path / "db.sqlite", token="t") as server:
+        server.load_task(
+            {
+                "nRanges": 80,
+                "nEventsPerRange": 2,
+                "job": {
+                    "transformation": sys.executable,
+                    "jobPars": "-m pilot.payloads.toysim --cpu-per-event 0.02",
+                    "computingSite": "Q",
+                },
+            }
+        )
+        client = PandaClient(server.url, retries=0)
+        definition = client.get_job("Q")
+        job = Job.from_panda(definition)
+        workdir = tmp_path / "work"
+        argv = [sys.executable, "-c", PILOT, server.url, json.dumps(definition), str(workdir)]
+        first = subprocess.Popen([*argv, "3600"], stdout=subprocess.PIPE, start_new_session=True)
+        for _ in range(600):
+            if journaled(workdir) >= 10 or first.poll() is not None:
+                break
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(30)
+        n_first = journaled(workdir)
+        assert n_first >= 10
+        assert not server.store.range_update_counts()  # nothing was reported yet
+        second = subprocess.run([*argv, "0.5"], capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stderr[-2000:]
+        out = json.loads(second.stdout.strip().splitlines()[-1])
+        assert out["undelivered"] == 0
+        counts = server.store.range_update_counts()
+        assert set(counts.values()) == {1}  # never twice
+        ranges = server.store.ranges(job.panda_id)
+        finished = {r["range_id"] for r in ranges if r["status"] == "finished"}
+        assert finished == set(counts)
+        # the first pilot's results all arrived; only the ranges it was on when
+        # killed stay dispatched ("sent") for PanDA to hand out again
+        lost = [r for r in ranges if r["status"] == "sent"]
+        assert len(finished) + len(lost) == 80 and len(lost) <= 4
+        assert out["finished"] == len(finished)
