@@ -30,85 +30,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FINAL_STATES = frozenset({"finished", "failed", "closed", "cancelled"})
-REPORTED_STATES = frozenset(
-    {"starting", "running", "holding", "transferring", "finished", "failed", "closed"}
+from pilot.server.ranges import RangeStore
+from pilot.server.schema import (
+    ACTIVE_JOB_STATES,
+    FINAL_STATES,
+    FIRST_PANDA_ID,
+    MAX_RANGES_PER_CALL,
+    RANGE_STATES,
+    RANGE_TERMINAL,
+    REPORTED_STATES,
+    SCHEMA,
+    StoreError,
+    as_int,
+    job_record,
+    update_record,
 )
-ACTIVE_JOB_STATES = ("sent", "starting", "running", "holding", "transferring")
-RANGE_STATES = frozenset({"running", "finished", "failed", "fatal"})
-RANGE_TERMINAL = frozenset({"finished", "failed", "fatal"})
-MAX_RANGES_PER_CALL = 100_000
-FIRST_PANDA_ID = 1000
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    panda_id    INTEGER PRIMARY KEY,
-    task_id     INTEGER NOT NULL DEFAULT 0,
-    jobset_id   INTEGER NOT NULL DEFAULT 0,
-    attempt_nr  INTEGER NOT NULL DEFAULT 1,
-    site        TEXT NOT NULL DEFAULT '',
-    priority    INTEGER NOT NULL DEFAULT 0,
-    status      TEXT NOT NULL,
-    command     TEXT NOT NULL DEFAULT 'NULL',
-    definition  TEXT NOT NULL,
-    node        TEXT NOT NULL DEFAULT '',
-    created     REAL NOT NULL,
-    dispatched  REAL,
-    modified    REAL NOT NULL,
-    final       TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(status, site, priority, panda_id);
-CREATE TABLE IF NOT EXISTS ranges (
-    range_id    TEXT PRIMARY KEY,
-    panda_id    INTEGER NOT NULL,
-    attempt_nr  INTEGER NOT NULL,
-    seq         INTEGER NOT NULL,
-    start_event INTEGER NOT NULL,
-    last_event  INTEGER NOT NULL,
-    lfn         TEXT NOT NULL,
-    guid        TEXT NOT NULL DEFAULT '',
-    scope       TEXT NOT NULL DEFAULT '',
-    pfn         TEXT NOT NULL DEFAULT '',
-    status      TEXT NOT NULL,
-    error_code  INTEGER,
-    error_diag  TEXT,
-    cpu         REAL,
-    dispatched  REAL,
-    modified    REAL
-);
-CREATE INDEX IF NOT EXISTS ranges_job ON ranges(panda_id, status, seq);
-CREATE TABLE IF NOT EXISTS range_updates (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    range_id    TEXT NOT NULL,
-    status      TEXT NOT NULL,
-    accepted    INTEGER NOT NULL,
-    received    REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS range_updates_id ON range_updates(range_id);
-CREATE TABLE IF NOT EXISTS updates (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    panda_id    INTEGER NOT NULL,
-    attempt_nr  INTEGER NOT NULL,
-    state       TEXT NOT NULL,
-    disposition TEXT NOT NULL,
-    received    REAL NOT NULL,
-    fields      TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS updates_job ON updates(panda_id);
-CREATE TABLE IF NOT EXISTS traces (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    received    REAL NOT NULL,
-    body        TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS queues (
-    name        TEXT PRIMARY KEY,
-    config      TEXT NOT NULL
-);
-"""
-
-
-class StoreError(ValueError):
-    """A request the store refuses (unknown id, duplicate id): the caller's fault, not the server's."""
+__all__ = [
+    "ACTIVE_JOB_STATES",
+    "FINAL_STATES",
+    "MAX_RANGES_PER_CALL",
+    "RANGE_STATES",
+    "RANGE_TERMINAL",
+    "REPORTED_STATES",
+    "JobUpdateResult",
+    "Store",
+    "StoreError",
+]
 
 
 @dataclass(frozen=True)
@@ -121,7 +69,7 @@ class JobUpdateResult:
     error: str = ""
 
 
-class Store:
+class Store(RangeStore):
     """The dispatcher's database. Thread-safe; one instance per process and file."""
 
     def __init__(self, path: str | Path) -> None:
@@ -137,7 +85,7 @@ class Store:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=30000")
         with self._lock:
-            self._conn.executescript(_SCHEMA)
+            self._conn.executescript(SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -194,34 +142,6 @@ class Store:
             raise StoreError(f"PandaID {panda_id} already exists") from None
         return panda_id
 
-    def insert_ranges(
-        self, conn: sqlite3.Connection, panda_id: int, attempt_nr: int, ranges: list[dict]
-    ) -> None:
-        rows = [
-            (
-                r["eventRangeID"],
-                panda_id,
-                attempt_nr,
-                i,
-                int(r["startEvent"]),
-                int(r["lastEvent"]),
-                r["LFN"],
-                r.get("GUID", ""),
-                r.get("scope", ""),
-                r.get("PFN", ""),
-                "ready",
-            )
-            for i, r in enumerate(ranges)
-        ]
-        try:
-            conn.executemany(
-                "INSERT INTO ranges (range_id, panda_id, attempt_nr, seq, start_event,"
-                " last_event, lfn, guid, scope, pfn, status) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                rows,
-            )
-        except sqlite3.IntegrityError:
-            raise StoreError(f"an event range of job {panda_id} already exists") from None
-
     def put_queue(self, name: str, config: dict[str, Any]) -> None:
         with self.tx() as c:
             c.execute(
@@ -266,7 +186,7 @@ class Store:
             if job is None:
                 return JobUpdateResult(30, "NULL", "unknown", f"job {panda_id} not found")
             attempt = job["attempt_nr"]
-            sent_attempt = _as_int(fields.get("attemptNr"))
+            sent_attempt = as_int(fields.get("attemptNr"))
             command = job["command"]
             if sent_attempt is not None and sent_attempt != attempt:
                 disposition, command = "stale", "tobekilled"
@@ -290,102 +210,6 @@ class Store:
                 (panda_id, attempt, state, disposition, now, json.dumps(fields)),
             )
         return JobUpdateResult(0, command or "NULL", disposition)
-
-    def dispatch_ranges(self, panda_id: int, n_ranges: int) -> list[dict[str, Any]] | None:
-        """getEventRanges: up to ``n_ranges`` ready ranges of the job's current attempt.
-
-        None for an unknown job; an empty list when the job is not running (not
-        dispatched yet, finished, or to be killed) or has no ranges left.
-        """
-        now = time.time()
-        with self.tx() as c:
-            job = c.execute(
-                "SELECT status, attempt_nr, command FROM jobs WHERE panda_id = ?", (panda_id,)
-            ).fetchone()
-            if job is None:
-                return None
-            if job["status"] not in ACTIVE_JOB_STATES or job["command"] == "tobekilled":
-                return []
-            rows = c.execute(
-                "SELECT range_id, start_event, last_event, lfn, guid, scope, pfn FROM ranges"
-                " WHERE panda_id = ? AND attempt_nr = ? AND status = 'ready'"
-                " ORDER BY seq LIMIT ?",
-                (panda_id, job["attempt_nr"], n_ranges),
-            ).fetchall()
-            c.executemany(
-                "UPDATE ranges SET status = 'sent', dispatched = ?, modified = ? WHERE range_id = ?",
-                [(now, now, r["range_id"]) for r in rows],
-            )
-        out = []
-        for r in rows:
-            d = {
-                "eventRangeID": r["range_id"],
-                "startEvent": r["start_event"],
-                "lastEvent": r["last_event"],
-                "LFN": r["lfn"],
-                "GUID": r["guid"],
-                "scope": r["scope"],
-            }
-            if r["pfn"]:
-                d["PFN"] = r["pfn"]
-            out.append(d)
-        return out
-
-    def update_ranges(self, entries: list[dict[str, Any]]) -> tuple[list[bool], dict[str, str]]:
-        """updateEventRanges: one bool per entry, plus the commands of the jobs concerned.
-
-        Entries are ``{eventRangeID, eventStatus, errorCode?, errorDiag?,
-        cpuConsumptionTime?}``; the caller has checked their types.
-        """
-        now = time.time()
-        results: list[bool] = []
-        jobs: dict[int, sqlite3.Row | None] = {}
-        audit = []
-        with self.tx() as c:
-            for e in entries:
-                rid, status = e["eventRangeID"], e["eventStatus"]
-                row = c.execute(
-                    "SELECT panda_id, attempt_nr, status FROM ranges WHERE range_id = ?", (rid,)
-                ).fetchone()
-                ok = False
-                if row is not None:
-                    pid = row["panda_id"]
-                    if pid not in jobs:
-                        jobs[pid] = c.execute(
-                            "SELECT attempt_nr, command FROM jobs WHERE panda_id = ?", (pid,)
-                        ).fetchone()
-                    job = jobs[pid]
-                    ok = (
-                        job is not None
-                        and row["attempt_nr"] == job["attempt_nr"]
-                        and row["status"] in ("sent", "running")
-                        and not (status == "running" and row["status"] == "running")
-                    )
-                if ok:
-                    c.execute(
-                        "UPDATE ranges SET status = ?, error_code = ?, error_diag = ?, cpu = ?,"
-                        " modified = ? WHERE range_id = ?",
-                        (
-                            status,
-                            _as_int(e.get("errorCode")),
-                            str(e.get("errorDiag") or "")[:256] or None,
-                            _as_float(e.get("cpuConsumptionTime")),
-                            now,
-                            rid,
-                        ),
-                    )
-                audit.append((rid, status, int(ok), now))
-                results.append(ok)
-            c.executemany(
-                "INSERT INTO range_updates (range_id, status, accepted, received) VALUES (?,?,?,?)",
-                audit,
-            )
-        commands = {
-            str(pid): job["command"]
-            for pid, job in jobs.items()
-            if job is not None and job["command"] not in ("NULL", "")
-        }
-        return results, commands
 
     def add_traces(self, bodies: list[dict[str, Any]]) -> int:
         now = time.time()
@@ -420,57 +244,14 @@ class Store:
             )
             return "tobekilled"
 
-    def retry_job(self, panda_id: int) -> int | None:
-        """A new attempt: the job is activated again and its unfinished ranges are
-        re-created under the new attempt number (updates to the old ones are refused)."""
-        now = time.time()
-        with self.tx() as c:
-            job = c.execute(
-                "SELECT attempt_nr FROM jobs WHERE panda_id = ?", (panda_id,)
-            ).fetchone()
-            if job is None:
-                return None
-            old, new = job["attempt_nr"], job["attempt_nr"] + 1
-            rows = c.execute(
-                "SELECT * FROM ranges WHERE panda_id = ? AND attempt_nr = ? AND status NOT IN"
-                " ('finished', 'fatal') ORDER BY seq",
-                (panda_id, old),
-            ).fetchall()
-            c.execute(
-                "UPDATE ranges SET status = 'cancelled', modified = ? WHERE panda_id = ? AND"
-                " attempt_nr = ? AND status IN ('ready', 'sent', 'running')",
-                (now, panda_id, old),
-            )
-            fresh = []
-            for r in rows:
-                head = r["range_id"].rsplit("-", 1)[0]
-                fresh.append(
-                    {
-                        "eventRangeID": f"{head}-{new}",
-                        "startEvent": r["start_event"],
-                        "lastEvent": r["last_event"],
-                        "LFN": r["lfn"],
-                        "GUID": r["guid"],
-                        "scope": r["scope"],
-                        "PFN": r["pfn"],
-                    }
-                )
-            c.execute(
-                "UPDATE jobs SET attempt_nr = ?, status = 'activated', command = 'NULL',"
-                " final = NULL, node = '', modified = ? WHERE panda_id = ?",
-                (new, now, panda_id),
-            )
-            self.insert_ranges(c, panda_id, new, fresh)
-        return new
-
     # -- queries (tests, `pilot status`) ------------------------------------------------
 
     def job(self, panda_id: int) -> dict[str, Any] | None:
         rows = self._query("SELECT * FROM jobs WHERE panda_id = ?", (panda_id,))
-        return _job_record(rows[0]) if rows else None
+        return job_record(rows[0]) if rows else None
 
     def jobs(self) -> list[dict[str, Any]]:
-        return [_job_record(r) for r in self._query("SELECT * FROM jobs ORDER BY panda_id")]
+        return [job_record(r) for r in self._query("SELECT * FROM jobs ORDER BY panda_id")]
 
     def final_records(self, panda_id: int | None = None) -> list[dict[str, Any]]:
         """The recorded final updates (one per job attempt), oldest first."""
@@ -480,41 +261,14 @@ class Store:
         if panda_id is not None:
             sql += " AND panda_id = ?"
             args = (panda_id,)
-        return [_update_record(r) for r in self._query(sql + " ORDER BY id", args)]
+        return [update_record(r) for r in self._query(sql + " ORDER BY id", args)]
 
     def updates(self, panda_id: int | None = None) -> list[dict[str, Any]]:
         if panda_id is None:
             rows = self._query("SELECT * FROM updates ORDER BY id")
         else:
             rows = self._query("SELECT * FROM updates WHERE panda_id = ? ORDER BY id", (panda_id,))
-        return [_update_record(r) for r in rows]
-
-    def ranges(self, panda_id: int | None = None) -> list[dict[str, Any]]:
-        if panda_id is None:
-            rows = self._query("SELECT * FROM ranges ORDER BY panda_id, attempt_nr, seq")
-        else:
-            rows = self._query(
-                "SELECT * FROM ranges WHERE panda_id = ? ORDER BY attempt_nr, seq", (panda_id,)
-            )
-        return [dict(r) for r in rows]
-
-    def range_counts(self, panda_id: int | None = None) -> dict[str, int]:
-        if panda_id is None:
-            rows = self._query("SELECT status, COUNT(*) AS n FROM ranges GROUP BY status")
-        else:
-            rows = self._query(
-                "SELECT status, COUNT(*) AS n FROM ranges WHERE panda_id = ? GROUP BY status",
-                (panda_id,),
-            )
-        return {r["status"]: r["n"] for r in rows}
-
-    def range_update_counts(self) -> dict[str, int]:
-        """Accepted terminal updates per range (the "never twice" invariant: all 1)."""
-        rows = self._query(
-            "SELECT range_id, COUNT(*) AS n FROM range_updates WHERE accepted = 1 AND status IN"
-            " ('finished', 'failed', 'fatal') GROUP BY range_id"
-        )
-        return {r["range_id"]: r["n"] for r in rows}
+        return [update_record(r) for r in rows]
 
     def traces(self) -> list[dict[str, Any]]:
         return [json.loads(r["body"]) for r in self._query("SELECT body FROM traces ORDER BY id")]
@@ -535,34 +289,3 @@ class Store:
             d["ranges"] = counts.get(r["panda_id"], {})
             out.append(d)
         return out
-
-
-def _job_record(row: sqlite3.Row) -> dict[str, Any]:
-    d = dict(row)
-    d["definition"] = json.loads(d["definition"])
-    d["final"] = json.loads(d["final"]) if d["final"] else None
-    return d
-
-
-def _update_record(row: sqlite3.Row) -> dict[str, Any]:
-    d = dict(row)
-    d["fields"] = json.loads(d["fields"])
-    return d
-
-
-def _as_int(value: Any) -> int | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        return None
-
-
-def _as_float(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return float(str(value).strip())
-    except ValueError:
-        return None
