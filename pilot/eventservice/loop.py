@@ -209,8 +209,10 @@ def run_event_service(
                     )
         spool.add(results)
 
+    zipping = zip_outputs and not callable(getattr(reporter, "report_results", None))
+
     def send() -> None:
-        if zip_outputs:
+        if zipping:
             n = len(spool.zips) + 1
             name = f"EventService_premerge_{job.panda_id}_{job.attempt_nr}_{n:05d}.zip"
             spool.zip_pending(workdir / "es_zips", name)
