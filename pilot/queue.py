@@ -181,7 +181,11 @@ def unwrap(data: Any, queue: str | None = None) -> dict[str, Any]:
 
 
 def load_queue(
-    source: str | Path | None, queue: str | None = None, *, timeout: float = 30.0
+    source: str | Path | None,
+    queue: str | None = None,
+    *,
+    timeout: float = 30.0,
+    ca_path: str | None = None,
 ) -> QueueConfig:
     """Queue configuration from a URL or a file; the built-in defaults when ``source`` is None.
 
@@ -195,7 +199,12 @@ def load_queue(
     text = str(source)
     if text.startswith(("http://", "https://")):
         try:
-            reply = requests.get(text, timeout=timeout, headers={"Accept": "application/json"})
+            reply = requests.get(
+                text,
+                timeout=timeout,
+                headers={"Accept": "application/json"},
+                verify=ca_path or True,
+            )
         except requests.RequestException as exc:
             raise PilotError(ErrorCode.QUEUEDATA, f"cannot fetch {text}: {exc}") from None
         if reply.status_code != 200:

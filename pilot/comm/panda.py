@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import socket
 import threading
@@ -98,6 +99,28 @@ def _status_code(body: dict[str, Any]) -> int:
         ) from None
 
 
+def token_from_env(environ: dict[str, str] | None = None) -> str | None:
+    """The OIDC bearer token as the PanDA pilot finds it.
+
+    ``$OIDC_AUTH_TOKEN`` (or ``$PANDA_AUTH_TOKEN``) names a file, relative to
+    ``$OIDC_AUTH_DIR`` (or ``$PANDA_AUTH_DIR``) unless absolute; the file holds
+    the token. None when unset or unreadable (then the proxy, if any, is used).
+    """
+    env = os.environ if environ is None else environ
+    name = env.get("OIDC_AUTH_TOKEN") or env.get("PANDA_AUTH_TOKEN")
+    if not name:
+        return None
+    directory = env.get("OIDC_AUTH_DIR") or env.get("PANDA_AUTH_DIR") or ""
+    path = name if os.path.isabs(name) else os.path.join(directory, name)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except OSError as exc:
+        log.warning("bearer token file named by the environment is unreadable: %s", exc.strerror)
+        return None
+    return token or None
+
+
 class PandaClient:
     """Calls of a PanDA server. Thread-safe for concurrent calls (one session per thread)."""
 
@@ -135,6 +158,18 @@ class PandaClient:
         self._given_session = session
         self._local = threading.local()
 
+    @classmethod
+    def from_env(cls, url: str, **kwargs: Any) -> PandaClient:
+        """A client with the credentials of the environment, as the PanDA pilot takes them:
+        bearer token (:func:`token_from_env`), ``$X509_USER_PROXY``, ``$X509_CERT_DIR``."""
+        kwargs.setdefault("token", token_from_env())
+        proxy = os.environ.get("X509_USER_PROXY")
+        kwargs.setdefault("proxy", proxy if proxy and os.path.isfile(proxy) else None)
+        ca_path = os.environ.get("X509_CERT_DIR")
+        kwargs.setdefault("ca_path", ca_path if ca_path and os.path.exists(ca_path) else None)
+        kwargs.setdefault("auth_origin", os.environ.get("OIDC_AUTH_ORIGIN") or None)
+        return cls(url, **kwargs)
+
     def __repr__(self) -> str:
         # Never show the credentials.
         return f"PandaClient({self.url!r})"
@@ -145,10 +180,6 @@ class PandaClient:
         session = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
-            if self._proxy:
-                session.cert = self._proxy
-            if self._ca_path:
-                session.verify = self._ca_path
             self._local.session = session
         return session
 
@@ -173,8 +204,15 @@ class PandaClient:
                 )
                 self._sleep(delay)
             try:
+                # verify/cert per request: requests lets $REQUESTS_CA_BUNDLE override a
+                # session's own CA setting, never a request's
                 response = self._session().post(
-                    url, data=form, headers=self._headers, timeout=self.timeout
+                    url,
+                    data=form,
+                    headers=self._headers,
+                    timeout=self.timeout,
+                    verify=self._ca_path or True,
+                    cert=self._proxy,
                 )
             except requests.exceptions.SSLError as exc:
                 raise PilotError(

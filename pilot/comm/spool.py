@@ -175,18 +175,13 @@ def main_flush(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pilot status --flush")
     parser.add_argument("--spool", required=True, help="spool directory")
     parser.add_argument("--url", required=True, help="PanDA server URL")
-    parser.add_argument("--token", default=None, help="bearer token (default $PANDA_AUTH_TOKEN)")
-    parser.add_argument("--proxy", default=os.environ.get("X509_USER_PROXY"))
-    parser.add_argument("--ca-path", default=os.environ.get("X509_CERT_DIR"))
+    parser.add_argument(
+        "--token", default=None, help="bearer token (default: the file $OIDC_AUTH_TOKEN names)"
+    )
     parser.add_argument("--retries", type=int, default=2)
     args = parser.parse_args(argv)
-    token = args.token or os.environ.get("PANDA_AUTH_TOKEN") or None
-    return flush_spool(
-        args.spool,
-        PandaClient(
-            args.url, token=token, proxy=args.proxy, ca_path=args.ca_path, retries=args.retries
-        ),
-    )
+    extra = {"token": args.token} if args.token else {}
+    return flush_spool(args.spool, PandaClient.from_env(args.url, retries=args.retries, **extra))
 
 
 def flush_spool(directory: str | Path, client: SpoolClient) -> int:

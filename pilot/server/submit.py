@@ -129,7 +129,9 @@ def status_main(argv: list[str] | None = None) -> int:
             print("pilot status --flush needs --url and --spool", file=sys.stderr)
             return 2
         try:
-            return flush_spool(args.spool, PandaClient(args.url, token=_token(args), retries=2))
+            token = _token(args)
+            extra = {"token": token} if token else {}
+            return flush_spool(args.spool, PandaClient.from_env(args.url, retries=2, **extra))
         except PilotError as exc:
             print(f"pilot status: {exc}", file=sys.stderr)
             return 1
