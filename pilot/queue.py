@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,44 @@ def load_queue(
     except json.JSONDecodeError as exc:
         raise PilotError(ErrorCode.QUEUEDATANOTOK, f"{text} is not valid JSON: {exc}") from None
     return QueueConfig.from_dict(data, queue)
+
+
+def resolve_queue(
+    queue: str,
+    *,
+    queuedata_url: str | None = None,
+    server_url: str | None = None,
+    ca_path: str | None = None,
+    timeout: float = 30.0,
+    environ: dict[str, str] | None = None,
+) -> QueueConfig:
+    """The queue configuration from where the PanDA pilot would take it, in order:
+
+    1. ``queuedata_url`` (``--queuedata-url``), a URL or a file: must work;
+    2. ``$LOCAL_AGIS_SCHEDCONF``, a URL or a file: must work;
+    3. the server the pilot pulls from (``/cache/schedconfig/<queue>.all.json``):
+       when it cannot be read (no such path, server down) the built-in
+       defaults apply, with a warning;
+    4. the built-in defaults.
+
+    A description that reads but is not valid or not ACTIVE always stops
+    the pilot (QUEUEDATANOTOK): running jobs on an offline queue is worse
+    than running none.
+    """
+    env = os.environ if environ is None else environ
+    explicit = queuedata_url or env.get("LOCAL_AGIS_SCHEDCONF")
+    if explicit:
+        return load_queue(explicit, queue, timeout=timeout, ca_path=ca_path)
+    if server_url:
+        try:
+            return load_queue(
+                schedconfig_url(server_url, queue), queue, timeout=timeout, ca_path=ca_path
+            )
+        except PilotError as exc:
+            if exc.code != ErrorCode.QUEUEDATA:
+                raise
+            log.warning("queue %s: %s; using the built-in defaults", queue, exc.detail)
+    return QueueConfig.default(queue)
 
 
 def schedconfig_url(server_url: str, queue: str) -> str:

@@ -107,6 +107,10 @@ class Store(RangeStore):
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
 
+    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        """Any read query, for tests and tools that look at the audit tables directly."""
+        return self._query(sql, args)
+
     # -- loading -------------------------------------------------------------------
 
     def next_panda_id(self, conn: sqlite3.Connection) -> int:

@@ -101,3 +101,32 @@ def test_unreadable_sources(tmp_path: Path) -> None:
     assert err.value.code == ErrorCode.QUEUEDATANOTOK
     with pytest.raises(PilotError):
         QueueConfig.from_dict([CRIC])
+
+
+def test_resolve_queue_order(tmp_path: Path) -> None:
+    from pilot.queue import resolve_queue
+
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps({"CERN-PROD_UCORE": CRIC}))
+    offline = tmp_path / "off.json"
+    offline.write_text(json.dumps({**CRIC, "state": "OFFLINE"}))
+    # explicit source first, then $LOCAL_AGIS_SCHEDCONF
+    q = resolve_queue("CERN-PROD_UCORE", queuedata_url=str(path), environ={})
+    assert q.corecount == 8
+    q = resolve_queue("CERN-PROD_UCORE", environ={"LOCAL_AGIS_SCHEDCONF": str(path)})
+    assert q.corecount == 8
+    with pytest.raises(PilotError) as err:
+        resolve_queue("X", queuedata_url=str(tmp_path / "absent.json"), environ={})
+    assert err.value.code == ErrorCode.QUEUEDATA
+    # a server that cannot tell: defaults (a port nobody listens on)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    q = resolve_queue("Q", server_url=f"http://127.0.0.1:{port}", environ={}, timeout=5)
+    assert q == QueueConfig.default("Q")
+    assert resolve_queue("Q", environ={}) == QueueConfig.default("Q")
+    with pytest.raises(PilotError) as err:
+        resolve_queue("CERN-PROD_UCORE", queuedata_url=str(offline), environ={})
+    assert err.value.code == ErrorCode.QUEUEDATANOTOK
