@@ -352,6 +352,10 @@ class PandaUpstream:
         out.update(fields)
         return out
 
+    def flush(self) -> tuple[int, int]:
+        """Send what earlier runs spooled (call at start): (sent, left)."""
+        return self.spool.flush(self.client)
+
     def heartbeat(self, job: Job, fields: dict[str, Any]) -> str | None:
         try:
             reply = self.client.update_job(self._fields(job, fields))

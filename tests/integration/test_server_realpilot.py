@@ -54,7 +54,10 @@ def _unpack(sdist: Path, into: Path) -> Path:
     if sdist.is_dir():
         return sdist
     with tarfile.open(sdist) as tar:
-        tar.extractall(into, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.12
+            tar.extractall(into, filter="data")
+        else:
+            tar.extractall(into)
     (top,) = [p for p in into.iterdir() if p.is_dir()]
     return top
 
