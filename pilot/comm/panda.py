@@ -28,7 +28,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -322,6 +322,31 @@ class PandaClient:
                 )
             out.extend(bool(r) for r in returns)
         return out
+
+
+def pull_jobs(
+    client: PandaClient,
+    site_name: str,
+    *,
+    max_jobs: int | None = None,
+    **params: Any,
+) -> Iterator[tuple[dict[str, Any], float]]:
+    """Pull mode: job definitions from getJob until the server has none (or ``max_jobs``).
+
+    Yields ``(definition, seconds the getJob call took)``, the latter for
+    ``pilotTiming``. A server that cannot be reached raises PilotError
+    (COMMUNICATIONFAILURE) after the client's retries: a pilot with no
+    server has nothing to do.
+    """
+    taken = 0
+    while max_jobs is None or taken < max_jobs:
+        start = time.monotonic()
+        definition = client.get_job(site_name, **params)
+        if definition is None:
+            log.info("getJob: no more jobs for %s after %d", site_name, taken)
+            return
+        taken += 1
+        yield definition, time.monotonic() - start
 
 
 class PandaUpstream:

@@ -176,3 +176,13 @@ def test_token_never_in_repr_or_errors(server: EmbeddedServer) -> None:
     with pytest.raises(PilotError) as err:
         client.get_job("Q")
     assert "s3cr3t" not in str(err.value)
+
+
+def test_pull_jobs_until_none_or_max(server: EmbeddedServer, client: PandaClient) -> None:
+    from pilot.comm.panda import pull_jobs
+
+    ids = server.load_jobs([{"transformation": f"t{i}"} for i in range(4)])
+    got = [(int(d["PandaID"]), s) for d, s in pull_jobs(client, "Q", max_jobs=3, mem=2000)]
+    assert [pid for pid, _ in got] == ids[:3] and all(s >= 0 for _, s in got)
+    assert [int(d["PandaID"]) for d, _ in pull_jobs(client, "Q")] == ids[3:]
+    assert list(pull_jobs(client, "Q")) == []
