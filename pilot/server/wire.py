@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 MAX_BODY = 32 * 1024 * 1024
+MAX_FIELDS = 10_000
 
 
 class BadRequest(Exception):
@@ -77,7 +78,7 @@ def decode_params(environ: dict[str, Any], limit: int = MAX_BODY) -> dict[str, A
     if ctype == "application/json":
         try:
             obj = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise BadRequest(400, f"body is not valid JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise BadRequest(400, f"JSON body must be an object, got {type(obj).__name__}")
@@ -92,7 +93,13 @@ def decode_params(environ: dict[str, Any], limit: int = MAX_BODY) -> dict[str, A
 def _form(data: bytes) -> dict[str, str]:
     try:
         text = data.decode("utf-8")
-        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False, errors="strict")
+        pairs = parse_qsl(
+            text,
+            keep_blank_values=True,
+            strict_parsing=False,
+            errors="strict",
+            max_num_fields=MAX_FIELDS,
+        )
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(400, f"body is not valid form encoding: {exc}") from None
     if text.strip() and not pairs:
@@ -107,7 +114,7 @@ def read_json(environ: dict[str, Any], limit: int = MAX_BODY) -> Any:
         body = _gunzip(body, limit)
     try:
         return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BadRequest(400, f"body is not valid JSON: {exc}") from None
 
 
@@ -185,6 +192,6 @@ def json_param(params: dict[str, Any], key: str) -> Any:
     if isinstance(value, str):
         try:
             return json.loads(value)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise BadRequest(400, f"'{key}' is not valid JSON: {exc}") from None
     return value

@@ -87,3 +87,15 @@ def test_answers() -> None:
     assert ctype == "application/json" and json.loads(body)["command"] is None
     body, ctype = encode_answer({"StatusCode": 0, "command": None, "l": [1]}, as_json=False)
     assert parse_qs(body.decode()) == {"StatusCode": ["0"], "command": ["NULL"], "l": ["[1]"]}
+
+
+def test_abusive_shapes() -> None:
+    many = "&".join(f"k{i}=v" for i in range(20_000)).encode()
+    with pytest.raises(BadRequest) as err:
+        decode_params(_environ(many))
+    assert err.value.status == 400
+    deep = b"[" * 200_000 + b"]" * 200_000
+    with pytest.raises(BadRequest):
+        decode_params(_environ(b'{"a": ' + deep + b"}", "application/json"))
+    with pytest.raises(BadRequest):
+        json_param({"eventRanges": deep.decode()}, "eventRanges")
