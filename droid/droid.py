@@ -121,6 +121,7 @@ class Droid:
         self._last_update = time.monotonic()
         self._last_heard = time.monotonic()
         self.done_count = 0
+        self._drain_requested = False
 
     # -- sending -------------------------------------------------------------
 
@@ -139,6 +140,7 @@ class Droid:
         high = 2 * low
         if self.held() < low:
             self._send(Kind.WORK_REQ, {"want": high - self.held()})
+            log.debug("asked for %d ranges", high - self.held())
             self.requested = True
 
     def _flush_results(self, force: bool = False) -> None:
@@ -221,6 +223,7 @@ class Droid:
 
     def _work(self, body: dict[str, Any]) -> None:
         self.requested = False
+        log.debug("got %d ranges, no_more=%s", len(body.get("ranges") or []), body.get("no_more"))
         if body.get("no_more"):
             self.no_more = True
         for item in body.get("ranges", []) or []:
@@ -312,6 +315,10 @@ class Droid:
 
     # -- the loop ------------------------------------------------------------
 
+    def request_drain(self) -> None:
+        """From a signal handler: stop taking ranges at the next turn of the loop."""
+        self._drain_requested = True
+
     def hello(self) -> bool:
         """HELLO until CONFIG arrives; False if Yoda never answers."""
         deadline = time.monotonic() + self.o.hello_timeout
@@ -342,6 +349,8 @@ class Droid:
                 got = self.t.recv(0.0)
             if self.stopped or self.yoda_dead:
                 break
+            if self._drain_requested and not self.draining:
+                self._drain(None)
             self._request_work()
             self._feed()
             self._heartbeat()

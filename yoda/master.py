@@ -48,18 +48,8 @@ class RangeSource(Protocol):
 
 
 def update_entry(result: RangeResult) -> dict[str, Any]:
-    """An ``updateEventRanges`` v0 entry, plus the output facts Harvester's dump needs.
-
-    The extra keys (``path``, ``fsize``, ``chksum``) are what the shared-file
-    source writes into ``event_status.dump.json``; the HTTP client sends only
-    PanDA's keys.
-    """
-    entry = result.to_panda_v0()
-    if result.output_path:
-        entry["path"] = result.output_path
-        entry["fsize"] = result.fsize
-        entry["chksum"] = result.adler32
-    return entry
+    """An ``updateEventRanges`` v0 entry: PanDA's keys only (outputs are in the journal)."""
+    return result.to_panda_v0()
 
 
 @dataclass
@@ -182,9 +172,14 @@ class Yoda:
         rows = sorted(unsent)
         for i in range(0, len(rows), self.o.update_batch):
             chunk = rows[i : i + self.o.update_batch]
-            entries = [update_entry(unsent[r]) for r in chunk]
             try:
-                answer = self.up.update_event_ranges(entries, version=0)
+                report = getattr(self.up, "report_results", None)
+                if report is not None:  # Harvester: outputs go into its stage-out dump
+                    answer = report([unsent[r] for r in chunk])
+                else:
+                    answer = self.up.update_event_ranges(
+                        [update_entry(unsent[r]) for r in chunk], version=0
+                    )
             except PilotError as exc:
                 self._update_retry_at = now + self._update_backoff
                 log.warning(

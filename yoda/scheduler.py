@@ -225,6 +225,8 @@ class Scheduler:
         released = body.get("released") or []
         if released:
             out += self._take_back(d, released, charge=False)
+        if d.want > 0:  # a request that overtook these results (WORK is probed before RESULT)
+            out += self._serve(d, now)
         return out
 
     def _take_back(self, d: Droid, rows: list[Any], charge: bool) -> Out:

@@ -4,6 +4,7 @@ exists with the reported checksum."""
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -26,7 +27,7 @@ def check(
     *,
     released: set[str] | None = None,
     require_all: bool = True,
-    check_outputs: bool = True,
+    outputs: dict[str, tuple[str, int, str]] | None = None,
 ) -> list[str]:
     """Problems found (empty list: all good)."""
     problems = []
@@ -42,13 +43,35 @@ def check(
     missing = sorted(handed - set(counts) - (released or set()))
     if require_all and missing:
         problems.append(f"{len(missing)} ranges neither reported nor released: {missing[:3]}")
-    if check_outputs:
+    if outputs is not None:
         for u in terminal:
-            if u["eventStatus"] != "finished" or "path" not in u:
+            if u["eventStatus"] != "finished":
                 continue
-            p = Path(u["path"])
+            rid = u["eventRangeID"]
+            if rid not in outputs:
+                problems.append(f"no output recorded for finished range {rid}")
+                continue
+            path, size, adler = outputs[rid]
+            p = Path(path)
             if not p.is_file():
-                problems.append(f"output of {u['eventRangeID']} missing: {p}")
-            elif u.get("chksum") and adler32_of(p) != u["chksum"]:
-                problems.append(f"output of {u['eventRangeID']} has the wrong checksum")
+                problems.append(f"output of {rid} missing: {p}")
+            elif p.stat().st_size != size or adler32_of(p) != adler:
+                problems.append(f"output of {rid} does not match its size or checksum")
     return problems
+
+
+def journal_outputs(path: str | Path) -> dict[str, tuple[str, int, str]]:
+    """Outputs of finished ranges as Yoda journaled them: id -> (path, fsize, adler32)."""
+    out = {}
+    with open(path, "rb") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line
+            if rec.get("op") != "done":
+                continue
+            for _, r in rec["res"]:
+                if r["status"] == "finished":
+                    out[r["event_range_id"]] = (r["output_path"], r["fsize"], r["adler32"])
+    return out

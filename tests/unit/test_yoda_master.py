@@ -10,7 +10,7 @@ from droid.droid import Droid, DroidOptions
 from droid.nullexec import NullExecutor
 from hpc.transport import LocalHub
 from tests.mpi.fake_upstream import MemoryUpstream, make_ranges
-from tests.mpi.invariants import check
+from tests.mpi.invariants import check, journal_outputs
 from yoda.journal import Book, Journal, replay, resume_book
 from yoda.ledger import Ledger, State
 from yoda.master import Yoda, YodaOptions
@@ -80,7 +80,7 @@ def test_all_ranges_reported_once_with_their_outputs(tmp_path):
     rc, yoda = run_world(tmp_path, up)
     assert rc == 0
     assert len(up.dispatched) == 65
-    assert check(up.dispatched, up.updates) == []
+    assert check(up.dispatched, up.updates, outputs=journal_outputs(tmp_path / "journal")) == []
     assert yoda.s.ledger.count(State.FINISHED) == 65
     assert not yoda.book.unsent
 
@@ -94,7 +94,7 @@ def test_upstream_down_for_a_while_loses_nothing(tmp_path):
 
     rc, _ = run_world(tmp_path, up, before=flap, delay=0.01)
     assert rc == 0
-    assert check(up.dispatched, up.updates) == []
+    assert check(up.dispatched, up.updates, outputs=journal_outputs(tmp_path / "journal")) == []
     assert len(up.updates) == 30
 
 
@@ -114,7 +114,7 @@ def test_a_dead_droid_ranges_finish_elsewhere(tmp_path):
 
     rc, yoda = run_world(tmp_path, up, n_droids=3, before=kill_later, delay=0.02)
     assert rc == 0
-    assert check(up.dispatched, up.updates) == []
+    assert check(up.dispatched, up.updates, outputs=journal_outputs(tmp_path / "journal")) == []
     assert yoda.s.ledger.count(State.FINISHED) == 30
 
 
@@ -131,12 +131,20 @@ def test_drain_on_request_gives_back_unstarted_ranges_uncharged(tmp_path):
     assert led.count(State.READY) > 0  # not all done: drained
     assert int(led.rows["tries"][: led.n].max()) == 0
     released = {led.range_id(r) for r in range(led.n) if led.state(r) is State.READY}
-    assert check(up.dispatched, up.updates, released=released) == []
+    assert (
+        check(
+            up.dispatched,
+            up.updates,
+            released=released,
+            outputs=journal_outputs(tmp_path / "journal"),
+        )
+        == []
+    )
     # resume: the rest completes, nothing reported twice
     book, epoch = resume_book(tmp_path / "journal")
     rc, yoda2 = run_world(tmp_path, up, book=book, epoch=epoch)
     assert rc == 0
-    assert check(up.dispatched, up.updates) == []
+    assert check(up.dispatched, up.updates, outputs=journal_outputs(tmp_path / "journal")) == []
     assert yoda2.s.ledger.count(State.FINISHED) == 200
     rep = replay(tmp_path / "journal")
     assert rep.ledger.count(State.FINISHED) == 200 and not rep.unsent

@@ -157,3 +157,16 @@ def test_no_more_when_the_upstream_is_dry_and_everything_is_done():
     assert out[0][1].body == {"ranges": [], "no_more": True}
     s.on_message(msg(Kind.BYE, 1, {}), 3.0)
     assert s.finished()
+
+
+def test_request_that_overtook_its_results_is_served_when_they_arrive():
+    s = make(n=6)
+    hello(s, 1, slots=1)
+    rows = [
+        r[0] for r in s.on_message(msg(Kind.WORK_REQ, 1, {"want": 2}), 0.0)[0][1].body["ranges"]
+    ]
+    assert s.on_message(msg(Kind.WORK_REQ, 1, {"want": 2}), 1.0) == []  # still holds 2
+    results = {"results": [result(s, r) for r in rows]}
+    out = s.on_message(msg(Kind.UPDATE, 1, results, seq=3), 1.1)
+    assert kinds(out) == [(1, Kind.ACK), (1, Kind.WORK)]
+    assert len(out[1][1].body["ranges"]) == 2

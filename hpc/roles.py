@@ -1,0 +1,208 @@
+"""``mpiexec -n N pilot hpc ...``: rank 0 becomes Yoda, every other rank a Droid.
+
+Options mean what they mean for ``pilot run`` where both have them
+(``--url``/``--queue``, ``--harvester``, ``--workdir``). The MPI-specific ones:
+
+``--resume``
+    Rebuild the ledger from ``<workdir>/yoda.journal`` (rank 0 was killed, or
+    the allocation ended): ranges already reported are not run again, results
+    not yet acknowledged upstream are sent, old leases go back to READY.
+``--walltime-end EPOCH``
+    When the allocation ends (the batch script passes the batch system's
+    value); Yoda drains ``--drain-lead`` seconds before it.
+``--jobs N``
+    How many jobs rank 0 pulls from a PanDA server for the allocation.
+
+Layout under the work directory: ``yoda.journal``, ``logs/rank<N>.log``,
+``droid<N>/<PandaID>/`` (payload work directories) with the outputs renamed
+into ``droid<N>/<PandaID>/outputs/`` when complete.
+
+Signals: SIGTERM (or SIGUSR1, which some batch systems send before the end)
+makes Yoda drain and a Droid stop taking ranges; both then exit through
+MPI_Finalize. MPI is never aborted on the normal path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from droid.droid import Droid, DroidOptions, event_executor
+from droid.nullexec import NullExecutor
+from hpc.transport import Envelope, Kind, MPITransport
+from pilot.errors import ErrorCode, PilotError
+from yoda.journal import Book, Journal, resume_book
+from yoda.ledger import Ledger
+from yoda.master import Yoda, YodaOptions
+from yoda.scheduler import Policy, Scheduler
+
+log = logging.getLogger("hpc")
+JOURNAL = "yoda.journal"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pilot hpc", description="Yoda (rank 0) and Droids (other ranks) under mpiexec"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--url", help="PanDA server (or the embedded dispatcher)")
+    src.add_argument("--harvester", metavar="DIR", help="Harvester access point")
+    p.add_argument("--queue", help="PanDA queue (site) name, with --url")
+    p.add_argument("--workdir", default=".", help="shared work directory (default: .)")
+    p.add_argument("--resume", action="store_true", help="rebuild the ledger from the journal")
+    p.add_argument("--walltime-end", type=float, default=None, metavar="EPOCH")
+    p.add_argument("--drain-lead", type=float, default=300.0, metavar="S")
+    p.add_argument("--jobs", type=int, default=1, help="jobs to pull with --url (default 1)")
+    p.add_argument("--slots", type=int, default=1, help="payload slots per droid")
+    p.add_argument("--lease", type=float, default=600.0, metavar="S", help="range lease")
+    p.add_argument("--hb-interval", type=float, default=10.0, metavar="S")
+    p.add_argument("--hb-timeout", type=float, default=120.0, metavar="S")
+    p.add_argument("--token", default=os.environ.get("PANDA_AUTH_TOKEN"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--executor",
+        choices=("es", "null"),
+        default="es",
+        help="es: the job's event-service payload; null: finish ranges at once (benchmarks)",
+    )
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _setup_logging(workdir: Path, rank: int, level: str) -> None:
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(workdir / "logs" / f"rank{rank}.log")
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    )
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter(f"rank{rank} %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler, err]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def make_upstream(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(range source, job getter) for ``--url`` or ``--harvester``."""
+    if args.url:
+        from pilot.comm.panda import PandaClient
+
+        if not args.queue:
+            raise PilotError(ErrorCode.NOTDEFINED, "--url needs --queue")
+        client = PandaClient(args.url, token=args.token, retries=2, timeout=(5.0, 30.0))
+
+        def jobs() -> list[dict[str, Any]]:
+            out = []
+            for _ in range(max(1, args.jobs)):
+                job = client.get_job(args.queue, prodSourceLabel="managed")
+                if job is None:
+                    break
+                out.append(job)
+            return out
+
+        return client, jobs
+    from pilot.comm.harvester import HarvesterAccessPoint, HarvesterEventSource
+
+    ap = HarvesterAccessPoint(args.harvester, many_jobs=True)
+    source = HarvesterEventSource(ap, wait_timeout=2.0)
+
+    def harvester_jobs() -> list[dict[str, Any]]:
+        return [job.raw for job in ap.worker_jobs()]
+
+    return source, harvester_jobs
+
+
+def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
+    workdir = Path(args.workdir)
+    upstream, get_jobs = make_upstream(args)
+    path = workdir / JOURNAL
+    if args.resume and path.exists():
+        book, epoch = resume_book(path)
+        log.info("resumed from %s: epoch %d, %d ranges", path, epoch, book.ledger.n)
+    else:
+        if path.exists():
+            raise PilotError(
+                ErrorCode.FILEEXISTS, f"{path} exists: use --resume, or another --workdir"
+            )
+        book, epoch = Book(Ledger(t0=time.time()), Journal(path)), 1
+        book.epoch(epoch)
+    if not book.jobs:
+        for job in get_jobs():
+            book.add_job(job)
+        if not book.jobs:
+            log.error("no job from the upstream")
+    policy = Policy(
+        lease_s=args.lease,
+        hb_interval=args.hb_interval,
+        hb_timeout=args.hb_timeout,
+        walltime_end=args.walltime_end,
+        drain_lead=args.drain_lead,
+    )
+    yoda = Yoda(transport, upstream, Scheduler(book, policy, epoch=epoch), YodaOptions())
+    if not book.jobs:
+        yoda.s.exhausted = True
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: yoda.request_drain())
+    try:
+        return yoda.run()
+    finally:
+        if book.journal is not None:
+            book.journal.close()
+
+
+def run_droid(args: argparse.Namespace, transport: MPITransport) -> int:
+    workdir = Path(args.workdir) / f"droid{transport.rank}"
+    if args.executor == "null":
+
+        def factory(job, wd, slots, lease_s):
+            return NullExecutor(job, wd, slots, write_outputs=True)
+
+    else:
+        factory = event_executor
+    droid = Droid(transport, workdir, factory, DroidOptions(slots=max(1, args.slots)))
+
+    # The batch system signals every rank; Yoda's DRAIN follows. Until then the
+    # droid takes nothing new and finishes what runs.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: droid.request_drain())
+    return droid.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    workdir = Path(args.workdir).resolve()
+    args.workdir = str(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    transport = MPITransport()
+    _setup_logging(workdir, transport.rank, args.log_level)
+    stacks = open(workdir / "logs" / f"rank{transport.rank}.stacks", "w")  # noqa: SIM115
+    faulthandler.register(signal.SIGUSR2, file=stacks, all_threads=True)
+    if transport.size < 2:
+        log.error("pilot hpc needs at least 2 ranks (Yoda and one Droid)")
+        return 2
+    try:
+        if transport.rank == 0:
+            rc = run_yoda(args, transport)
+        else:
+            rc = run_droid(args, transport)
+    except PilotError as exc:
+        log.error("%s", exc)
+        rc = 1
+        if transport.rank == 0:  # do not leave the droids waiting for a CONFIG
+            for rank in range(1, transport.size):
+                transport.send(rank, Envelope(Kind.STOP, body={"reason": exc.diag}))
+    finally:
+        transport.close()
+    logging.shutdown()
+    return rc  # mpi4py calls MPI_Finalize at interpreter exit
+
+
+if __name__ == "__main__":
+    sys.exit(main())

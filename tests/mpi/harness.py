@@ -1,0 +1,165 @@
+"""Run ``pilot hpc`` under a real ``mpiexec`` against the embedded dispatcher, and check
+the invariant on what the dispatcher recorded."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+
+from tests.mpi.invariants import check, journal_outputs
+
+QUEUE = "MPIQ"
+
+
+def mpiexec() -> str | None:
+    return shutil.which("mpiexec")
+
+
+def mpi_argv(n: int) -> list[str]:
+    return [
+        str(mpiexec()),
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "--with-ft",
+        "ulfm",
+        "-n",
+        str(n),
+    ]
+
+
+def load_task(server, n_jobs: int, n_ranges: int, pars: str = "", per_range: int = 2) -> list[int]:
+    got = server.load_task(
+        {
+            "nJobs": n_jobs,
+            "nRanges": n_ranges,
+            "nEventsPerRange": per_range,
+            "job": {
+                "transformation": sys.executable,
+                "jobPars": f"-m pilot.payloads.toysim {pars}".strip(),
+                "computingSite": QUEUE,
+                "coreCount": 1,
+            },
+        }
+    )
+    return got["PandaIDs"]
+
+
+def start_hpc(server, workdir: Path, *extra: str, n: int = 4, jobs: int = 1) -> subprocess.Popen:
+    argv = mpi_argv(n) + [
+        sys.executable,
+        "-m",
+        "hpc.roles",
+        "--url",
+        server.url,
+        "--queue",
+        QUEUE,
+        "--workdir",
+        str(workdir),
+        "--jobs",
+        str(jobs),
+        "--hb-interval",
+        "1",
+        "--hb-timeout",
+        "20",
+        *extra,
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    out = open(workdir.parent / f"{workdir.name}.mpiexec.log", "ab")
+    return subprocess.Popen(
+        argv,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        cwd=str(workdir.parent),
+    )
+
+
+def wait(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill_all(proc)
+        raise
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL mpiexec's whole session (ranks and payloads)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+def ranks(proc: subprocess.Popen, timeout: float = 30.0) -> dict[int, psutil.Process]:
+    """Rank number -> process of the ranks started by ``proc`` (from their environment)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while time.monotonic() < deadline:
+        found = {}
+        try:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    env = child.environ()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                rank = env.get("OMPI_COMM_WORLD_RANK")
+                if rank is not None and "hpc.roles" in " ".join(child.cmdline()):
+                    found[int(rank)] = child
+        except psutil.NoSuchProcess:
+            return {}
+        size = (
+            int(next(iter(found.values())).environ().get("OMPI_COMM_WORLD_SIZE", 0)) if found else 0
+        )
+        if found and len(found) == size:
+            return found
+        time.sleep(delay)
+        delay = min(0.5, delay * 2)
+    raise TimeoutError("ranks did not appear")
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(delay)
+        delay = min(0.5, delay * 2)
+
+
+def accepted_terminal(server) -> int:
+    rows = server.store._query(
+        "SELECT COUNT(*) AS n FROM range_updates WHERE accepted = 1"
+        " AND status IN ('finished','failed','fatal')"
+    )
+    return rows[0]["n"]
+
+
+def invariant(server, workdir: Path, *, require_all: bool = True) -> tuple[list[str], Counter]:
+    """Problems (empty: all good) and the final status counts of the dispatched ranges."""
+    ranges = server.store.ranges()
+    dispatched = [r["range_id"] for r in ranges if r["status"] != "ready"]
+    rows = server.store._query("SELECT range_id, status FROM range_updates WHERE accepted = 1")
+    updates = [{"eventRangeID": r["range_id"], "eventStatus": r["status"]} for r in rows]
+    attempts = server.store._query(
+        "SELECT range_id, COUNT(*) AS n FROM range_updates GROUP BY range_id HAVING n > 1"
+    )
+    problems = check(
+        dispatched,
+        updates,
+        require_all=require_all,
+        outputs=journal_outputs(workdir / "yoda.journal"),
+    )
+    if attempts:
+        problems.append(f"{len(attempts)} ranges updated more than once")
+    return problems, Counter(r["status"] for r in ranges)

@@ -1,0 +1,31 @@
+"""``pilot hpc`` under a real mpiexec (Open MPI, ULFM) against the embedded dispatcher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.mpi.harness import invariant, load_task, mpiexec, start_hpc, wait
+
+pytestmark = [pytest.mark.mpi, pytest.mark.skipif(mpiexec() is None, reason="no mpiexec")]
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    from pilot.server.serve import EmbeddedServer
+
+    s = EmbeddedServer(tmp_path / "server.db").start()
+    yield s
+    s.stop()
+
+
+def test_two_jobs_on_three_droids_every_range_once(server, tmp_path):
+    load_task(server, n_jobs=2, n_ranges=30)
+    work = tmp_path / "work"
+    work.mkdir()
+    rc = wait(start_hpc(server, work, jobs=2), timeout=120)
+    problems, counts = invariant(server, work)
+    assert problems == []
+    assert counts == {"finished": 60}
+    assert rc == 0
