@@ -23,7 +23,6 @@ import sqlite3
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pilot.errors import PilotError
 from pilot.queue import QueueConfig
 from pilot.server import loading
 from pilot.server.db import MAX_RANGES_PER_CALL, RANGE_STATES, REPORTED_STATES, Store, StoreError
@@ -41,7 +40,7 @@ from pilot.server.wire import (
 
 log = logging.getLogger(__name__)
 
-_QUEUE_PATH = re.compile(r"^/cache/schedconfig/([A-Za-z0-9_.\-]{1,128})\.all\.json$")
+_QUEUE_PATH = re.compile(r"^/cache/schedconfig/([A-Za-z0-9_.\-]{1,128}?)(\.all)?\.json$")
 _ADMIN_JOB = re.compile(r"^/admin/jobs/([0-9]{1,18})$")
 _REASONS = {
     200: "OK",
@@ -125,7 +124,11 @@ class DispatcherApp:
         if m:
             if verb != "GET":
                 raise BadRequest(405, "schedconfig is read with GET")
-            return self._schedconfig(m.group(1))
+            return self._schedconfig(m.group(1), wrapped=m.group(2) is None)
+        if path == "/cache/ddmendpoints.json":
+            if verb != "GET":
+                raise BadRequest(405, "storage descriptions are read with GET")
+            return 200, self.store.storages()
         if path.rstrip("/") == "/traces":
             if verb != "POST":
                 raise BadRequest(405, "traces are sent with POST")
@@ -204,13 +207,17 @@ class DispatcherApp:
 
     # -- queue description and traces -----------------------------------------------------
 
-    def _schedconfig(self, name: str) -> Answer:
+    def _schedconfig(self, name: str, wrapped: bool) -> Answer:
+        """PanDA's ``<queue>.all.json`` is the bare queue; CRIC's ``<queue>.json`` wraps it
+        as ``{queue: {...}}`` (what the PanDA pilot reads from ``$LOCAL_AGIS_SCHEDCONF``)."""
         config = self.store.get_queue(name)
         if config is None:
             if not self.default_queues:
                 raise BadRequest(404, f"unknown queue {name}")
             config = QueueConfig.default(name).to_dict()
-        return 200, config
+        # the PanDA pilot takes its site name from CRIC's atlas_site
+        config.setdefault("atlas_site", config.get("site") or name)
+        return 200, {name: config} if wrapped else config
 
     def _traces(self, body: Any) -> Answer:
         items = body if isinstance(body, list) else [body]
@@ -255,18 +262,23 @@ class DispatcherApp:
                 if attempt is None:
                     raise BadRequest(404, f"job {panda_id} not found")
                 return 200, {"StatusCode": 0, "PandaID": panda_id, "attemptNr": attempt}
+            if path == "/admin/storages":
+                return 201, {"StatusCode": 0, "storages": loading.load_storages(self.store, body)}
             if path == "/admin/queues":
-                queue = QueueConfig.from_dict(body)
-                self.store.put_queue(queue.nickname, queue.to_dict())
-                return 201, {"StatusCode": 0, "queue": queue.nickname}
+                return 201, {"StatusCode": 0, "queue": loading.load_queue(self.store, body)}
         except StoreError as exc:
             raise BadRequest(409 if "exists" in str(exc) else 400, str(exc)) from None
-        except PilotError as exc:
-            raise BadRequest(400, exc.diag) from None
         raise BadRequest(404, f"no such path {path[:64]!r}")
 
 
-_ADMIN_POSTS = ("/admin/jobs", "/admin/tasks", "/admin/cancel", "/admin/retry", "/admin/queues")
+_ADMIN_POSTS = (
+    "/admin/jobs",
+    "/admin/tasks",
+    "/admin/cancel",
+    "/admin/retry",
+    "/admin/queues",
+    "/admin/storages",
+)
 
 
 def _panda_value(value: Any) -> str:

@@ -157,6 +157,17 @@ class Store(RangeStore):
         rows = self._query("SELECT config FROM queues WHERE name = ?", (name,))
         return json.loads(rows[0]["config"]) if rows else None
 
+    def put_storages(self, storages: dict[str, dict[str, Any]]) -> None:
+        with self.tx() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO storages (name, config) VALUES (?, ?)",
+                [(name, json.dumps(config)) for name, config in storages.items()],
+            )
+
+    def storages(self) -> dict[str, dict[str, Any]]:
+        rows = self._query("SELECT name, config FROM storages ORDER BY name")
+        return {r["name"]: json.loads(r["config"]) for r in rows}
+
     # -- the pilot's calls -----------------------------------------------------------
 
     def dispatch_job(self, site: str, node: str) -> dict[str, Any] | None:

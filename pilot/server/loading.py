@@ -21,6 +21,7 @@ from typing import Any
 
 from pilot.errors import PilotError
 from pilot.job import Job, check_lfn
+from pilot.queue import QueueConfig
 from pilot.server.db import Store, StoreError
 
 MAX_JOBS_PER_LOAD = 10_000
@@ -151,3 +152,35 @@ def _first_input(template: dict[str, Any]) -> str:
     if isinstance(value, str) and value not in ("", "NULL"):
         return value.split(",")[0].strip()
     return ""
+
+
+STORAGE_PROTOCOLS = ("read_lan", "read_wan", "write_lan", "write_wan")
+
+
+def load_queue(store: Store, description: Any) -> str:
+    """Store a queue description (bare or ``{queue: {...}}``), validated; returns its name."""
+    try:
+        queue = QueueConfig.from_dict(description)
+    except PilotError as exc:
+        raise StoreError(exc.diag) from None
+    store.put_queue(queue.nickname, queue.to_dict())
+    return queue.nickname
+
+
+def load_storages(store: Store, storages: Any) -> list[str]:
+    """Store CRIC storage descriptions ``{ddm_endpoint: {...}}``, checked as the PanDA pilot
+    needs them: ``is_deterministic`` and ``arprotocols`` keyed by read/write and lan/wan."""
+    if not isinstance(storages, dict) or not storages:
+        raise StoreError("storages must be a non-empty object {ddm_endpoint: {...}}")
+    for name, desc in storages.items():
+        if not isinstance(desc, dict):
+            raise StoreError(f"storage {name[:64]!r} must be an object")
+        if "is_deterministic" not in desc:
+            raise StoreError(f"storage {name[:64]!r} needs 'is_deterministic'")
+        protocols = desc.get("arprotocols")
+        if not isinstance(protocols, dict) or not set(protocols) <= set(STORAGE_PROTOCOLS):
+            raise StoreError(
+                f"storage {name[:64]!r}: 'arprotocols' keyed by {', '.join(STORAGE_PROTOCOLS)}"
+            )
+    store.put_storages(storages)
+    return sorted(storages)

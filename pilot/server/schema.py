@@ -86,6 +86,10 @@ CREATE TABLE IF NOT EXISTS queues (
     name        TEXT PRIMARY KEY,
     config      TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS storages (
+    name        TEXT PRIMARY KEY,
+    config      TEXT NOT NULL
+);
 """
 
 

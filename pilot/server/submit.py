@@ -86,10 +86,32 @@ def submit_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pilot submit", description="Load jobs or event-service tasks into `pilot serve`."
     )
-    parser.add_argument("files", nargs="+", help="job definition(s) or task JSON files")
+    parser.add_argument("files", nargs="*", help="job definition(s) or task JSON files")
+    parser.add_argument(
+        "--queue", action="append", default=[], help="a queue description (schedconfig JSON)"
+    )
+    parser.add_argument(
+        "--storages", action="append", default=[], help="storage descriptions (ddmendpoints JSON)"
+    )
     _common(parser)
     args = parser.parse_args(argv)
+    if not (args.files or args.queue or args.storages):
+        parser.error("nothing to submit")
     try:
+        for kind, names in (("queues", args.queue), ("storages", args.storages)):
+            for name in names:
+                obj = read_json(name)
+                if args.url:
+                    answer = _admin(args, "POST", f"/admin/{kind}", obj)
+                    answer.pop("StatusCode", None)
+                else:
+                    store = Store(args.db)
+                    try:
+                        loader = loading.load_queue if kind == "queues" else loading.load_storages
+                        answer = {kind: loader(store, obj)}
+                    finally:
+                        store.close()
+                print(f"{name}: {json.dumps(answer)}")
         for name in args.files:
             obj = read_json(name)
             if args.url:

@@ -105,3 +105,18 @@ def test_serve_refuses_a_busy_port(tmp_path: Path) -> None:
 def test_status_without_database(tmp_path: Path) -> None:
     assert status_main(["--db", str(tmp_path / "none.db")]) == 1
     assert status_main(["--flush"]) == 2
+
+
+def test_submit_queue_and_storages(tmp_path: Path, capsys) -> None:
+    queue = tmp_path / "q.json"
+    queue.write_text(json.dumps({"MYQ": {"nickname": "MYQ", "panda_resource": "MYQ"}}))
+    storages = tmp_path / "s.json"
+    storages.write_text(json.dumps({"D": {"is_deterministic": True, "arprotocols": {}}}))
+    db = str(tmp_path / "x.db")
+    assert submit_main(["--queue", str(queue), "--storages", str(storages), "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert '"queues": "MYQ"' in out and '"storages": ["D"]' in out
+    offline = tmp_path / "off.json"
+    offline.write_text(json.dumps({"nickname": "Z", "panda_resource": "Z", "state": "OFFLINE"}))
+    assert submit_main(["--queue", str(offline), "--db", db]) == 1
+    assert "not ACTIVE" in capsys.readouterr().err

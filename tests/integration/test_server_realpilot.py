@@ -12,10 +12,11 @@ How the PanDA pilot is kept on 127.0.0.1 and harmless:
 
 - ``PILOT_NOKILL=1`` and a new session: at the end of a job it otherwise
   kills every process group of the user whose parent is PID 1;
-- the queue description comes from ``pilot serve`` (``--queuedata-url``),
-  the full CRIC description from a file (``LOCAL_AGIS_SCHEDCONF``), the
-  storage description from a file (``--storagedata-url``): one local
-  ``file://`` endpoint written by its ``mv`` copytool;
+- every description comes from ``pilot serve``: the queue
+  (``--queuedata-url`` .../<queue>.all.json), the full CRIC form
+  (``$LOCAL_AGIS_SCHEDCONF`` .../<queue>.json) and the storage endpoints
+  (``--storagedata-url`` .../ddmendpoints.json): one local ``file://``
+  endpoint for its ``mv`` copytool;
 - its ``generic`` plugin runs a transformation given as a URL on a known
   host, and copies it from ``$HARVESTER_WORKDIR`` instead of fetching it
   when that is set: the script is put there, nothing is downloaded;
@@ -90,14 +91,14 @@ def panda_pilot(tmp_path: Path) -> Path:
     return top
 
 
-def _site_files(tmp_path: Path, storage: Path) -> tuple[Path, Path]:
+def _site(storage: Path) -> tuple[dict, dict]:
+    """The queue and its one storage endpoint, as CRIC describes them."""
     endpoint = [{"endpoint": "file://localhost", "path": str(storage), "flavour": "POSIX"}]
     queue = {
         "nickname": QUEUE,
         "panda_resource": QUEUE,
         "name": QUEUE,
         "site": "TESTSITE",
-        "atlas_site": "TESTSITE",  # the PanDA pilot's site name comes from this key
         "state": "ACTIVE",
         "status": "online",
         "type": "production",
@@ -113,7 +114,7 @@ def _site_files(tmp_path: Path, storage: Path) -> tuple[Path, Path]:
         "maxinputsize": 14336,
         "params": {},
     }
-    storage_desc = {
+    storages = {
         "LOCAL_DISK": {
             "name": "LOCAL_DISK",
             "site": "TESTSITE",
@@ -127,10 +128,7 @@ def _site_files(tmp_path: Path, storage: Path) -> tuple[Path, Path]:
             "rprotocols": {},
         }
     }
-    queue_file, storage_file = tmp_path / "queue.json", tmp_path / "storage.json"
-    queue_file.write_text(json.dumps({QUEUE: queue}))
-    storage_file.write_text(json.dumps(storage_desc))
-    return queue_file, storage_file
+    return queue, storages
 
 
 @pytest.mark.slow
@@ -140,7 +138,7 @@ def test_real_panda_pilot_runs_a_job_from_pilot_serve(tmp_path: Path, panda_pilo
         d.mkdir()
     (trf / "run.sh").write_text('#!/bin/sh\necho "payload says $*"\nexit 0\n')
     (trf / "run.sh").chmod(0o755)
-    queue_file, storage_file = _site_files(tmp_path, storage)
+    queue, storages = _site(storage)
     job = {
         "transformation": f"{KNOWN_TRF_BASE}/run.sh",
         "jobPars": "hello world",
@@ -162,10 +160,13 @@ def test_real_panda_pilot_runs_a_job_from_pilot_serve(tmp_path: Path, panda_pilo
     }
     with EmbeddedServer(tmp_path / "server.db", token="tok") as server:
         (pid,) = server.load_jobs(job)
+        server.store.put_queue(QUEUE, queue)
+        server.store.put_storages(storages)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("X509", "PANDA", "OIDC"))}
         env.update(
             PILOT_NOKILL="1",
-            LOCAL_AGIS_SCHEDCONF=str(queue_file),
+            # the full CRIC-style description, from the dispatcher too
+            LOCAL_AGIS_SCHEDCONF=f"{server.url}/cache/schedconfig/{QUEUE}.json",
             HARVESTER_WORKDIR=str(trf),
             PYTHONNOUSERSITE="1",
         )
@@ -174,7 +175,7 @@ def test_real_panda_pilot_runs_a_job_from_pilot_serve(tmp_path: Path, panda_pilo
             "--pilot-user", "generic", "-w", "generic", "-j", "ptest",
             "--url", "http://127.0.0.1", "-p", str(server.port),
             "--queuedata-url", f"{server.url}/cache/schedconfig/{QUEUE}.all.json",
-            "--storagedata-url", str(storage_file),
+            "--storagedata-url", f"{server.url}/cache/ddmendpoints.json",
             "-a", str(workdir), "-d", "-t", "-v", "1",
             "--use-https", "False", "--use-rucio-traces", "False",
         ]  # fmt: skip

@@ -186,3 +186,17 @@ def test_pull_jobs_until_none_or_max(server: EmbeddedServer, client: PandaClient
     assert [pid for pid, _ in got] == ids[:3] and all(s >= 0 for _, s in got)
     assert [int(d["PandaID"]) for d, _ in pull_jobs(client, "Q")] == ids[3:]
     assert list(pull_jobs(client, "Q")) == []
+
+
+def test_cric_forms_and_storages(server: EmbeddedServer) -> None:
+    wrapped = requests.get(server.url + "/cache/schedconfig/QX.json", timeout=10).json()
+    assert list(wrapped) == ["QX"] and wrapped["QX"]["atlas_site"] == "QX"
+    assert requests.get(server.url + "/cache/ddmendpoints.json", timeout=10).json() == {}
+    admin = {"Authorization": "Bearer admintoken"}
+    rse = {"is_deterministic": True, "arprotocols": {"write_lan": [{"endpoint": "file://"}]}}
+    r = requests.post(server.url + "/admin/storages", json={"D": rse}, headers=admin, timeout=10)
+    assert r.status_code == 201
+    assert requests.get(server.url + "/cache/ddmendpoints.json", timeout=10).json() == {"D": rse}
+    for bad in ({}, {"D": {"arprotocols": {}}}, {"D": {**rse, "arprotocols": {"x": []}}}):
+        r = requests.post(server.url + "/admin/storages", json=bad, headers=admin, timeout=10)
+        assert r.status_code == 400
