@@ -132,6 +132,8 @@ class DispatcherApp:
         if path.rstrip("/") == "/traces":
             if verb != "POST":
                 raise BadRequest(405, "traces are sent with POST")
+            if self.require_pilot_token:  # beyond loopback, nobody writes without the token
+                self._check_token(environ)
             return self._traces(read_json(environ, self.max_body))
         if path.startswith("/admin/"):
             self._check_token(environ)

@@ -148,6 +148,13 @@ def test_pilot_calls_need_token_when_required(tmp_path: Path) -> None:
         )
         job = PandaClient(server.url, token="tok", retries=0).get_job("Q")
         assert job is not None and json.loads(json.dumps(job))["PandaID"]
+        trace = {"eventType": "get_sm"}
+        assert requests.post(server.url + "/traces/", json=trace, timeout=10).status_code == 401
+        auth = {"Authorization": "Bearer tok"}
+        r = requests.post(server.url + "/traces/", json=trace, headers=auth, timeout=10)
+        assert r.status_code == 201
+        # queue descriptions stay public, as PanDA's are
+        assert requests.get(server.url + "/cache/schedconfig/Q.all.json", timeout=10).ok
 
 
 def test_non_loopback_bind_requires_pilot_token(tmp_path: Path) -> None:
