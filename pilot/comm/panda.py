@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 import requests
 
@@ -235,10 +236,19 @@ class PandaClient:
         try:
             body = response.json()
         except ValueError:
-            raise PilotError(
-                ErrorCode.COMMUNICATIONFAILURE,
-                f"{method}: HTTP {response.status_code}, answer is not JSON: {response.text[:80]!r}",
-            ) from None
+            # older PanDA servers answer some calls urlencoded whatever Accept says
+            text = response.text.strip()
+            pairs = (
+                parse_qsl(text, keep_blank_values=True)
+                if text.startswith("StatusCode=") or ("&StatusCode=" in text)
+                else []
+            )
+            if not pairs:
+                raise PilotError(
+                    ErrorCode.COMMUNICATIONFAILURE,
+                    f"{method}: HTTP {response.status_code}, answer is not JSON: {text[:80]!r}",
+                ) from None
+            body = dict(pairs)
         if not isinstance(body, dict):
             raise PilotError(
                 ErrorCode.COMMUNICATIONFAILURE, f"{method}: answer is not a JSON object"

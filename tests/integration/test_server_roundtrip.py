@@ -200,3 +200,28 @@ def test_cric_forms_and_storages(server: EmbeddedServer) -> None:
     for bad in ({}, {"D": {"arprotocols": {}}}, {"D": {**rse, "arprotocols": {"x": []}}}):
         r = requests.post(server.url + "/admin/storages", json=bad, headers=admin, timeout=10)
         assert r.status_code == 400
+
+
+def test_client_reads_urlencoded_answers(tmp_path: Path) -> None:
+    """An older server answering ``key=value&...`` whatever Accept says."""
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    def old_server(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"StatusCode=0&command=tobekilled"]
+
+    httpd = make_server("127.0.0.1", 0, old_server, handler_class=Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2})
+    thread.start()
+    try:
+        client = PandaClient(f"http://127.0.0.1:{httpd.server_address[1]}", retries=0)
+        assert client.update_job({"jobId": 1, "state": "running"})["command"] == "tobekilled"
+    finally:
+        httpd.shutdown()
+        thread.join(10)
+        httpd.server_close()
