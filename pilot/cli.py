@@ -8,10 +8,12 @@ command line or branches on environment variables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from pilot import __version__
@@ -101,11 +103,10 @@ def _config(args: argparse.Namespace, **overrides: object) -> PilotConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.harvester:
+        return _run_harvester(args)
     if not args.job_file:
-        print(
-            "pilot run: --job-file is required (other upstreams: --url, --harvester)",
-            file=sys.stderr,
-        )
+        print("pilot run: one of --job-file, --url or --harvester is required", file=sys.stderr)
         return 2
     job_path = Path(args.job_file)
     input_url = args.input_url or str(job_path.resolve().parent)
@@ -114,23 +115,85 @@ def cmd_run(args: argparse.Namespace) -> int:
         job = load_job_file(job_path)
     except PilotError as exc:
         return _bad_definition(job_path, config, exc)
-    stop = StopSignal()
-    restore = stop.install()
-    try:
-        result = run_job(
-            job,
-            config,
-            LocalUpstream(config.job_workdir(job.panda_id)),
-            stop=stop,
-            monitor_factory=make_monitor,
-        )
-    finally:
-        restore()
-        stop.close()
+    with _signals() as stop:
+        upstream = LocalUpstream(config.job_workdir(job.panda_id))
+        result = run_job(job, config, upstream, stop=stop, monitor_factory=make_monitor)
     _print_result(
         result.state, job.panda_id, result.pilot_error_code, result.pilot_error_diag, result.workdir
     )
     return 0 if result.ok else 1
+
+
+@contextlib.contextmanager
+def _signals() -> Iterator[StopSignal]:
+    stop = StopSignal()
+    restore = stop.install()
+    try:
+        yield stop
+    finally:
+        restore()
+        stop.close()
+
+
+def _run_harvester(args: argparse.Namespace) -> int:
+    """Push mode (the job spec is there at start) or pull mode (``--pull N``: ask, then wait)."""
+    from pilot.comm.harvester import (  # noqa: PLC0415 - only this mode needs it
+        HarvesterAccessPoint,
+        HarvesterEventSource,
+        HarvesterUpstream,
+    )
+    from pilot.eventservice.jobrunner import make_es_runner  # noqa: PLC0415
+
+    ap = HarvesterAccessPoint(args.harvester, many_jobs=args.harvester_many_jobs)
+    workdir = args.workdir if args.workdir != "pilot-work" else str(ap.root)
+    config = _config(
+        args,
+        workdir=Path(workdir).resolve(),
+        input_url=args.input_url or str(ap.root.resolve()),
+        copytool=args.copytool if args.copytool != "copy" else "harvester",
+    )
+    try:
+        jobs = ap.wait_for_jobs(args.pull, timeout=args.wait) if args.pull else ap.worker_jobs()
+    except PilotError as exc:
+        ap.write_worker_attributes(
+            {
+                "jobStatus": "failed",
+                "pilotErrorCode": int(exc.code),
+                "pilotErrorDiag": exc.diag,
+                "node": config.node,
+            }
+        )
+        ap.request_kill(f"no valid job: {exc.diag}")
+        print(
+            f"pilot: no valid job in {ap.root}: {int(exc.code)} {exc.acronym}: {exc.diag}",
+            file=sys.stderr,
+        )
+        return 1
+    source = HarvesterEventSource(ap)
+    failed = 0
+    with _signals() as stop:
+        for job in jobs:
+            if stop.is_set():
+                break
+            result = run_job(
+                job,
+                config,
+                HarvesterUpstream(ap),
+                stop=stop,
+                monitor_factory=make_monitor,
+                es_runner=make_es_runner(source, source),
+            )
+            failed += not result.ok
+            _print_result(
+                result.state,
+                job.panda_id,
+                result.pilot_error_code,
+                result.pilot_error_diag,
+                result.workdir,
+            )
+    if ap.many_jobs:
+        ap.request_kill(f"{len(jobs)} jobs done, {failed} failed")
+    return 0 if failed == 0 and jobs else 1
 
 
 def _bad_definition(job_path: Path, config: PilotConfig, exc: PilotError) -> int:
@@ -177,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run jobs on this node")
     _add_common(run)
     run.add_argument("--job-file", help="a PanDA job definition (JSON) to run")
+    run.add_argument("--harvester", metavar="DIR", help="Harvester access point (shared-file mode)")
+    run.add_argument(
+        "--harvester-many-jobs",
+        action="store_true",
+        help="several PandaIDs per worker, per-job sub-directories",
+    )
+    run.add_argument(
+        "--pull", type=int, default=0, metavar="N", help="Harvester pull mode: request N jobs"
+    )
+    run.add_argument(
+        "--wait", type=float, default=600.0, help="seconds to wait for Harvester's job file"
+    )
     run.set_defaults(func=cmd_run)
     for name, (_module, _func, help_text) in _DELEGATED.items():
         p = sub.add_parser(name, help=help_text, add_help=False)

@@ -9,6 +9,7 @@ staged out for a failed job too), so a job always ends in one final update.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -84,6 +85,10 @@ class StopSignal:
                 signal.signal(s, handler)
 
         return restore
+
+    def is_set(self) -> bool:
+        """Event-like view, for loops that poll rather than sleep on the pipe."""
+        return self.signum is not None
 
     def close(self) -> None:
         for fd in (self._r, self._w):
@@ -399,6 +404,7 @@ def _finish(
         result.workdir, critical, str(result.extra.get("connections", "")), config.log_extract_chars
     )
     fields = final_update_fields(result, config.site_name, config.node, config.pilot_id)
+    fields["metaData"] = json.dumps(job_report(result))
     try:
         if result.workdir.is_dir():
             atomic_write_json(result.workdir / JOB_REPORT, job_report(result), indent=1)

@@ -113,10 +113,42 @@ class CopyTool:
         return TransferResult(stream.size, stream.adler32, "", time.monotonic() - start, str(dest))
 
 
+class InPlaceTool:
+    """Harvester mode: inputs are linked from the access point, outputs stay where they are.
+
+    Harvester stages files itself (its stage-out reads the pilot's
+    ``event_status.dump.json``), so "putting" an output only measures it
+    and records its path.
+    """
+
+    name = "harvester"
+
+    def get(
+        self, url: str, dest: Path, *, checksum: str = "", timeout: float = 0
+    ) -> TransferResult:
+        return CopyTool(symlink_inputs=True).get(url, dest, checksum=checksum, timeout=timeout)
+
+    def put(self, src: Path, url: str, *, timeout: float = 0) -> TransferResult:
+        start = time.monotonic()
+        stream = StreamChecksum()
+        try:
+            with open(src, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    stream.update(chunk)
+        except FileNotFoundError:
+            raise PilotError(ErrorCode.MISSINGOUTPUTFILE, f"{src} does not exist") from None
+        except OSError as exc:
+            raise PilotError(ErrorCode.STAGEOUTFAILED, f"{src}: {exc}") from None
+        path = str(Path(src).resolve())
+        return TransferResult(stream.size, stream.adler32, "", time.monotonic() - start, path)
+
+
 def make_copytool(name: str, **options: object) -> Copytool:
     """Copytool by its schedconfig name (``copy``, ``http``)."""
     if name in ("copy", "cp", "mv", "copy_local"):
         return CopyTool(symlink_inputs=bool(options.get("symlink_inputs", False)))
+    if name == "harvester":
+        return InPlaceTool()
     if name in ("http", "https", "webdav", "gfal"):
         try:
             from pilot.data.http import HttpCopyTool  # noqa: PLC0415 - optional part

@@ -194,7 +194,7 @@ def stage_out(
                 continue
             event.state, event.size, event.time_end = "DONE", result.size, time.time()
             _emit(sink, event)
-            spec.fsize, spec.checksum, spec.surl = result.size, f"ad:{result.adler32}", url
+            spec.fsize, spec.checksum, spec.surl = result.size, f"ad:{result.adler32}", result.url or url
             spec.local_path, spec.status = str(local), "transferred"
             break
         if spec.status != "transferred":

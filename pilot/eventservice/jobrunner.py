@@ -1,0 +1,79 @@
+"""The event-service step of a job's life, as the workflow calls it.
+
+The workflow does not know where ranges come from; the command line picks
+the source (the PanDA server or Harvester's files) and builds the runner
+here, which turns the event-service loop's summary into what the final
+update needs: nEvents, CPU, and the job's error code. A signal to the pilot
+stops the loop, releases unstarted ranges (not charged as failures) and
+fails the job with the signal's code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from pilot.errors import PilotError, signal_code
+from pilot.eventservice.loop import RangeSource, run_event_service
+from pilot.eventservice.model import RangeResult
+from pilot.job import Job
+
+
+class _Stop(Protocol):
+    signum: int | None
+
+    def is_set(self) -> bool: ...
+
+
+def make_es_runner(
+    source: RangeSource,
+    reporter: Any,
+    *,
+    stage_out: Callable[[RangeResult], RangeResult] | None = None,
+    zip_outputs: bool = False,
+    range_timeout: float | None = None,
+    report_interval: float = 30.0,
+) -> Callable[..., dict[str, Any]]:
+    """A workflow ``es_runner`` bound to one range source and reporter."""
+
+    def run(job: Job, workdir: Path, config: Any, stop: _Stop | None) -> dict[str, Any]:
+        from pilot.workflow import wall_limit  # noqa: PLC0415 - workflow imports this module's users
+
+        limit = wall_limit(job, config)
+        deadline = time.time() + limit if limit != float("inf") else None
+        summary = run_event_service(
+            job,
+            workdir,
+            source,
+            reporter,
+            env=dict(config.extra_env) or None,
+            range_timeout=range_timeout,
+            report_interval=report_interval,
+            deadline=deadline,
+            stop_event=stop,  # type: ignore[arg-type]
+            stage_out=stage_out,
+            kill_grace=config.kill_grace,
+            zip_outputs=zip_outputs,
+        )
+        error = summary.error
+        if stop is not None and stop.signum is not None:
+            error = PilotError(signal_code(stop.signum), f"pilot received signal {stop.signum}")
+        elif error is None and summary.error_code:
+            error = PilotError(summary.error_code, "the event-service job got no event ranges")
+        return {
+            "nEvents": summary.n_events,
+            "nRanges": summary.n_ranges,
+            "finished": summary.n_finished,
+            "failed": summary.n_failed,
+            "fatal": summary.n_fatal,
+            "released": len(summary.released),
+            "delivered": summary.n_delivered,
+            "undelivered": summary.n_undelivered,
+            "restarts": summary.restarts,
+            "metrics": {"cpuConsumptionTime": round(summary.cpu, 3)},
+            "error": error,
+        }
+
+    return run
