@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +23,9 @@ from pilot.comm.base import LocalUpstream
 from pilot.config import PilotConfig
 from pilot.errors import PilotError, error_diag
 from pilot.fileio import atomic_write_json
-from pilot.job import load_job_file
+from pilot.job import Job, load_job_file
 from pilot.monitor.watch import make_monitor
+from pilot.payload.container import ContainerSpec
 from pilot.workflow import StopSignal, run_job
 
 log = logging.getLogger("pilot.cli")
@@ -68,6 +71,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--copytool", default="copy", help="copytool for stage-in/out (copy, http)")
     p.add_argument(
+        "--queuedata-url", default="", help="queue description (schedconfig JSON): URL or file"
+    )
+    p.add_argument(
         "--trace-url", default="", help="where transfer traces are sent (Rucio /traces/)"
     )
     p.add_argument("--heartbeat", type=float, default=1800.0, help="heartbeat interval in seconds")
@@ -105,6 +111,8 @@ def _config(args: argparse.Namespace, **overrides: object) -> PilotConfig:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.harvester:
         return _run_harvester(args)
+    if args.url:
+        return _run_pull(args)
     if not args.job_file:
         print("pilot run: one of --job-file, --url or --harvester is required", file=sys.stderr)
         return 2
@@ -122,6 +130,118 @@ def cmd_run(args: argparse.Namespace) -> int:
         result.state, job.panda_id, result.pilot_error_code, result.pilot_error_diag, result.workdir
     )
     return 0 if result.ok else 1
+
+
+def _node_resources(workdir: Path) -> dict[str, int]:
+    """What getJob tells the server about this node: memory and free disk in MB."""
+    import shutil  # noqa: PLC0415
+
+    import psutil  # noqa: PLC0415
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    return {
+        "mem": psutil.virtual_memory().total // 2**20,
+        "diskSpace": shutil.disk_usage(workdir).free // 2**20,
+        "cpu": os.cpu_count() or 1,
+    }
+
+
+def _run_pull(args: argparse.Namespace) -> int:
+    """Pull mode: getJob until the server has none (or ``--max-jobs``), each job to its final update."""
+    from pilot.comm.panda import PandaClient, PandaUpstream, pull_jobs  # noqa: PLC0415
+    from pilot.comm.spool import Spool  # noqa: PLC0415
+    from pilot.eventservice.jobrunner import make_es_runner  # noqa: PLC0415
+    from pilot.queue import resolve_queue  # noqa: PLC0415
+
+    try:
+        client = PandaClient.from_env(args.url, ca_path=args.ca_path or None)
+        queue = resolve_queue(
+            args.site, queuedata_url=args.queuedata_url or None, server_url=args.url
+        )
+    except PilotError as exc:
+        print(f"pilot: {int(exc.code)} {exc.acronym}: {exc.diag}", file=sys.stderr)
+        return 1
+    workdir = Path(args.workdir).resolve()
+    storage = str(workdir / "storage")
+    queue_dict = queue.to_dict()
+    config = _config(
+        args,
+        workdir=workdir,
+        input_url=args.input_url or storage,
+        output_url=args.output_url or storage,
+        queue=queue_dict,
+        container=ContainerSpec.from_queue(queue_dict),
+    )
+    upstream = PandaUpstream(
+        client, Spool(workdir / "spool"), site_name=config.site_name, node=config.node
+    )
+    try:
+        sent, left = upstream.flush()
+        if sent or left:
+            print(f"spool: {sent} earlier updates sent, {left} still pending")
+    except PilotError as exc:
+        log.warning("spool not flushed: %s", exc)
+    counts = {"finished": 0, "failed": 0}
+    es_runner = make_es_runner(client, client)
+    params = {"prodSourceLabel": args.job_label, "node": config.node, **_node_resources(workdir)}
+    with _signals() as stop:
+        try:
+            for definition, seconds in pull_jobs(
+                client, config.site_name, max_jobs=args.max_jobs or None, **params
+            ):
+                state = _pull_one(definition, seconds, config, upstream, stop, es_runner)
+                counts[state] = counts.get(state, 0) + 1
+                if stop.is_set():
+                    break
+        except PilotError as exc:
+            print(f"pilot: {int(exc.code)} {exc.acronym}: {exc.diag}", file=sys.stderr)
+            return 1
+    print(f"jobs: {counts['finished']} finished, {counts['failed']} failed")
+    return 0 if counts["failed"] == 0 else 1
+
+
+def _pull_one(definition, seconds, config, upstream, stop, es_runner) -> str:  # noqa: ANN001
+    try:
+        job = Job.from_panda(definition)
+    except PilotError as exc:
+        # A job the pilot cannot even read still gets its final update, so
+        # the server does not wait for it until a timeout.
+        panda_id = definition.get("PandaID", 0) if isinstance(definition, dict) else 0
+        print(f"job {panda_id}: invalid definition: {exc.diag}", file=sys.stderr)
+        fields = {
+            "state": "failed",
+            "pilotErrorCode": int(exc.code),
+            "pilotErrorDiag": exc.diag,
+            "pilotID": config.pilot_id,
+        }
+        try:
+            upstream.final_update(
+                _StubJob(int(str(panda_id)) if str(panda_id).isdigit() else 0), fields
+            )
+        except PilotError as send_error:
+            log.error("final update of invalid job %s failed: %s", panda_id, send_error)
+        return "failed"
+    result = run_job(
+        job,
+        config,
+        upstream,
+        stop=stop,
+        monitor_factory=make_monitor,
+        es_runner=es_runner,
+        getjob_seconds=seconds,
+    )
+    _print_result(
+        result.state, job.panda_id, result.pilot_error_code, result.pilot_error_diag, result.workdir
+    )
+    return result.state
+
+
+@dataclasses.dataclass
+class _StubJob:
+    """Just enough of a Job to address a final update for a definition that did not validate."""
+
+    panda_id: int
+    attempt_nr: int = 0
 
 
 @contextlib.contextmanager
@@ -240,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run jobs on this node")
     _add_common(run)
     run.add_argument("--job-file", help="a PanDA job definition (JSON) to run")
+    run.add_argument("--url", help="PanDA server URL (pull mode), e.g. https://panda:25443")
+    run.add_argument(
+        "--max-jobs", type=int, default=0, help="pull mode: stop after N jobs (0: until none)"
+    )
+    run.add_argument("--job-label", default="managed", help="prodSourceLabel asked for in getJob")
+    run.add_argument("--ca-path", default="", help="CA certificates directory or bundle for HTTPS")
     run.add_argument("--harvester", metavar="DIR", help="Harvester access point (shared-file mode)")
     run.add_argument(
         "--harvester-many-jobs",

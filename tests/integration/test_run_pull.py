@@ -1,0 +1,105 @@
+"""Pull mode: `pilot run --url` against the embedded dispatcher on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from pilot.server.serve import EmbeddedServer
+from tests.conftest import PYTHON, REPO, job_dict
+
+BEHAVE = str(REPO / "tests" / "payloads" / "behave.py")
+
+
+def jd(**kw):
+    """A job definition for the server to number."""
+    d = job_dict(**kw)
+    d.pop("PandaID")
+    return d
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    with EmbeddedServer(tmp_path / "panda.db") as srv:
+        yield srv
+
+
+def pilot(
+    server: EmbeddedServer, workdir: Path, *extra: str, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, "-m", "pilot.cli", "run", "--url", server.url, "--queue", "TEST_QUEUE", "--workdir", str(workdir),
+         "--kill-grace", "2", *extra],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_three_jobs_to_their_final_states(server: EmbeddedServer, tmp_path: Path) -> None:
+    ids = server.load_jobs(
+        [
+            jd(
+                jobpars=f"{BEHAVE} write out.dat 1000",
+                outFiles="out.dat,log.tgz",
+                scopeOut="s",
+                logFile="log.tgz",
+            ),
+            jd(jobpars=f"{BEHAVE} exit 7 broken", logFile="log2.tgz"),
+            jd(jobpars=f"{BEHAVE} segv", logFile="log3.tgz"),
+        ]
+    )
+    proc = pilot(server, tmp_path / "w")
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # two of three failed
+    assert "1 finished, 2 failed" in proc.stdout
+    by_id = {int(r["panda_id"]): r["fields"] for r in server.final_records()}
+    assert len(by_id) == 3
+    ok, bad, segv = (by_id[i] for i in ids)
+    assert ok["state"] == "finished" and int(ok["pilotErrorCode"]) == 0
+    xml = json.loads(ok["xml"])
+    assert xml["out.dat"]["fsize"] == 1000
+    assert (
+        bad["state"] == "failed"
+        and int(bad["pilotErrorCode"]) == 1305
+        and int(bad["transExitCode"]) == 7
+    )
+    assert segv["state"] == "failed" and int(segv["pilotErrorCode"]) == 1328
+    # the server kept every heartbeat too: starting, running, then the final state
+    states = [u["state"] for u in server.store.updates(ids[0])]
+    assert states[0] == "starting" and states[-1] == "finished"
+
+
+def test_server_kill_command(server: EmbeddedServer, tmp_path: Path) -> None:
+    (panda_id,) = server.load_jobs([jd(jobpars=f"{BEHAVE} sleep 120")])
+    done = threading.Event()
+
+    def cancel_when_running() -> None:
+        for _ in range(600):
+            if any(u["state"] == "running" for u in server.store.updates(panda_id)):
+                server.store.cancel_job(panda_id)
+                return
+            if done.wait(0.1):
+                return
+
+    t = threading.Thread(target=cancel_when_running, daemon=True)
+    t.start()
+    proc = pilot(server, tmp_path / "w", "--heartbeat", "1")
+    done.set()
+    t.join(5)
+    (record,) = server.final_records(panda_id)
+    final = record["fields"]
+    assert final["state"] == "failed" and int(final["pilotErrorCode"]) == 1144, (
+        proc.stdout + proc.stderr
+    )
+
+
+def test_no_server_is_a_clear_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [PYTHON, "-m", "pilot.cli", "run", "--url", "http://127.0.0.1:9", "--queue", "Q", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "1318" in proc.stderr or "1116" in proc.stderr
+    assert "Traceback" not in proc.stderr
