@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease", type=float, default=600.0, metavar="S", help="range lease")
     p.add_argument("--hb-interval", type=float, default=10.0, metavar="S")
     p.add_argument("--hb-timeout", type=float, default=120.0, metavar="S")
+    p.add_argument(
+        "--term-grace",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="after SIGTERM, how long running ranges may take before they are given back",
+    )
+    p.add_argument("--retry-max", type=float, default=30.0, metavar="S", help=argparse.SUPPRESS)
     p.add_argument("--token", default=os.environ.get("PANDA_AUTH_TOKEN"), help=argparse.SUPPRESS)
     p.add_argument(
         "--executor",
@@ -144,8 +152,10 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
         hb_timeout=args.hb_timeout,
         walltime_end=args.walltime_end,
         drain_lead=args.drain_lead,
+        term_grace=args.term_grace,
     )
-    yoda = Yoda(transport, upstream, Scheduler(book, policy, epoch=epoch), YodaOptions())
+    options = YodaOptions(retry_max=args.retry_max)
+    yoda = Yoda(transport, upstream, Scheduler(book, policy, epoch=epoch), options)
     if not book.jobs:
         yoda.s.exhausted = True
     for sig in (signal.SIGTERM, signal.SIGUSR1):

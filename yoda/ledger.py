@@ -286,19 +286,21 @@ class Ledger:
             row = self._released.popleft()
             if st[row] == State.READY and row not in out:
                 out.append(row)
+        seen = set(out)  # a released row may also lie ahead of the cursor (after a replay)
         while len(out) < n and self._cursor < self.n:
             chunk = st[self._cursor : min(self.n, self._cursor + 4 * (n - len(out)) + 64)]
-            idx = np.flatnonzero(chunk == State.READY)
-            take = idx[: n - len(out)]
-            out.extend(int(i) + self._cursor for i in take)
-            if len(take) and len(out) == n:
-                self._cursor += int(take[-1]) + 1
+            idx = [int(i) + self._cursor for i in np.flatnonzero(chunk == State.READY)]
+            take = [i for i in idx if i not in seen][: n - len(out)]
+            out.extend(take)
+            seen.update(take)
+            if take and len(out) == n:
+                self._cursor = take[-1] + 1
             else:
                 self._cursor += len(chunk)
         return out
 
     def _set(self, rows: list[int] | np.ndarray, state: State) -> None:
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
         if not len(rows):
             return
         old = self.rows["state"][rows]

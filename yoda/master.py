@@ -248,7 +248,7 @@ class Yoda:
                 break
             if self.s.draining:
                 if drain_deadline is None:
-                    by = self.s.p.walltime_end if self.s.p.walltime_end else now
+                    by = self.s.p.walltime_end or now + self.s.p.term_grace
                     drain_deadline = max(now, by) + self.o.bye_wait_s
                 if now > drain_deadline:
                     log.warning("droids did not all say BYE in time: stopping them")

@@ -55,6 +55,7 @@ class Policy:
     walltime_end: float | None = None  # epoch seconds of the allocation end
     drain_lead: float = 300.0  # longest expected range + stage-out margin
     lease_grace: float = 5.0  # Yoda waits this long past a deadline before releasing
+    term_grace: float = 60.0  # a drain without a walltime end (SIGTERM) gives running ranges this
 
 
 @dataclass
@@ -347,7 +348,7 @@ class Scheduler:
         self._now = now
         self.draining = True
         out: Out = []
-        by = self._drain_by() if self.p.walltime_end is not None else now + self.p.lease_s
+        by = self._drain_by() if self.p.walltime_end is not None else now + self.p.term_grace
         for d in self.live():
             d.draining = True
             out.append((d.rank, self._env(Kind.DRAIN, {"by": by})))

@@ -126,3 +126,17 @@ def test_corrupt_middle_of_journal_is_a_pilot_error(tmp_path):
         replay(p)
     with pytest.raises(PilotError):
         replay(tmp_path / "missing")
+
+
+def test_rows_released_after_a_replay_are_handed_out_once(tmp_path):
+    book = _book(tmp_path)
+    book.lease([3, 4], droid=1, deadline=9.0)
+    book.journal.close()
+    book2, _ = resume_book(tmp_path / "journal")
+    led = book2.ledger
+    got = led.next_ready(10)
+    assert sorted(got) == list(range(6)) and len(got) == 6
+    led.lease(got, 2, 1.0)
+    assert led.count(State.LEASED) == 6 and led.count(State.READY) == 0
+    led.release([1, 1], charge=False)
+    assert led.count(State.READY) == 1
