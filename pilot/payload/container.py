@@ -89,7 +89,15 @@ def _bwrap(command: str, workdir: Path, spec: ContainerSpec, exe: str) -> list[s
         argv = [exe, "--ro-bind", str(root), "/"]
     else:
         argv = [exe, "--ro-bind", "/", "/"]
-    argv += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    argv += ["--dev", "/dev", "--proc", "/proc"]
+    if spec.image:
+        argv += ["--tmpfs", "/tmp"]
+    else:
+        # The host's /tmp stays visible (read-only): software may live there,
+        # a virtual environment for one. Scratch goes to the work directory.
+        scratch = workdir / ".tmp"
+        scratch.mkdir(exist_ok=True)
+        argv += ["--setenv", "TMPDIR", str(scratch)]
     argv += ["--bind", str(workdir), str(workdir)]
     for bind in spec.binds:
         src, _, dest = bind.partition(":")
