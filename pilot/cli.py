@@ -37,6 +37,26 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
         "hpc_main",
         "MPI mode (Yoda-Droid); 'hpc submit' and 'hpc resources' for batch systems",
     ),
+    "serve": (
+        "pilot.server.serve",
+        "serve_main",
+        "embedded PanDA-compatible dispatcher (HTTP + SQLite)",
+    ),
+    "submit": (
+        "pilot.server.submit",
+        "submit_main",
+        "load jobs or event-service tasks into the dispatcher",
+    ),
+    "status": (
+        "pilot.server.submit",
+        "status_main",
+        "jobs and range counts; --flush sends spooled updates",
+    ),
+    "commission": (
+        "pilot.commission.compare",
+        "main",
+        "run template jobs through two pilots, compare",
+    ),
 }
 
 # `pilot hpc <word>`: batch-system tools; anything else starts the MPI ranks.
