@@ -182,7 +182,14 @@ def run_droid(args: argparse.Namespace, transport: MPITransport) -> int:
     # droid takes nothing new and finishes what runs.
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: droid.request_drain())
-    return droid.run()
+    rc = droid.run()
+    if droid.yoda_dead:
+        # Not the normal path: with rank 0 gone, MPI_Finalize may wait for it forever.
+        # The payloads are stopped and the results are Yoda's journal's business now.
+        log.error("leaving without MPI_Finalize: rank 0 is dead")
+        logging.shutdown()
+        os._exit(3)
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from tests.mpi.harness import (
+    Launched,
     accepted_terminal,
     invariant,
     load_task,
     mpiexec,
     ranks,
-    start_hpc,
     wait,
     wait_for,
 )
@@ -28,6 +28,13 @@ from yoda.ledger import State
 
 pytestmark = [pytest.mark.mpi, pytest.mark.skipif(mpiexec() is None, reason="no mpiexec")]
 SLOW = "--cpu-per-event 0.05"  # 2 events per range: ~0.1 s of CPU per range
+
+
+@pytest.fixture
+def launched():
+    runs = Launched()
+    yield runs
+    runs.cleanup()
 
 
 @pytest.fixture
@@ -46,9 +53,9 @@ def work(tmp_path: Path) -> Path:
     return w
 
 
-def test_sigkill_of_a_droid_rank_its_ranges_finish_elsewhere(server, work):
+def test_sigkill_of_a_droid_rank_its_ranges_finish_elsewhere(server, launched, work):
     load_task(server, 1, 40, SLOW)
-    proc = start_hpc(server, work)
+    proc = launched.start(server, work)
     wait_for(lambda: accepted_terminal(server) >= 5, 60, "first results")
     ranks(proc)[2].kill()
     wait(proc, 120)
@@ -59,9 +66,9 @@ def test_sigkill_of_a_droid_rank_its_ranges_finish_elsewhere(server, work):
     assert "droid rank 2 is dead" in log
 
 
-def test_sigkill_of_a_payload_the_droid_restarts_it(server, work):
+def test_sigkill_of_a_payload_the_droid_restarts_it(server, launched, work):
     load_task(server, 1, 30, SLOW)
-    proc = start_hpc(server, work, n=3)
+    proc = launched.start(server, work, n=3)
     wait_for(lambda: accepted_terminal(server) >= 3, 60, "first results")
     droid = ranks(proc)[1]
 
@@ -79,18 +86,22 @@ def test_sigkill_of_a_payload_the_droid_restarts_it(server, work):
     assert rc == 0
 
 
-def test_sigkill_of_rank_0_then_resume_reports_nothing_twice(server, work):
+def test_sigkill_of_rank_0_then_resume_reports_nothing_twice(server, launched, work):
     load_task(server, 1, 40, SLOW)
-    proc = start_hpc(server, work)
+    proc = launched.start(server, work)
     wait_for(lambda: accepted_terminal(server) >= 8, 60, "first results")
-    ranks(proc)[0].kill()
-    try:
-        wait(proc, 60)  # the droids see rank 0 die (ULFM) and leave
-    except Exception:
-        pass
+    procs = ranks(proc)
+    procs[0].kill()
+    # the droids see rank 0 die (ULFM), stop their payloads and leave
+    wait_for(
+        lambda: not any(p.is_running() and p.status() != "zombie" for p in procs.values()),
+        60,
+        "droids gone",
+    )
+    launched.cleanup()  # mpiexec itself, as the batch system would end it
     before = accepted_terminal(server)
     assert before < 40
-    rc = wait(start_hpc(server, work, "--resume"), 120)
+    rc = wait(launched.start(server, work, "--resume"), 120)
     problems, counts = invariant(server, work)
     assert problems == []
     assert counts == {"finished": 40}
@@ -98,9 +109,9 @@ def test_sigkill_of_rank_0_then_resume_reports_nothing_twice(server, work):
     assert replay(work / "yoda.journal").epoch == 2
 
 
-def test_sigterm_to_every_rank_drains_and_loses_nothing(server, work):
+def test_sigterm_to_every_rank_drains_and_loses_nothing(server, launched, work):
     load_task(server, 1, 60, SLOW)
-    proc = start_hpc(server, work, "--term-grace", "20")
+    proc = launched.start(server, work, "--term-grace", "20")
     wait_for(lambda: accepted_terminal(server) >= 5, 60, "first results")
     for p in ranks(proc).values():
         p.send_signal(signal.SIGTERM)
@@ -116,14 +127,14 @@ def test_sigterm_to_every_rank_drains_and_loses_nothing(server, work):
     dispatched = counts["finished"] + counts["sent"]
     assert counts["sent"] == len(released) and dispatched == led.n
     # the next allocation finishes the rest
-    assert wait(start_hpc(server, work, "--resume"), 120) == 0
+    assert wait(launched.start(server, work, "--resume"), 120) == 0
     problems, counts = invariant(server, work)
     assert problems == [] and counts == {"finished": 60}
 
 
-def test_a_hanging_payload_is_killed_by_its_lease(server, work):
+def test_a_hanging_payload_is_killed_by_its_lease(server, launched, work):
     load_task(server, 1, 16, "--hang-on-event 9")  # event 9 is in range 5
-    rc = wait(start_hpc(server, work, "--lease", "4", n=3), 120)
+    rc = wait(launched.start(server, work, "--lease", "4", n=3), 120)
     problems, counts = invariant(server, work)
     assert problems == []
     assert counts == {"finished": 15, "failed": 1}
@@ -132,11 +143,11 @@ def test_a_hanging_payload_is_killed_by_its_lease(server, work):
     assert rc == 0
 
 
-def test_upstream_down_for_a_while_every_update_arrives_once(server, work, tmp_path):
+def test_upstream_down_for_a_while_every_update_arrives_once(server, launched, work, tmp_path):
     from pilot.server.serve import EmbeddedServer
 
     load_task(server, 1, 40, SLOW)
-    proc = start_hpc(server, work, "--retry-max", "2")
+    proc = launched.start(server, work, "--retry-max", "2")
     wait_for(lambda: accepted_terminal(server) >= 5, 60, "first results")
     port = server.port
     server.stop()

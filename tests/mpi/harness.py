@@ -83,6 +83,24 @@ def start_hpc(server, workdir: Path, *extra: str, n: int = 4, jobs: int = 1) -> 
     )
 
 
+class Launched:
+    """Every mpiexec a test started, killed at teardown if still running (a failed
+    assertion must not leave ranks behind)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, server, workdir: Path, *extra: str, n: int = 4, jobs: int = 1):
+        proc = start_hpc(server, workdir, *extra, n=n, jobs=jobs)
+        self.procs.append(proc)
+        return proc
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                kill_all(proc)
+
+
 def wait(proc: subprocess.Popen, timeout: float) -> int:
     try:
         return proc.wait(timeout)
@@ -92,7 +110,16 @@ def wait(proc: subprocess.Popen, timeout: float) -> int:
 
 
 def kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL mpiexec's whole session (ranks and payloads)."""
+    """SIGKILL what ``proc`` started: its ranks, their payloads (own sessions), and itself."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

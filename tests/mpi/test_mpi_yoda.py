@@ -6,9 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.mpi.harness import invariant, load_task, mpiexec, start_hpc, wait
+from tests.mpi.harness import Launched, invariant, load_task, mpiexec, wait
 
 pytestmark = [pytest.mark.mpi, pytest.mark.skipif(mpiexec() is None, reason="no mpiexec")]
+
+
+@pytest.fixture
+def launched():
+    runs = Launched()
+    yield runs
+    runs.cleanup()
 
 
 @pytest.fixture
@@ -20,11 +27,11 @@ def server(tmp_path: Path):
     s.stop()
 
 
-def test_two_jobs_on_three_droids_every_range_once(server, tmp_path):
+def test_two_jobs_on_three_droids_every_range_once(server, launched, tmp_path):
     load_task(server, n_jobs=2, n_ranges=30)
     work = tmp_path / "work"
     work.mkdir()
-    rc = wait(start_hpc(server, work, jobs=2), timeout=120)
+    rc = wait(launched.start(server, work, jobs=2), timeout=120)
     problems, counts = invariant(server, work)
     assert problems == []
     assert counts == {"finished": 60}
