@@ -97,7 +97,7 @@ class Replayed:
 
     ledger: Ledger
     jobs: list[dict[str, Any]] = field(default_factory=list)
-    unsent: dict[int, RangeResult] = field(default_factory=dict)
+    unsent: dict[int, Any] = field(default_factory=dict)  # RangeResult once replayed
     epoch: int = 0
     records: int = 0
     torn: bool = False
@@ -205,6 +205,7 @@ def replay(path: str | Path, *, capacity: int = 1024) -> Replayed:
                 ErrorCode.FILEHANDLINGFAILURE, f"journal {path} line {i + 1} is corrupt: {exc}"
             ) from None
         out.records += 1
+    out.unsent = {row: RangeResult.from_dict(d) for row, d in out.unsent.items()}
     return out
 
 
@@ -222,10 +223,12 @@ def _apply(out: Replayed, rec: dict[str, Any]) -> None:
     elif op == "rel":
         ledger.release(rec["r"], bool(rec["c"]))
     elif op == "done":
+        by_state: dict[State, list[int]] = {}
         for row, d in rec["res"]:
-            r = RangeResult.from_dict(d)
-            ledger.finish([row], STATUS_STATE[r.status])
-            out.unsent[row] = r
+            by_state.setdefault(STATUS_STATE[RangeStatus(d["status"])], []).append(row)
+            out.unsent[row] = d  # made a RangeResult at the end, if still unsent
+        for state, rows in by_state.items():
+            ledger.finish(rows, state)
     elif op == "sent":
         for row in rec["r"]:
             out.unsent.pop(row, None)
