@@ -77,3 +77,44 @@ def test_three_jobs_pulled_and_reported(tmp_path: Path, config: PilotConfig) -> 
             "failed",
             "failed",
         ]
+
+
+def test_server_down_mid_job_final_update_arrives_once(tmp_path: Path, config: PilotConfig) -> None:
+    config = dataclasses.replace(config, heartbeat_interval=0.5)
+    db = tmp_path / "server.db"
+    server = EmbeddedServer(db).start()
+    port = server.port
+    server.load_jobs(job_dict(3001, jobpars=f"{BEHAVE} sleep 3"))
+    client = PandaClient(server.url, retries=1, backoff=0.05)
+    upstream = PandaUpstream(client, Spool(tmp_path / "spool"), site_name=config.site_name)
+    ((definition, _),) = list(pull_jobs(client, config.site_name, max_jobs=1))
+    done = threading.Event()
+
+    def stop_when_running() -> None:
+        delay = 0.05
+        while not done.is_set():
+            if server.store.job(3001)["status"] in ("starting", "running"):
+                server.stop()
+                return
+            done.wait(delay)
+            delay = min(delay * 2, 0.5)
+
+    stopper = threading.Thread(target=stop_when_running)
+    stopper.start()
+    try:
+        result = run_job(Job.from_panda(definition), config, upstream)
+    finally:
+        done.set()
+        stopper.join(10)
+    assert result.state == "finished", result.pilot_error_diag
+    assert result.extra["final_update_delivered"] is False
+    assert len(upstream.spool.pending()) == 1  # kept on disk, not lost
+    server = EmbeddedServer(db, port=port).start()
+    try:
+        assert upstream.flush() == (1, 0)
+        assert upstream.flush() == (0, 0)
+        (record,) = server.final_records(3001)
+        assert record["fields"]["state"] == "finished"
+        assert server.store.job(3001)["status"] == "finished"
+    finally:
+        server.stop()
