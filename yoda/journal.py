@@ -157,10 +157,14 @@ class Book:
     def done(self, droid: int, results: list[tuple[int, RangeResult]]) -> None:
         if not results:
             return
-        self._log({"op": "done", "d": droid, "res": [[row, r.to_dict()] for row, r in results]})
+        if self.journal is not None:
+            self._log({"op": "done", "d": droid, "res": [[row, _as_dict(r)] for row, r in results]})
+        by_state: dict[State, list[int]] = {}
         for row, r in results:
-            self.ledger.finish([row], STATUS_STATE[r.status])
+            by_state.setdefault(STATUS_STATE[r.status], []).append(row)
             self.unsent[row] = r
+        for state, rows in by_state.items():
+            self.ledger.finish(rows, state)
 
     def sent(self, rows: list[int]) -> None:
         if rows:
@@ -172,6 +176,21 @@ class Book:
         self._log({"op": "epoch", "n": n})
         if self.journal is not None:
             self.journal.sync()
+
+
+def _as_dict(r: RangeResult) -> dict[str, Any]:
+    """``RangeResult.to_dict()`` without dataclasses.asdict's deep copy (hot path)."""
+    return {
+        "event_range_id": r.event_range_id,
+        "status": r.status.value,
+        "output_path": r.output_path,
+        "fsize": r.fsize,
+        "adler32": r.adler32,
+        "cpu": r.cpu,
+        "wall": r.wall,
+        "error_code": r.error_code,
+        "error_diag": r.error_diag,
+    }
 
 
 def _apply_add(ledger: Ledger, job: int, rec_rows: list[list[int]]) -> np.ndarray:

@@ -140,3 +140,10 @@ def test_rows_released_after_a_replay_are_handed_out_once(tmp_path):
     assert led.count(State.LEASED) == 6 and led.count(State.READY) == 0
     led.release([1, 1], charge=False)
     assert led.count(State.READY) == 1
+
+
+def test_journal_result_record_matches_the_model():
+    from yoda.journal import _as_dict
+
+    r = RangeResult("1-2-3-4-5", RangeStatus.FATAL, "/p", 3, "01020304", 1.0, 2.0, 1228, "x")
+    assert _as_dict(r) == r.to_dict()
