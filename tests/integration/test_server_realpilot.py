@@ -6,7 +6,8 @@ next to this project: its source distribution is unpacked and run as
 ``$PANDA_PILOT_SDIST`` (a .tar.gz or an unpacked directory) or in
 ``~/.cache/pilot-tests/panda-pilot-*.tar.gz``, put there with
 ``pip download --no-deps --no-binary :all: panda-pilot==3.7.0.36 -d ~/.cache/pilot-tests``;
-without it the test is skipped, saying so. It never downloads anything itself.
+without it the test is skipped, saying so. When neither is there, the test fetches the sdist from PyPI into that
+cache (``pip download``, never installed).
 
 How the PanDA pilot is kept on 127.0.0.1 and harmless:
 
@@ -43,12 +44,35 @@ QUEUE = "TESTQ"
 KNOWN_TRF_BASE = "http://pandaserver-doma.cern.ch:25080/trf/user"
 
 
+PANDA_PILOT = "panda-pilot==3.7.0.36"
+CACHE = Path.home() / ".cache" / "pilot-tests"
+
+
 def _find_sdist() -> Path | None:
     given = os.environ.get("PANDA_PILOT_SDIST")
     if given:
         return Path(given)
-    found = sorted((Path.home() / ".cache" / "pilot-tests").glob("panda-pilot-*.tar.gz"))
+    found = sorted(CACHE.glob("panda-pilot-*.tar.gz"))
+    if not found:
+        _download_sdist()
+        found = sorted(CACHE.glob("panda-pilot-*.tar.gz"))
     return found[-1] if found else None
+
+
+def _download_sdist() -> None:
+    """Fetch the PanDA pilot's source distribution from PyPI into the cache, once.
+
+    Only the sdist, never installed: its package is also called ``pilot``.
+    Without package access the test skips, saying why.
+    """
+    CACHE.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+    try:
+        subprocess.run(
+            [*cmd, PANDA_PILOT, "-d", str(CACHE)], capture_output=True, timeout=300, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        pass
 
 
 def _unpack(sdist: Path, into: Path) -> Path:
