@@ -22,8 +22,11 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1", "openmpi>=5.0"],
-        "test": ["pytest>=7", "mpi4py>=3.1", "openmpi>=5.0"],
-        "dev": ["pytest>=7", "ruff", "mpi4py>=3.1", "openmpi>=5.0"],
+        "test": ["pytest>=7", "mpi4py>=3.1", "openmpi>=5.0", "matplotlib>=3.5"],
+        "dev": ["pytest>=7", "ruff", "mpi4py>=3.1", "openmpi>=5.0", "matplotlib>=3.5"],
+        # the timeline picture of `pilot demo`: matplotlib draws it far better
+        # than code of our own would
+        "demo": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["pilot=pilot.cli:main"]},
     classifiers=[

@@ -57,6 +57,11 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
         "main",
         "run template jobs through two pilots, compare",
     ),
+    "demo": (
+        "pilot.demo",
+        "main",
+        "embedded dispatcher + toy event-service task through Yoda and Droids",
+    ),
 }
 
 # `pilot hpc <word>`: batch-system tools; anything else starts the MPI ranks.
