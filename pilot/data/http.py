@@ -44,13 +44,9 @@ from __future__ import annotations
 
 import base64
 import errno
-import hashlib
-import ipaddress
 import logging
 import os
-import re
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +55,8 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 import urllib3
 
+from pilot.credentials import find_token, install_log_redaction, redact_url, token_allowed
+from pilot.data.checksum import StreamChecksum
 from pilot.data.copytools import TransferResult
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import parse_checksum
@@ -69,35 +67,7 @@ CHUNK = 1 << 20
 DEFAULT_TIMEOUT = 3600.0
 __all__ = ["HttpCopyTool", "HttpCopytool", "TransferResult", "redact_url"]
 
-
-_QUERY_VALUE = re.compile(r"([?&][^=&\s\"]+)=([^&\s\"]*)")
-
-
-class _RedactQuery(logging.Filter):
-    """Hides URL query values in urllib3's debug lines (signed URLs carry credentials there).
-
-    Installed once on urllib3's connection-pool logger, which logs each
-    request line at DEBUG; a pilot run with debug logging must not write a
-    credential into the log that is shipped with the job.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                _QUERY_VALUE.sub(r"\1=***", a) if isinstance(a, str) else a for a in record.args
-            )
-        if isinstance(record.msg, str):
-            record.msg = _QUERY_VALUE.sub(r"\1=***", record.msg)
-        return True
-
-
-def _install_log_redaction() -> None:
-    pool_log = logging.getLogger("urllib3.connectionpool")
-    if not any(isinstance(f, _RedactQuery) for f in pool_log.filters):
-        pool_log.addFilter(_RedactQuery())
-
-
-_install_log_redaction()
+install_log_redaction()
 
 
 class _Retry(Exception):
@@ -106,24 +76,6 @@ class _Retry(Exception):
 
 class _Deadline(Exception):
     """The transfer's time budget ran out."""
-
-
-class _Digest:
-    """adler32 and md5 of a stream, fed as it flows."""
-
-    def __init__(self) -> None:
-        self.adler = 1
-        self.md5 = hashlib.md5(usedforsecurity=False)
-        self.size = 0
-
-    def update(self, chunk: bytes) -> None:
-        self.adler = zlib.adler32(chunk, self.adler)
-        self.md5.update(chunk)
-        self.size += len(chunk)
-
-    @property
-    def adler32(self) -> str:
-        return f"{self.adler & 0xFFFFFFFF:08x}"
 
 
 class _Upload:
@@ -138,7 +90,7 @@ class _Upload:
         self._size = os.fstat(self._fh.fileno()).st_size
         self._deadline = deadline
         self._chunk = chunk
-        self.digest = _Digest()
+        self.digest = StreamChecksum(md5=True)
 
     def __len__(self) -> int:
         return self._size
@@ -152,39 +104,6 @@ class _Upload:
 
     def close(self) -> None:
         self._fh.close()
-
-
-def redact_url(url: str) -> str:
-    """The URL without user info and with query values hidden (they may be credentials)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = "&".join(f"{kv.split('=', 1)[0]}=***" for kv in parts.query.split("&") if kv)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-
-
-def find_token(environ: dict[str, str] | None = None) -> str | None:
-    """A bearer token by WLCG Bearer Token Discovery; ``None`` when there is none."""
-    env = os.environ if environ is None else environ
-    if env.get("BEARER_TOKEN", "").strip():
-        return env["BEARER_TOKEN"].strip()
-    candidates = []
-    if env.get("BEARER_TOKEN_FILE"):
-        candidates.append(Path(env["BEARER_TOKEN_FILE"]))
-    uid = os.getuid()
-    if env.get("XDG_RUNTIME_DIR"):
-        candidates.append(Path(env["XDG_RUNTIME_DIR"]) / f"bt_u{uid}")
-    candidates.append(Path(f"/tmp/bt_u{uid}"))
-    for path in candidates:
-        try:
-            text = path.read_text(encoding="utf-8").strip()
-        except OSError:
-            continue
-        if text:
-            return text
-    return None
 
 
 class HttpCopyTool:
@@ -247,7 +166,7 @@ class HttpCopyTool:
         digest = self._attempts("get", url, deadline, lambda: self._get_once(url, dest, deadline))
         if expected is not None:
             kind, want = expected
-            got = digest.adler32 if kind == "adler32" else digest.md5.hexdigest()
+            got = digest.adler32 if kind == "adler32" else digest.md5
             if got != want:
                 _remove(dest)
                 code = ErrorCode.GETADMISMATCH if kind == "adler32" else ErrorCode.GETMD5MISMATCH
@@ -257,7 +176,7 @@ class HttpCopyTool:
         return TransferResult(
             digest.size,
             digest.adler32,
-            digest.md5.hexdigest(),
+            digest.md5,
             time.monotonic() - start,
             redact_url(url),
         )
@@ -275,13 +194,13 @@ class HttpCopyTool:
         return TransferResult(
             digest.size,
             digest.adler32,
-            digest.md5.hexdigest(),
+            digest.md5,
             time.monotonic() - start,
             redact_url(url),
         )
 
     # -- attempts ---------------------------------------------------------------------
-    def _attempts(self, direction: str, url: str, deadline: float, once: Any) -> _Digest:
+    def _attempts(self, direction: str, url: str, deadline: float, once: Any) -> StreamChecksum:
         get = direction == "get"
         failed = ErrorCode.STAGEINFAILED if get else ErrorCode.STAGEOUTFAILED
         timed_out = ErrorCode.STAGEINTIMEOUT if get else ErrorCode.STAGEOUTTIMEOUT
@@ -305,7 +224,7 @@ class HttpCopyTool:
 
     def _headers(self, url: str) -> dict[str, str]:
         headers = {"User-Agent": "panda-pilot-http"}
-        if self._token and _token_allowed(url):
+        if self._token and token_allowed(url):
             headers["Authorization"] = f"Bearer {self._token}"
         return headers
 
@@ -341,13 +260,13 @@ class HttpCopyTool:
         except requests.exceptions.RequestException as exc:
             raise _Retry(f"{type(exc).__name__}: {_reason(exc)}") from None
 
-    def _get_once(self, url: str, dest: Path, deadline: float) -> _Digest:
+    def _get_once(self, url: str, dest: Path, deadline: float) -> StreamChecksum:
         resp = self._request("GET", url, deadline, stream=True)
         with resp:
             self._check_status(resp, url, get=True)
             expected = resp.headers.get("Content-Length")
             tmp = dest.with_name(f".{dest.name}.part")
-            digest = _Digest()
+            digest = StreamChecksum(md5=True)
             try:
                 with open(tmp, "wb") as out:
                     for chunk in _chunks(resp, self.chunk_size):
@@ -384,7 +303,7 @@ class HttpCopyTool:
             ) from None
         return digest
 
-    def _put_once(self, src: Path, url: str, deadline: float) -> _Digest:
+    def _put_once(self, src: Path, url: str, deadline: float) -> StreamChecksum:
         for _ in range(2):  # a second time after creating missing parent collections
             try:
                 body = _Upload(src, deadline, self.chunk_size)
@@ -421,7 +340,7 @@ class HttpCopyTool:
                 if resp.status_code >= 500:
                     raise _Retry(f"MKCOL {path}: HTTP {resp.status_code}")
 
-    def _verify_remote(self, url: str, sent: _Digest, deadline: float) -> None:
+    def _verify_remote(self, url: str, sent: StreamChecksum, deadline: float) -> None:
         try:
             resp = self._request(
                 "HEAD", url, deadline, headers={"Want-Digest": "adler32, md5;q=0.5"}
@@ -441,10 +360,10 @@ class HttpCopyTool:
                 ErrorCode.PUTADMISMATCH,
                 f"{shown}: stored adler32 {digests['adler32']} differs from the sent {sent.adler32}",
             )
-        if "md5" in digests and digests["md5"] != sent.md5.hexdigest():
+        if "md5" in digests and digests["md5"] != sent.md5:
             raise PilotError(
                 ErrorCode.PUTMD5MISMATCH,
-                f"{shown}: stored md5 {digests['md5']} differs from the sent {sent.md5.hexdigest()}",
+                f"{shown}: stored md5 {digests['md5']} differs from the sent {sent.md5}",
             )
         if size is not None and size.isdigit() and int(size) != sent.size:
             raise PilotError(
@@ -482,19 +401,6 @@ class HttpCopyTool:
 
 
 HttpCopytool = HttpCopyTool
-
-
-def _token_allowed(url: str) -> bool:
-    parts = urlsplit(url)
-    if parts.scheme == "https":
-        return True
-    host = parts.hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _parse_digest(header: str) -> dict[str, str]:

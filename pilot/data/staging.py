@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pilot.credentials import redact_url
 from pilot.data.checksum import file_checksum
 from pilot.data.copytools import Copytool, TransferResult, remove_quietly, url_to_path
-from pilot.data.http import redact_url
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import FileSpec, Job
 
@@ -194,7 +194,11 @@ def stage_out(
                 continue
             event.state, event.size, event.time_end = "DONE", result.size, time.time()
             _emit(sink, event)
-            spec.fsize, spec.checksum, spec.surl = result.size, f"ad:{result.adler32}", result.url or url
+            spec.fsize, spec.checksum, spec.surl = (
+                result.size,
+                f"ad:{result.adler32}",
+                result.url or url,
+            )
             spec.local_path, spec.status = str(local), "transferred"
             break
         if spec.status != "transferred":

@@ -27,7 +27,7 @@ from typing import Any
 import requests
 
 import pilot
-from pilot.data.http import redact_url
+from pilot.credentials import redact_url
 from pilot.errors import PilotError, error_diag
 from pilot.job import FileSpec, Job
 

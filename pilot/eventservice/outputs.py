@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import shutil
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from pilot.data.checksum import adler32_file as adler32_of
 from pilot.errors import ErrorCode, PilotError
 
 _CHUNK = 1 << 20
@@ -27,17 +27,6 @@ class CollectedOutput:
     path: Path
     fsize: int
     adler32: str
-
-
-def adler32_of(path: Path) -> str:
-    value = 1
-    try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(_CHUNK), b""):
-                value = zlib.adler32(chunk, value)
-    except OSError as exc:
-        raise PilotError(ErrorCode.CHECKSUMCALCFAILURE, f"{path}: {exc}") from None
-    return f"{value & 0xFFFFFFFF:08x}"
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -13,7 +13,6 @@ calls: an open dispatcher on a network would hand jobs to anyone.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import secrets
@@ -25,6 +24,7 @@ from typing import Any
 
 from waitress.server import create_server
 
+from pilot.credentials import is_loopback
 from pilot.server import loading
 from pilot.server.app import DispatcherApp
 from pilot.server.db import Store
@@ -33,15 +33,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 25080
 TOKEN_ENV = "PILOT_SERVER_TOKEN"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class EmbeddedServer:
