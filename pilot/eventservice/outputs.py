@@ -19,8 +19,6 @@ from pathlib import Path
 from pilot.data.checksum import adler32_file as adler32_of
 from pilot.errors import ErrorCode, PilotError
 
-_CHUNK = 1 << 20
-
 
 @dataclass(frozen=True)
 class CollectedOutput:
