@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from hpc.transport import Envelope, Kind, PeerFailed, Transport
+from hpc.transport import Envelope, Kind, PeerFailed, Transport, result_to_wire
 from pilot.errors import PilotError
 from pilot.eventservice.model import RangeResult
 from pilot.job import EventRange, Job
@@ -103,13 +103,17 @@ class Droid:
         self.seq = 0
         self.jobs: dict[int, Job] = {}
         self.executors: dict[int, Executor] = {}
-        self.queue: deque[tuple[int, EventRange]] = deque()  # leased, not yet given to a payload
+        self.queue: deque[tuple[int, int, EventRange]] = (
+            deque()
+        )  # (row, PandaID, range), not started
         self.rows: dict[str, int] = {}  # range id -> ledger row, for everything held
         self.results: list[tuple[int, RangeResult]] = []  # not yet sent
         self.unacked: dict[int, list[tuple[int, RangeResult]]] = {}
         self.released: list[int] = []  # to give back with the next UPDATE / BYE
         self.lease_s = 600.0
         self.hb_interval = 10.0
+        self.low_per_slot = 1.0  # watermarks, from Yoda's CONFIG
+        self.high_per_slot = 2.0
         self.requested = False
         self.no_more = False
         self.draining = False
@@ -136,8 +140,8 @@ class Droid:
     def _request_work(self) -> None:
         if self.requested or self.no_more or self.draining or not self.configured:
             return
-        low = max(1, self.o.slots)
-        high = 2 * low
+        low = max(1, round(self.low_per_slot * self.o.slots))
+        high = max(low + 1, round(self.high_per_slot * self.o.slots))
         if self.held() < low:
             self._send(Kind.WORK_REQ, {"want": high - self.held()})
             log.debug("asked for %d ranges", high - self.held())
@@ -157,7 +161,7 @@ class Droid:
         released, self.released = self.released, []
         seq = self._send(
             Kind.UPDATE,
-            {"results": [[row, r.to_dict()] for row, r in batch], "released": released},
+            {"results": [[row, result_to_wire(r)] for row, r in batch], "released": released},
         )
         self.unacked[seq] = batch
         self._last_update = time.monotonic()
@@ -212,6 +216,8 @@ class Droid:
         self.epoch = env.epoch
         self.lease_s = float(body.get("lease_s", self.lease_s))
         self.hb_interval = float(body.get("hb_interval", self.hb_interval))
+        self.low_per_slot = float(body.get("low_per_slot", self.low_per_slot))
+        self.high_per_slot = float(body.get("high_per_slot", self.high_per_slot))
         for d in body.get("jobs", []) or []:
             try:
                 job = Job.from_panda(d)
@@ -240,14 +246,14 @@ class Droid:
                 self.released.append(int(row))
                 del self.rows[r.event_range_id]
             else:
-                self.queue.append((int(row), r))
+                self.queue.append((int(row), r.panda_id, r))
 
     def _drain(self, by: float | None) -> None:
         log.warning("DRAIN: finishing running ranges by %s", by)
         self.draining = True
         self.drain_by = by
         while self.queue:
-            row, r = self.queue.popleft()
+            row, _, r = self.queue.popleft()
             self.rows.pop(r.event_range_id, None)
             self.released.append(row)
         for ex in self.executors.values():
@@ -268,27 +274,48 @@ class Droid:
         return ex
 
     def _feed(self) -> None:
-        kept: deque[tuple[int, EventRange]] = deque()
-        while self.queue:
-            row, r = self.queue.popleft()
-            ex = self._executor(r.panda_id)
-            if ex is None or getattr(ex, "error", None) is not None:
-                # no job for it, or its payload gave up: someone else may do better
+        """Give each executor as many queued ranges as it wants; the rest stay here."""
+        if not self.queue:
+            if self.no_more:
+                for ex in self.executors.values():
+                    ex.no_more_ranges()
+            return
+        wants: dict[int, int] = {}
+        batches: dict[int, list[EventRange]] = {}
+        kept: deque[tuple[int, int, EventRange]] = deque()
+        for item in self.queue:
+            row, pid, r = item
+            want = wants.get(pid)
+            if want is None:
+                ex = self._executor(pid)
+                if ex is None or getattr(ex, "error", None) is not None:
+                    want = -1  # no job for it, or its payload gave up: give it back
+                else:
+                    want = ex.wanted()
+                wants[pid] = want
+            if want < 0:
                 self.rows.pop(r.event_range_id, None)
                 self.released.append(row)
-                continue
-            if ex.wanted() > 0:
-                ex.add_ranges([r])
+            elif want > 0:
+                batches.setdefault(pid, []).append(r)
+                wants[pid] = want - 1
             else:
-                kept.append((row, r))
+                kept.append(item)
         self.queue = kept
+        for pid, ranges in batches.items():
+            self.executors[pid].add_ranges(ranges)
         if self.no_more and not self.queue:
             for ex in self.executors.values():
                 ex.no_more_ranges()
 
     def _collect(self, timeout: float) -> None:
         executors = list(self.executors.values())
-        if not executors:
+        ending = self.no_more or self.draining  # payloads must be polled to see them exit
+        # ranges held beyond the local queue sit in an executor: its payload may be
+        # starting and waiting to be served, so the executors must be polled
+        handed = len(self.rows) > len(self.queue)
+        if not executors or not (ending or handed or any(ex.in_flight() for ex in executors)):
+            # nothing running here: wait on Yoda (the transport backs off), not on a payload
             if timeout > 0:
                 got = self.t.recv(timeout)
                 if got is not None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from hpc.transport import result_to_wire
 from pilot.errors import ErrorCode, PilotError
 from pilot.eventservice.model import RangeResult, RangeStatus
 from yoda.ledger import Ledger, State
@@ -158,7 +159,9 @@ class Book:
         if not results:
             return
         if self.journal is not None:
-            self._log({"op": "done", "d": droid, "res": [[row, _as_dict(r)] for row, r in results]})
+            self._log(
+                {"op": "done", "d": droid, "res": [[row, result_to_wire(r)] for row, r in results]}
+            )
         by_state: dict[State, list[int]] = {}
         for row, r in results:
             by_state.setdefault(STATUS_STATE[r.status], []).append(row)
@@ -176,21 +179,6 @@ class Book:
         self._log({"op": "epoch", "n": n})
         if self.journal is not None:
             self.journal.sync()
-
-
-def _as_dict(r: RangeResult) -> dict[str, Any]:
-    """``RangeResult.to_dict()`` without dataclasses.asdict's deep copy (hot path)."""
-    return {
-        "event_range_id": r.event_range_id,
-        "status": r.status.value,
-        "output_path": r.output_path,
-        "fsize": r.fsize,
-        "adler32": r.adler32,
-        "cpu": r.cpu,
-        "wall": r.wall,
-        "error_code": r.error_code,
-        "error_diag": r.error_diag,
-    }
 
 
 def _apply_add(ledger: Ledger, job: int, rec_rows: list[list[int]]) -> np.ndarray:

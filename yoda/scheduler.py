@@ -106,6 +106,8 @@ class Scheduler:
             "jobs": self.book.jobs,
             "lease_s": self.p.lease_s,
             "hb_interval": self.p.hb_interval,
+            "low_per_slot": self.p.low_per_slot,
+            "high_per_slot": self.p.high_per_slot,
         }
 
     def live(self) -> list[Droid]:

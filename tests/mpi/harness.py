@@ -102,11 +102,53 @@ class Launched:
 
 
 def wait(proc: subprocess.Popen, timeout: float) -> int:
+    """Exit code of mpiexec; on a timeout, the ranks' Python stacks go into the error."""
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
+        stacks = dump_stacks(proc)
         kill_all(proc)
-        raise
+        raise AssertionError(
+            f"mpiexec still running after {timeout} s; stacks:\n{stacks}"
+        ) from None
+
+
+def dump_stacks(proc: subprocess.Popen) -> str:
+    """SIGUSR2 makes every rank write its stacks (faulthandler) to logs/rank<N>.stacks."""
+    found = []
+    for rank, p in sorted(_rank_procs(proc).items()):
+        try:
+            p.send_signal(signal.SIGUSR2)
+            found.append((rank, p))
+        except psutil.NoSuchProcess:
+            pass
+    time.sleep(1.0)
+    out = []
+    for rank, p in found:
+        try:
+            cmd = p.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        work = Path(cmd[cmd.index("--workdir") + 1]) if "--workdir" in cmd else None
+        text = (work / "logs" / f"rank{rank}.stacks").read_text() if work else ""
+        out.append(f"rank {rank} ({p.status()}):\n{text[-3000:]}")
+    return "\n".join(out) or "(no rank left)"
+
+
+def _rank_procs(proc: subprocess.Popen) -> dict[int, psutil.Process]:
+    found = {}
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return found
+    for child in children:
+        try:
+            rank = child.environ().get("OMPI_COMM_WORLD_RANK")
+            if rank is not None and "hpc.roles" in " ".join(child.cmdline()):
+                found[int(rank)] = child
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
 
 
 def kill_all(proc: subprocess.Popen) -> None:
@@ -132,21 +174,11 @@ def ranks(proc: subprocess.Popen, timeout: float = 30.0) -> dict[int, psutil.Pro
     deadline = time.monotonic() + timeout
     delay = 0.05
     while time.monotonic() < deadline:
-        found = {}
+        found = _rank_procs(proc)
         try:
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                try:
-                    env = child.environ()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                rank = env.get("OMPI_COMM_WORLD_RANK")
-                if rank is not None and "hpc.roles" in " ".join(child.cmdline()):
-                    found[int(rank)] = child
-        except psutil.NoSuchProcess:
-            return {}
-        size = (
-            int(next(iter(found.values())).environ().get("OMPI_COMM_WORLD_SIZE", 0)) if found else 0
-        )
+            size = int(next(iter(found.values())).environ()["OMPI_COMM_WORLD_SIZE"]) if found else 0
+        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
+            size = 0
         if found and len(found) == size:
             return found
         time.sleep(delay)

@@ -143,7 +143,7 @@ def test_rows_released_after_a_replay_are_handed_out_once(tmp_path):
 
 
 def test_journal_result_record_matches_the_model():
-    from yoda.journal import _as_dict
+    from hpc.transport import result_to_wire
 
     r = RangeResult("1-2-3-4-5", RangeStatus.FATAL, "/p", 3, "01020304", 1.0, 2.0, 1228, "x")
-    assert _as_dict(r) == r.to_dict()
+    assert result_to_wire(r) == r.to_dict()

@@ -47,7 +47,11 @@ def run_world(
         book.epoch(epoch)
         for j in JOBS:
             book.add_job(j)
-    sched = Scheduler(book, policy or Policy(hb_interval=0.2, hb_timeout=5), epoch=epoch)
+    sched = Scheduler(
+        book,
+        policy or Policy(hb_interval=0.2, hb_timeout=5, high_per_slot=6, low_per_slot=3),
+        epoch=epoch,
+    )
     yoda = Yoda(
         hub.endpoint(0),
         upstream,

@@ -1,0 +1,173 @@
+"""Full range lifecycle rate through rank 0, against raw mpi4py round trips.
+
+A range's life here is everything but the payload: fetched from the upstream
+(in memory, free), journaled, leased to a droid in a WORK message, "run" by a
+zero-cost executor, returned in an UPDATE, journaled, ACKed and reported
+upstream. The baseline, on the same ranks of the same mpiexec setup: raw
+mpi4py round trips (each droid rank sends a small message, rank 0 answers).
+Batching must make ranges/s at least match round trips/s.
+
+    python benchmarks/bench_yoda_rate.py            # 2 and 4 ranks
+    python benchmarks/bench_yoda_rate.py --ranges 5000
+
+Runs ``mpiexec --oversubscribe --with-ft ulfm`` on this script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TASK, PANDA = 4242, 7_000_000_001
+HIGH = 64  # ranges per slot a droid may hold: deep enough to hide the round trip
+
+
+class FreeUpstream:
+    """Ranges made on demand; every update accepted."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.given = 0
+        self.reported = 0
+
+    def get_event_ranges(self, panda_id, jobset_id, task_id, n_ranges):
+        lo, hi = self.given, min(self.n, self.given + n_ranges)
+        self.given = hi
+        return [
+            {
+                "eventRangeID": f"{TASK}-{PANDA}-1-{i + 1}-1",
+                "startEvent": i,
+                "lastEvent": i,
+                "LFN": "EVNT.pool.root",
+                "GUID": "G",
+                "scope": "mc",
+            }
+            for i in range(lo, hi)
+        ]
+
+    def update_event_ranges(self, entries, version=0):
+        self.reported += len(entries)
+        return [True] * len(entries)
+
+
+def pingpong(round_trips: int) -> None:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    comm.Barrier()
+    if rank == 0:
+        status = MPI.Status()
+        t0 = time.perf_counter()
+        for _ in range(round_trips * (size - 1)):
+            msg = comm.recv(source=MPI.ANY_SOURCE, tag=1, status=status)
+            comm.send(msg, dest=status.Get_source(), tag=2)
+        elapsed = time.perf_counter() - t0
+        print(json.dumps({"round_trips_per_s": round_trips * (size - 1) / elapsed}), flush=True)
+    else:
+        for i in range(round_trips):
+            comm.send((3, i, 1, {"want": 8}), dest=0, tag=1)
+            comm.recv(source=0, tag=2)
+
+
+def lifecycle(n_ranges: int, slots: int, workdir: str) -> None:
+    from droid.droid import Droid, DroidOptions
+    from droid.nullexec import NullExecutor
+    from hpc.transport import MPITransport
+    from yoda.journal import Book, Journal
+    from yoda.ledger import Ledger, State
+    from yoda.master import Yoda, YodaOptions
+    from yoda.scheduler import Policy, Scheduler
+
+    t = MPITransport()
+    t.comm.Barrier()
+    if t.rank == 0:
+        up = FreeUpstream(n_ranges)
+        book = Book(Ledger(t0=time.time()), Journal(Path(workdir) / "yoda.journal"))
+        book.epoch(1)
+        book.add_job({"PandaID": PANDA, "taskID": TASK, "jobsetID": TASK, "transformation": "x"})
+        sched = Scheduler(book, Policy(high_per_slot=HIGH, low_per_slot=HIGH / 2), epoch=1)
+        yoda = Yoda(t, up, sched, YodaOptions(update_batch=1000, fetch_max=5000))
+        t0 = time.perf_counter()
+        rc = yoda.run(max_seconds=600)
+        elapsed = time.perf_counter() - t0
+        book.journal.close()
+        assert rc == 0 and book.ledger.count(State.FINISHED) == n_ranges, book.ledger.counts
+        assert up.reported == n_ranges
+        print(json.dumps({"ranges_per_s": n_ranges / elapsed, "elapsed": elapsed}), flush=True)
+    else:
+
+        def factory(job, wd, s, lease_s):
+            return NullExecutor(job, wd, s)
+
+        opts = DroidOptions(slots=slots, update_batch=200, update_interval=0.02)
+        Droid(t, Path(workdir) / f"droid{t.rank}", factory, opts).run()
+    t.close()
+
+
+def launch(n: int, *args: str) -> dict:
+    argv = [
+        shutil.which("mpiexec") or "mpiexec",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "--with-ft",
+        "ulfm",
+        "-n",
+        str(n),
+        sys.executable,
+        __file__,
+        *args,
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"no result: {out.stdout[-500:]} {out.stderr[-500:]}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ranges", type=int, default=20_000)
+    p.add_argument("--slots", type=int, default=16, help="slots per droid")
+    p.add_argument("--round-trips", type=int, default=5_000)
+    p.add_argument("--role", choices=("pingpong", "lifecycle"))
+    p.add_argument("--workdir")
+    args = p.parse_args()
+    if args.role == "pingpong":
+        pingpong(args.round_trips)
+        return
+    if args.role == "lifecycle":
+        lifecycle(args.ranges, args.slots, args.workdir)
+        return
+    for n in (2, 4):
+        base = launch(n, "--role", "pingpong", "--round-trips", str(args.round_trips))
+        with tempfile.TemporaryDirectory() as tmp:
+            got = launch(
+                n,
+                "--role",
+                "lifecycle",
+                "--ranges",
+                str(args.ranges),
+                "--slots",
+                str(args.slots),
+                "--workdir",
+                tmp,
+            )
+        ratio = got["ranges_per_s"] / base["round_trips_per_s"]
+        print(
+            f"{n} ranks: {got['ranges_per_s']:,.0f} ranges/s through rank 0"
+            f" ({args.ranges:,} ranges, {args.slots} slots per droid, journal on)"
+            f" vs baseline {base['round_trips_per_s']:,.0f} raw mpi4py round trips/s:"
+            f" {ratio:.1f}x",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
