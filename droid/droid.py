@@ -103,9 +103,8 @@ class Droid:
         self.seq = 0
         self.jobs: dict[int, Job] = {}
         self.executors: dict[int, Executor] = {}
-        self.queue: deque[tuple[int, int, EventRange]] = (
-            deque()
-        )  # (row, PandaID, range), not started
+        # leased ranges not yet given to a payload, per PandaID: (row, range)
+        self.queue: dict[int, deque[tuple[int, EventRange]]] = {}
         self.rows: dict[str, int] = {}  # range id -> ledger row, for everything held
         self.results: list[tuple[int, RangeResult]] = []  # not yet sent
         self.unacked: dict[int, list[tuple[int, RangeResult]]] = {}
@@ -228,34 +227,41 @@ class Droid:
         self.configured = True
 
     def _work(self, body: dict[str, Any]) -> None:
+        """Ranges come as ``[row, id, start, last, LFN, GUID, scope, PFN]``: Yoda validated
+        them when they came from upstream, so they are rebuilt here without parsing again."""
         self.requested = False
         log.debug("got %d ranges, no_more=%s", len(body.get("ranges") or []), body.get("no_more"))
         if body.get("no_more"):
             self.no_more = True
         for item in body.get("ranges", []) or []:
             try:
-                row, d = item
-                r = EventRange.from_panda(d)
-            except (TypeError, ValueError, PilotError) as exc:
-                log.error("range dropped: %s", exc)
+                row, rid, start, last, lfn, guid, scope, pfn = item
+                r = EventRange(str(rid), int(start), int(last), str(lfn), guid, scope, pfn)
+                pid = int(r.event_range_id.split("-")[1])
+                row = int(row)
+            except (TypeError, ValueError, IndexError) as exc:
+                log.error("range dropped: %s: %.200r", exc, item)
                 continue
             if r.event_range_id in self.rows:
                 continue
-            self.rows[r.event_range_id] = int(row)
             if self.draining:
-                self.released.append(int(row))
-                del self.rows[r.event_range_id]
+                self.released.append(row)
             else:
-                self.queue.append((int(row), r.panda_id, r))
+                self.rows[r.event_range_id] = row
+                self.queue.setdefault(pid, deque()).append((row, r))
+
+    def queued(self) -> int:
+        return sum(len(q) for q in self.queue.values())
 
     def _drain(self, by: float | None) -> None:
         log.warning("DRAIN: finishing running ranges by %s", by)
         self.draining = True
         self.drain_by = by
-        while self.queue:
-            row, _, r = self.queue.popleft()
-            self.rows.pop(r.event_range_id, None)
-            self.released.append(row)
+        for q in self.queue.values():
+            for row, r in q:
+                self.rows.pop(r.event_range_id, None)
+                self.released.append(row)
+        self.queue.clear()
         for ex in self.executors.values():
             ex.no_more_ranges()
         self._flush_results(force=True)
@@ -274,37 +280,22 @@ class Droid:
         return ex
 
     def _feed(self) -> None:
-        """Give each executor as many queued ranges as it wants; the rest stay here."""
-        if not self.queue:
-            if self.no_more:
-                for ex in self.executors.values():
-                    ex.no_more_ranges()
-            return
-        wants: dict[int, int] = {}
-        batches: dict[int, list[EventRange]] = {}
-        kept: deque[tuple[int, int, EventRange]] = deque()
-        for item in self.queue:
-            row, pid, r = item
-            want = wants.get(pid)
-            if want is None:
-                ex = self._executor(pid)
-                if ex is None or getattr(ex, "error", None) is not None:
-                    want = -1  # no job for it, or its payload gave up: give it back
-                else:
-                    want = ex.wanted()
-                wants[pid] = want
-            if want < 0:
-                self.rows.pop(r.event_range_id, None)
-                self.released.append(row)
-            elif want > 0:
-                batches.setdefault(pid, []).append(r)
-                wants[pid] = want - 1
-            else:
-                kept.append(item)
-        self.queue = kept
-        for pid, ranges in batches.items():
-            self.executors[pid].add_ranges(ranges)
-        if self.no_more and not self.queue:
+        """Give each executor as many of its queued ranges as it wants; the rest stay here."""
+        for pid, q in list(self.queue.items()):
+            if not q:
+                continue
+            ex = self._executor(pid)
+            if ex is None or getattr(ex, "error", None) is not None:
+                # no job for it, or its payload gave up: someone else may do better
+                for row, r in q:
+                    self.rows.pop(r.event_range_id, None)
+                    self.released.append(row)
+                q.clear()
+                continue
+            n = min(ex.wanted(), len(q))
+            if n > 0:
+                ex.add_ranges([q.popleft()[1] for _ in range(n)])
+        if self.no_more and not self.queued():
             for ex in self.executors.values():
                 ex.no_more_ranges()
 
@@ -313,7 +304,7 @@ class Droid:
         ending = self.no_more or self.draining  # payloads must be polled to see them exit
         # ranges held beyond the local queue sit in an executor: its payload may be
         # starting and waiting to be served, so the executors must be polled
-        handed = len(self.rows) > len(self.queue)
+        handed = len(self.rows) > self.queued()
         if not executors or not (ending or handed or any(ex.in_flight() for ex in executors)):
             # nothing running here: wait on Yoda (the transport backs off), not on a payload
             if timeout > 0:
@@ -335,7 +326,7 @@ class Droid:
             return not self.rows or all(ex.finished for ex in self.executors.values())
         return (
             self.no_more
-            and not self.queue
+            and not self.queued()
             and not self.rows
             and all(ex.finished or getattr(ex, "error", None) for ex in self.executors.values())
         )

@@ -187,7 +187,12 @@ class Scheduler:
         d.leased.update(rows)
         d.want = max(0, d.want - len(rows))
         self.decisions += len(rows)
-        ranges = [[row, self.ledger.event_range(row).to_panda()] for row in rows]
+        ranges = []
+        for row in rows:
+            r = self.ledger.event_range(row)
+            ranges.append(
+                [row, r.event_range_id, r.start_event, r.last_event, r.lfn, r.guid, r.scope, r.pfn]
+            )
         return [(d.rank, self._env(Kind.WORK, {"ranges": ranges, "no_more": False}))]
 
     def serve_waiting(self, now: float) -> Out:
