@@ -1,0 +1,101 @@
+"""The Droid against a scripted Yoda over the in-process transport (no MPI, no payload)."""
+
+from __future__ import annotations
+
+import threading
+
+from droid.droid import Droid, DroidOptions
+from droid.nullexec import NullExecutor
+from hpc.transport import Envelope, Kind, LocalHub
+
+JOB = {"PandaID": 501, "taskID": 9, "jobsetID": 9, "transformation": "toysim"}
+
+
+def rng(i):
+    return [i, f"9-501-77-{i + 1}-1", i * 2, i * 2 + 1, "EVNT.root", "G", "mc", ""]
+
+
+def start(tmp_path, delay=0.0, slots=2):
+    hub = LocalHub(2)
+    yoda = hub.endpoint(0)
+
+    def factory(job, wd, s, lease_s):
+        return NullExecutor(job, wd, s, delay=delay, write_outputs=True)
+
+    droid = Droid(hub.endpoint(1), tmp_path, factory, DroidOptions(slots=slots, update_interval=0))
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("rc", droid.run()), daemon=True)
+    t.start()
+    hello = yoda.recv(10)
+    assert hello.kind is Kind.HELLO and hello.body["slots"] == slots
+    cfg = {"jobs": [JOB], "lease_s": 60, "hb_interval": 60, "low_per_slot": 1, "high_per_slot": 2}
+    yoda.send(1, Envelope(Kind.CONFIG, 1, 5, cfg))
+    return hub, yoda, droid, t, result
+
+
+def expect(yoda, kind, timeout=10):
+    for _ in range(100):
+        got = yoda.recv(timeout)
+        assert got is not None, f"no {kind.name}"
+        if got.kind is kind:
+            return got
+    raise AssertionError(f"no {kind.name}")
+
+
+def test_work_results_ack_no_more_bye(tmp_path):
+    hub, yoda, droid, t, result = start(tmp_path)
+    req = expect(yoda, Kind.WORK_REQ)
+    assert req.body["want"] == 4 and req.epoch == 5
+    junk = [["x"], [1, 2], None]
+    yoda.send(1, Envelope(Kind.WORK, 2, 5, {"ranges": [rng(0), rng(1), *junk], "no_more": False}))
+    yoda.send(1, Envelope(Kind.WORK, 3, 4, {"ranges": [rng(7)], "no_more": False}))  # old epoch
+    done = {}
+    while len(done) < 2:
+        up = expect(yoda, Kind.UPDATE)
+        for row, r in up.body["results"]:
+            done[row] = r
+        yoda.send(1, Envelope(Kind.ACK, 4, 5, {"upto": up.seq}))
+    assert set(done) == {0, 1} and all(r["status"] == "finished" for r in done.values())
+    yoda.send(1, Envelope(Kind.WORK, 5, 5, {"ranges": [], "no_more": True}))
+    bye = expect(yoda, Kind.BYE)
+    assert bye.body["released"] == [] and bye.body["done"] == 2
+    yoda.send(1, Envelope(Kind.STOP, 6, 5, {}))
+    t.join(10)
+    assert result["rc"] == 0
+
+
+def test_drain_gives_back_what_did_not_start(tmp_path):
+    hub, yoda, droid, t, result = start(tmp_path, delay=0.3, slots=1)
+    expect(yoda, Kind.WORK_REQ)
+    yoda.send(
+        1, Envelope(Kind.WORK, 2, 5, {"ranges": [rng(i) for i in range(5)], "no_more": False})
+    )
+    for _ in range(1000):  # bounded: until the first range started
+        if any(ex.in_flight() for ex in list(droid.executors.values())):
+            break
+        threading.Event().wait(0.01)
+    yoda.send(1, Envelope(Kind.DRAIN, 3, 5, {"by": 1e12}))
+    released, finished = set(), set()
+    while True:
+        got = yoda.recv(10)
+        assert got is not None
+        if got.kind is Kind.UPDATE:
+            released.update(got.body["released"])
+            finished.update(row for row, _ in got.body["results"])
+            yoda.send(1, Envelope(Kind.ACK, 4, 5, {"upto": got.seq}))
+        elif got.kind is Kind.BYE:
+            released.update(got.body["released"])
+            break
+    assert finished | released == set(range(5)) and not finished & released
+    assert len(finished) == 1  # one slot: only the running range finishes
+    yoda.send(1, Envelope(Kind.STOP, 5, 5, {}))
+    t.join(10)
+    assert result["rc"] == 0
+
+
+def test_stop_ends_the_droid_and_yoda_death_too(tmp_path):
+    hub, yoda, droid, t, result = start(tmp_path)
+    expect(yoda, Kind.WORK_REQ)
+    hub.kill(0)
+    t.join(10)
+    assert not t.is_alive() and droid.yoda_dead
