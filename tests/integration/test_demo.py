@@ -110,3 +110,19 @@ def test_demo_bad_usage(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "--ranks" in proc.stdout
+
+
+def test_demo_refuses_a_used_workdir(tmp_path: Path) -> None:
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "dispatcher.db").write_bytes(b"")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pilot.demo", "--workdir", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "earlier run" in proc.stdout
