@@ -155,7 +155,11 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
         term_grace=args.term_grace,
     )
     options = YodaOptions(retry_max=args.retry_max)
-    yoda = Yoda(transport, upstream, Scheduler(book, policy, epoch=epoch), options)
+    # updateJob with --url; with --harvester, Harvester reports the jobs itself
+    job_update = getattr(upstream, "update_job", None)
+    yoda = Yoda(
+        transport, upstream, Scheduler(book, policy, epoch=epoch), options, job_update=job_update
+    )
     if not book.jobs:
         yoda.s.exhausted = True
     for sig in (signal.SIGTERM, signal.SIGUSR1):

@@ -27,8 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from hpc.transport import Envelope, Kind, PeerFailed, Transport
-from pilot.errors import PilotError
+from pilot.errors import ErrorCode, PilotError, error_diag
 from pilot.eventservice.model import RangeResult
 from pilot.job import EventRange
 from yoda.ledger import State
@@ -77,6 +79,7 @@ class Yoda:
         options: YodaOptions | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        job_update: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         self.t = transport
         self.up = upstream
@@ -94,6 +97,8 @@ class Yoda:
         self._stop_requested = False
         self.reported = 0
         self.fetched = 0
+        self.job_update = job_update  # e.g. PandaClient.update_job (updateJob fields)
+        self._job_state: dict[int, str] = {}
 
     # -- signals -------------------------------------------------------------
 
@@ -211,6 +216,67 @@ class Yoda:
         self._last_update = now
         return accepted
 
+    # -- job state -----------------------------------------------------------
+
+    def job_fields(self, job_index: int) -> dict[str, Any] | None:
+        """updateJob fields of a job whose ranges are all done and reported, else None.
+
+        A job with at least one finished range is ``finished`` (PanDA retries the
+        failed ranges in a later job); with none it is ``failed``: 1238 ESNOEVENTS
+        if it never had a range, else 1224 ESRECOVERABLE.
+        """
+        job = self.book.jobs[job_index]
+        panda_id = self._job_keys(job)[0]
+        if panda_id not in self._dry:
+            return None
+        led = self.s.ledger
+        rows = led.rows[: led.n]
+        mine = rows["job"] == job_index
+        states = np.bincount(rows["state"][mine], minlength=len(State))
+        if states[State.READY] or states[State.LEASED]:
+            return None
+        if any(led.panda_id(r) == panda_id for r in self.book.unsent):
+            return None
+        finished = rows[mine & (rows["state"] == State.FINISHED)]
+        fields: dict[str, Any] = {
+            "jobId": panda_id,
+            "state": "finished" if len(finished) else "failed",
+            "nEvents": int(finished["nev"].sum()),
+        }
+        if job.get("attemptNr") not in (None, ""):
+            fields["attemptNr"] = job["attemptNr"]
+        if not len(finished):
+            code = ErrorCode.ESNOEVENTS if not mine.any() else ErrorCode.ESRECOVERABLE
+            fields["pilotErrorCode"] = int(code)
+            fields["pilotErrorDiag"] = error_diag(code, f"{int(mine.sum())} ranges, none finished")
+        return fields
+
+    def _update_job(self, fields: dict[str, Any]) -> bool:
+        if self.job_update is None:
+            return True
+        try:
+            self.job_update(fields)
+        except PilotError as exc:
+            log.warning("updateJob %s (%s) failed: %s", fields["jobId"], fields["state"], exc)
+            return False
+        return True
+
+    def report_jobs(self, *, final: bool) -> None:
+        """``running`` once per job, and the final state of every job that is complete."""
+        for index, job in enumerate(self.book.jobs):
+            panda_id = self._job_keys(job)[0]
+            if self._job_state.get(panda_id) in ("finished", "failed"):
+                continue
+            fields = self.job_fields(index) if final else None
+            if fields is None:
+                if panda_id not in self._job_state:
+                    if self._update_job({"jobId": panda_id, "state": "running"}):
+                        self._job_state[panda_id] = "running"
+                continue
+            if self._update_job(fields):
+                self._job_state[panda_id] = fields["state"]
+                log.info("job %d: %s, %d events", panda_id, fields["state"], fields["nEvents"])
+
     # -- loop ----------------------------------------------------------------
 
     def _send(self, out: list[tuple[int, Envelope]]) -> None:
@@ -231,6 +297,7 @@ class Yoda:
         """The loop. Returns 0 when all went out, 1 if results are left in the journal."""
         start = self.clock()
         self.s.expect(list(range(1, self.t.size)), start)
+        self.report_jobs(final=False)
         next_tick = 0.0
         drain_deadline: float | None = None
         while True:
@@ -273,6 +340,8 @@ class Yoda:
                 time.sleep(min(self._update_retry_at - now, max(0.0, deadline - now)))
                 continue
             self.push_updates(now, force=True)
+        if not self.book.unsent:
+            self.report_jobs(final=True)
         if hasattr(self.t, "flush"):
             self.t.flush(5.0)
         if self.book.journal is not None:

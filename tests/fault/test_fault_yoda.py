@@ -130,6 +130,7 @@ def test_sigterm_to_every_rank_drains_and_loses_nothing(server, launched, work):
     assert wait(launched.start(server, work, "--resume"), 120) == 0
     problems, counts = invariant(server, work)
     assert problems == [] and counts == {"finished": 60}
+    assert [j["status"] for j in server.store.jobs()] == ["finished"]  # only after the resume
 
 
 def test_a_hanging_payload_is_killed_by_its_lease(server, launched, work):

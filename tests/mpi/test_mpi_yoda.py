@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,7 @@ def test_two_jobs_on_three_droids_every_range_once(server, launched, tmp_path):
     assert problems == []
     assert counts == {"finished": 60}
     assert rc == 0
+    jobs = server.store.jobs()
+    assert len(jobs) == 2 and {j["status"] for j in jobs} == {"finished"}
+    finals = [j["final"] if isinstance(j["final"], dict) else json.loads(j["final"]) for j in jobs]
+    assert sorted(int(f["nEvents"]) for f in finals) == [60, 60]  # 30 ranges x 2 events
