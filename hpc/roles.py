@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -221,8 +222,30 @@ def main(argv: list[str] | None = None) -> int:
                 transport.send(rank, Envelope(Kind.STOP, body={"reason": exc.diag}))
     finally:
         transport.close()
+    finalize(rc)
     logging.shutdown()
-    return rc  # mpi4py calls MPI_Finalize at interpreter exit
+    return rc
+
+
+def finalize(rc: int, timeout: float = 20.0) -> None:
+    """MPI_Finalize, bounded: after a rank died, Open MPI may wait in it for the dead
+    peer (seen now and then under ULFM); the work is done and journaled by then, so
+    the process leaves with ``rc`` instead of holding the allocation."""
+    from mpi4py import MPI
+
+    if MPI.Is_finalized():
+        return
+
+    def give_up() -> None:
+        log.error("MPI_Finalize did not return in %.0f s (a dead peer?): leaving", timeout)
+        logging.shutdown()
+        os._exit(rc)
+
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    MPI.Finalize()
+    watchdog.cancel()
 
 
 if __name__ == "__main__":
