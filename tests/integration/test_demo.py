@@ -89,6 +89,7 @@ def test_demo_mpi_every_range_once(tmp_path: Path) -> None:
     _check_outputs(proc, report, work, 200)
     assert set(report["per_droid"]) <= {"droid 1", "droid 2", "droid 3"}
     assert (work / "hpc" / "yoda.journal").is_file()
+    assert [r["state"] for r in report["final_records"]] == ["finished"]
 
 
 def test_demo_single_node(tmp_path: Path) -> None:

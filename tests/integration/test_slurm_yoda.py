@@ -127,6 +127,7 @@ def test_sbatch_yoda_droid_job_finishes_a_task(server, tmp_path: Path) -> None:
     problems, counts = invariant(server, tmp_path / "work")
     assert problems == [], log
     assert counts == {"finished": 45}
+    assert [j["status"] for j in server.store.jobs()] == ["finished"]
     droids = {int(p.name[5:]) for p in (tmp_path / "work").glob("droid*")}
     assert droids == set(range(1, RANKS)), log
 
@@ -164,6 +165,8 @@ def test_scancel_term_drains_and_loses_nothing(server, tmp_path: Path) -> None:
     assert set(by_status) <= {"finished", "sent", "ready"}, Counter(r["status"] for r in ranges)
     assert by_status.get("sent", set()) == released
     assert 0 < len(by_status.get("finished", ())) < n, "the drain came after the task ended"
+    # a drain is not a failure: the job is neither failed nor finished yet
+    assert [j["status"] for j in server.store.jobs()] not in (["failed"], ["finished"])
 
     # what was given back is still there: the next allocation finishes it
     job2 = _submit(tmp_path, server, "--resume")
@@ -173,3 +176,4 @@ def test_scancel_term_drains_and_loses_nothing(server, tmp_path: Path) -> None:
     problems, counts = invariant(server, work)
     assert problems == [], log
     assert counts == {"finished": n}
+    assert [j["status"] for j in server.store.jobs()] == ["finished"]
