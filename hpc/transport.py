@@ -160,7 +160,10 @@ class Backoff:
     minimum: float = 0.0001
     maximum: float = 0.05
     factor: float = 2.0
-    current: float = field(default=0.0001)
+    current: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        self.current = self.minimum
 
     def reset(self) -> None:
         self.current = self.minimum
