@@ -22,6 +22,7 @@ down; the loop then backs off and retries, and nothing is lost meanwhile.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import numpy as np
 from hpc.transport import Envelope, Kind, PeerFailed, Transport
 from pilot.errors import ErrorCode, PilotError, error_diag
 from pilot.eventservice.model import RangeResult
-from pilot.job import EventRange
+from pilot.job import MAX_LFN, EventRange
 from yoda.ledger import State
 from yoda.scheduler import Scheduler
 
@@ -47,6 +48,58 @@ class RangeSource(Protocol):
     def update_event_ranges(
         self, entries: list[dict[str, Any]], version: int = 0
     ) -> list[bool]: ...
+
+
+_RANGE_ID = re.compile(r"[0-9]+-[0-9]+-[0-9]+-[0-9]+-[0-9]+")
+_NULLS = frozenset({"", "NULL", "None", "null"})
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return ""
+    if type(value) is not str:
+        return None
+    return "" if value.strip() in _NULLS else value
+
+
+def parse_ranges(items: list[Any]) -> list[EventRange | PilotError]:
+    """Validate upstream ranges: the plain common case checked inline, anything unusual
+    through :meth:`EventRange.from_panda` (the one full validation, and its diagnostics).
+
+    The inline path accepts only what ``from_panda`` accepts and builds the same
+    object; it exists because validation was half of rank 0's CPU per range.
+    """
+    out: list[EventRange | PilotError] = []
+    for d in items:
+        if type(d) is dict:
+            rid, start, last = d.get("eventRangeID"), d.get("startEvent"), d.get("lastEvent")
+            lfn = d.get("LFN")
+            guid, scope, pfn = _text(d.get("GUID")), _text(d.get("scope")), _text(d.get("PFN"))
+            if (
+                type(rid) is str
+                and _RANGE_ID.fullmatch(rid)
+                and type(start) is int
+                and type(last) is int
+                and 0 <= start <= last
+                and type(lfn) is str
+                and 0 < len(lfn) <= MAX_LFN
+                and lfn.isprintable()
+                and lfn.strip() not in _NULLS
+                and lfn not in (".", "..")
+                and not lfn.startswith("..")
+                and "/" not in lfn
+                and "\\" not in lfn
+                and guid is not None
+                and scope is not None
+                and pfn is not None
+            ):
+                out.append(EventRange(rid, start, last, lfn, guid, scope, pfn))
+                continue
+        try:
+            out.append(EventRange.from_panda(d))
+        except PilotError as exc:
+            out.append(exc)
+    return out
 
 
 def update_entry(result: RangeResult) -> dict[str, Any]:
@@ -143,11 +196,9 @@ class Yoda:
                 self._dry.add(panda_id)
                 continue
             ranges = []
-            for d in got:
-                try:
-                    r = EventRange.from_panda(d)
-                except PilotError as exc:
-                    log.error("job %d: upstream range dropped: %s", panda_id, exc)
+            for r in parse_ranges(got):
+                if isinstance(r, PilotError):
+                    log.error("job %d: upstream range dropped: %s", panda_id, r)
                     continue
                 if r.panda_id != panda_id:
                     log.error("range %s is not of job %d: dropped", r.event_range_id, panda_id)
