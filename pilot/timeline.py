@@ -8,7 +8,8 @@ renamed into place, not rewritten, so its modification time is the moment the
 payload finished writing it: that is the bar's end, and end minus the
 payload's wall time its start. Ranges without an output (failed, fatal) end
 when the dispatcher recorded their update, the nearest upper bound there is.
-Without a journal (single-node mode) the dispatcher's own times are used: a
+Results that carry their own clock times (``started``/``ended``, epoch
+seconds) are drawn from those instead. Without a journal (single-node mode) the dispatcher's own times are used: a
 range spans from its dispatch to its update.
 
 The journal format is read here as documented in ``yoda/journal.py`` rather
@@ -52,6 +53,8 @@ class JournalResult:
     output_path: str
     wall: float
     cpu: float
+    started: float | None = None  # clock times, where the result carries them
+    ended: float | None = None
 
 
 def read_journal_results(path: str | Path) -> list[JournalResult]:
@@ -88,6 +91,8 @@ def read_journal_results(path: str | Path) -> list[JournalResult]:
                         output_path=str(res.get("output_path") or ""),
                         wall=float(res.get("wall") or 0.0),
                         cpu=float(res.get("cpu") or 0.0),
+                        started=_epoch(res.get("started")),
+                        ended=_epoch(res.get("ended")),
                     )
                 )
         except (KeyError, TypeError, ValueError) as exc:
@@ -97,6 +102,13 @@ def read_journal_results(path: str | Path) -> list[JournalResult]:
     return out
 
 
+def _epoch(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def spans_from_journal(
     results: Iterable[JournalResult], updated_at: Mapping[str, float] | None = None
 ) -> list[RangeSpan]:
@@ -104,6 +116,10 @@ def spans_from_journal(
     updated_at = updated_at or {}
     spans = []
     for r in results:
+        if r.started is not None and r.ended is not None:
+            end = max(r.ended, r.started + MIN_BAR)
+            spans.append(RangeSpan(f"droid {r.droid}", r.range_id, r.started, end, r.status, r.cpu))
+            continue
         end = None
         if r.output_path:
             try:

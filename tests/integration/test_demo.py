@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -21,9 +22,13 @@ REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _demo(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict, Path]:
+def _demo(
+    tmp_path: Path, *extra: str, path: str | None = None
+) -> tuple[subprocess.CompletedProcess, dict, Path]:
     work = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    if path is not None:
+        env["PATH"] = path
     proc = subprocess.run(
         [sys.executable, "-m", "pilot.demo", "--workdir", str(work), "--cpu-per-event", "0"]
         + list(extra),
@@ -92,9 +97,14 @@ def test_demo_mpi_every_range_once(tmp_path: Path) -> None:
     assert [r["state"] for r in report["final_records"]] == ["finished"]
 
 
-def test_demo_single_node(tmp_path: Path) -> None:
-    proc, report, work = _demo(tmp_path, "--ranges", "60", "--mode", "single")
+def test_demo_without_mpi_runs_the_single_node_pilot(tmp_path: Path) -> None:
+    # a PATH without mpiexec: the demo says so and runs `pilot run --url` instead
+    bare = "/usr/bin:/bin"
+    mode = ["--mode", "single"] if shutil.which("mpiexec", path=bare) else []
+    proc, report, work = _demo(tmp_path, "--ranges", "60", *mode, path=bare)
     assert report["mode"] == "single"
+    if not mode:
+        assert "MPI not available (no mpiexec on PATH)" in proc.stdout
     _check_outputs(proc, report, work, 60)
     assert [r["state"] for r in report["final_records"]] == ["finished"]
 
@@ -127,3 +137,40 @@ def test_demo_refuses_a_used_workdir(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "earlier run" in proc.stdout
+
+
+def test_timeline_spans_from_a_journal(tmp_path: Path) -> None:
+    from pilot.errors import PilotError
+    from pilot.timeline import draw_timeline, read_journal_results, spans_from_journal
+
+    out = tmp_path / "out.dat"
+    out.write_bytes(b"x")
+    os.utime(out, (1000.0, 1000.0))
+
+    def res(rid: str, status: str, path: str = "", **extra: float) -> dict:
+        d = {"event_range_id": rid, "status": status, "output_path": path, "wall": 2.0}
+        return {**d, "cpu": 1.5, **extra}
+
+    lines = [
+        {"op": "epoch", "n": 1},
+        {"op": "done", "d": 1, "res": [[0, res("1-2-1-1-1", "finished", str(out))]]},
+        {"op": "done", "d": 2, "res": [[1, res("1-2-1-2-1", "failed")]]},
+        {"op": "done", "d": 2, "res": [[2, res("1-2-1-3-1", "finished", started=5, ended=9)]]},
+        {"op": "done", "d": 3, "res": [[3, res("1-2-1-4-1", "fatal")]]},
+    ]
+    journal = tmp_path / "yoda.journal"
+    journal.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"op": "do', encoding="utf-8")
+    results = read_journal_results(journal)  # the torn last line is skipped
+    assert [r.droid for r in results] == [1, 2, 2, 3]
+    spans = {s.range_id: s for s in spans_from_journal(results, {"1-2-1-2-1": 50.0})}
+    assert (spans["1-2-1-1-1"].start, spans["1-2-1-1-1"].end) == (998.0, 1000.0)  # output mtime
+    assert (spans["1-2-1-2-1"].start, spans["1-2-1-2-1"].end) == (48.0, 50.0)  # dispatcher time
+    assert (spans["1-2-1-3-1"].start, spans["1-2-1-3-1"].end) == (5.0, 9.0)  # its own clock
+    assert "1-2-1-4-1" not in spans  # no time known at all: left out, not invented
+    assert spans["1-2-1-1-1"].lane == "droid 1"
+    png = draw_timeline(list(spans.values()), tmp_path / "t.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+    journal.write_text('{"op": "do\n{"op": "epoch", "n": 1}\n', encoding="utf-8")
+    with pytest.raises(PilotError):  # a torn line in the middle is corruption
+        read_journal_results(journal)
