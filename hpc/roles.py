@@ -154,6 +154,8 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
         walltime_end=args.walltime_end,
         drain_lead=args.drain_lead,
         term_grace=args.term_grace,
+        # the droid's own lease check (the executor's range timeout) must win the race
+        lease_grace=2 * args.hb_interval + 5,
     )
     options = YodaOptions(retry_max=args.retry_max)
     # updateJob with --url; with --harvester, Harvester reports the jobs itself

@@ -366,8 +366,11 @@ class Yoda:
                 break
             if self.s.draining:
                 if drain_deadline is None:
-                    by = self.s.p.walltime_end or now + self.s.p.term_grace
-                    drain_deadline = max(now, by) + self.o.bye_wait_s
+                    end = self.s.p.walltime_end
+                    if end is not None:  # the batch system kills at `end`: be out before
+                        drain_deadline = max(now, end - 0.1 * self.s.p.drain_lead)
+                    else:
+                        drain_deadline = now + self.s.p.term_grace + self.o.bye_wait_s
                 if now > drain_deadline:
                     log.warning("droids did not all say BYE in time: stopping them")
                     break

@@ -9,6 +9,7 @@ every finished output exists with its checksum.
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,20 @@ def test_upstream_down_for_a_while_every_update_arrives_once(server, launched, w
         assert rc == 0
     finally:
         again.stop()
+
+
+def test_walltime_end_drains_in_time_and_charges_nobody(server, launched, work):
+    load_task(server, 1, 120, "--cpu-per-event 0.25")  # ~0.5 s of CPU per range
+    end = time.time() + 30
+    proc = launched.start(server, work, "--walltime-end", str(end), "--drain-lead", "18")
+    rc = wait(proc, 60)
+    assert rc == 0 and time.time() < end  # out before the batch system's kill
+    rep = replay(work / "yoda.journal")
+    led = rep.ledger
+    assert led.count(State.LEASED) == 0 and not rep.unsent
+    assert led.count(State.READY) > 0 and led.count(State.FINISHED) > 0
+    assert int(led.rows["tries"][: led.n].max()) == 0
+    problems, counts = invariant(server, work, require_all=False)
+    assert problems == []
+    assert counts["sent"] == led.count(State.READY)  # handed out upstream, released here
+    assert "DRAIN" in (work / "logs" / "rank1.log").read_text()
