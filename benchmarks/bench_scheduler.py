@@ -94,8 +94,8 @@ def simulate(n_droids: int, n_ranges: int, slots: int) -> dict[str, float]:
                     ranges = env.body["ranges"]
                     if ranges:
                         results = [
-                            [row, {"event_range_id": r[1], "status": "finished"}]
-                            for row, *r in ranges
+                            [row, {"event_range_id": rid, "status": "finished"}]
+                            for row, rid, *_ in ranges
                         ]
                         d.send(0, Envelope(Kind.UPDATE, 2, 1, {"results": results}))
                         d.send(0, Envelope(Kind.WORK_REQ, 3, 1, {"want": 2 * slots}))
