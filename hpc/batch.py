@@ -167,7 +167,13 @@ class SlurmDialect(Dialect):
         lines = [
             f"--job-name={req.job_name}",
             f"--nodes={req.nodes}",
-            f"--ntasks-per-node={req.ranks_per_node}",
+            # Slurm refuses more tasks per node than the node has CPUs even with
+            # --overcommit; a total task count with --overcommit is accepted.
+            *(
+                [f"--ntasks={req.nodes * req.ranks_per_node}", "--overcommit"]
+                if req.oversubscribe
+                else [f"--ntasks-per-node={req.ranks_per_node}"]
+            ),
             f"--cpus-per-task={req.cores_per_rank}",
             f"--time={days}-{_hms(rest)}",
             f"--output={req.log_dir}/{req.job_name}-%j.out",
