@@ -142,6 +142,9 @@ class Droid:
         low = max(1, round(self.low_per_slot * self.o.slots))
         high = max(low + 1, round(self.high_per_slot * self.o.slots))
         if self.held() < low:
+            # Yoda frees leases when results arrive: send them first, or it sees
+            # this droid still full and waits for the next batch to fetch more.
+            self._flush_results(force=True)
             self._send(Kind.WORK_REQ, {"want": high - self.held()})
             log.debug("asked for %d ranges", high - self.held())
             self.requested = True
