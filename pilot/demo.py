@@ -64,12 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embedded dispatcher + a toy event-service task through Yoda and Droids.",
     )
     p.add_argument("--workdir", help="where everything goes (default: a new temporary directory)")
-    p.add_argument("--ranges", type=int, default=400, help="event ranges in the task")
+    p.add_argument("--ranges", type=int, default=2000, help="event ranges in the task")
     p.add_argument("--events-per-range", type=int, default=2)
     p.add_argument(
         "--cpu-per-event",
         type=float,
-        default=0.05,
+        default=0.01,
         metavar="S",
         help="extra CPU seconds the toy payload burns per event",
     )
