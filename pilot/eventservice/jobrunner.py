@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from pilot.errors import PilotError, signal_code
+from pilot.data.copytools import make_copytool
+from pilot.errors import ErrorCode, PilotError, signal_code
 from pilot.eventservice.loop import RangeSource, run_event_service
 from pilot.eventservice.model import RangeResult
 from pilot.job import Job
@@ -25,6 +27,37 @@ class _Stop(Protocol):
     signum: int | None
 
     def is_set(self) -> bool: ...
+
+
+def range_stage_out(job: Job, config: Any) -> Callable[[RangeResult], RangeResult] | None:
+    """Send each finished range's output to the job's output storage before it is reported.
+
+    A range counts as done only once its output is safely stored: a range
+    reported finished whose file then dies with the node is an event lost.
+    The ``harvester`` copytool leaves the file in place for Harvester (it
+    stages out from the dump) and only measures it.
+    """
+    copytool = make_copytool(config.copytool, **config.copytool_options)
+    base = (config.output_url or str(Path(config.workdir) / "storage")).rstrip("/")
+    scope = (
+        job.out_files[0].scope if job.out_files else (job.log_file.scope if job.log_file else "")
+    )
+    prefix = f"{base}/{scope}" if scope else base
+
+    def put(result: RangeResult) -> RangeResult:
+        if not result.output_path:
+            return result
+        src = Path(result.output_path)
+        moved = copytool.put(src, f"{prefix}/{src.name}", timeout=config.stageout_timeout)
+        if moved.adler32 != result.adler32 or moved.size != result.fsize:
+            raise PilotError(
+                ErrorCode.PUTADMISMATCH,
+                f"{src.name}: stored {moved.size} bytes adler32 {moved.adler32}, "
+                f"produced {result.fsize} bytes adler32 {result.adler32}",
+            )
+        return replace(result, output_path=moved.url or result.output_path)
+
+    return put
 
 
 def make_es_runner(
@@ -39,6 +72,7 @@ def make_es_runner(
     """A workflow ``es_runner`` bound to one range source and reporter."""
 
     def run(job: Job, workdir: Path, config: Any, stop: _Stop | None) -> dict[str, Any]:
+        hook = stage_out if stage_out is not None else range_stage_out(job, config)
         from pilot.workflow import wall_limit  # noqa: PLC0415 - workflow imports this module's users
 
         limit = wall_limit(job, config)
@@ -53,7 +87,7 @@ def make_es_runner(
             report_interval=report_interval,
             deadline=deadline,
             stop_event=stop,  # type: ignore[arg-type]
-            stage_out=stage_out,
+            stage_out=hook,
             kill_grace=config.kill_grace,
             zip_outputs=zip_outputs,
         )

@@ -103,3 +103,24 @@ def test_no_server_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "1318" in proc.stderr or "1116" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_event_service_job_outputs_stored_before_reported(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    task = {
+        "nRanges": 120,
+        "nEventsPerRange": 2,
+        "LFN": "EVNT.toy",
+        "job": {"transformation": PYTHON, "jobPars": "-m pilot.payloads.toysim", "scopeLog": "toy",
+                "logFile": "toy.log.tgz", "computingSite": "TEST_QUEUE"},
+    }  # fmt: skip
+    (panda_id,) = server.load_task(task)["PandaIDs"]
+    proc = pilot(server, tmp_path / "w")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = server.store.query("SELECT status, COUNT(*) AS n FROM ranges GROUP BY status")
+    assert {r["status"]: r["n"] for r in rows} == {"finished": 120}
+    stored = sorted((tmp_path / "w" / "storage" / "toy").glob("toysim.*"))
+    assert len(stored) == 120
+    (record,) = server.final_records(panda_id)
+    assert record["fields"]["state"] == "finished" and int(record["fields"]["nEvents"]) == 240
