@@ -16,7 +16,6 @@ request can stop the server.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import re
 import sqlite3
@@ -33,6 +32,7 @@ from pilot.server.wire import (
     encode_answer,
     int_param,
     json_param,
+    panda_value,
     read_json,
     str_param,
     wants_json,
@@ -158,7 +158,7 @@ class DispatcherApp:
         job = self.store.dispatch_job(site, node)
         if job is None:
             return 200, {"StatusCode": 20, "errorDialog": "no jobs"}
-        answer = {k: _panda_value(v) for k, v in job.items()}
+        answer = {k: panda_value(v) for k, v in job.items()}
         answer["StatusCode"] = 0
         return 200, answer
 
@@ -281,17 +281,6 @@ _ADMIN_POSTS = (
     "/admin/queues",
     "/admin/storages",
 )
-
-
-def _panda_value(value: Any) -> str:
-    """PanDA sends every job field as a string; absent values as ``NULL``."""
-    if value is None:
-        return "NULL"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    return str(value)
 
 
 def _check_entry(e: Any) -> None:

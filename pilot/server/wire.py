@@ -122,7 +122,8 @@ def wants_json(environ: dict[str, Any]) -> bool:
     return "json" in (environ.get("HTTP_ACCEPT") or "").lower()
 
 
-def _flat(value: Any) -> str:
+def panda_value(value: Any) -> str:
+    """PanDA sends every field as a string; absent values as ``NULL``, lists and dicts as JSON."""
     if value is None:
         return "NULL"
     if isinstance(value, bool):
@@ -136,7 +137,7 @@ def encode_answer(answer: dict[str, Any], as_json: bool) -> tuple[bytes, str]:
     """Body and Content-Type of an answer."""
     if as_json:
         return json.dumps(answer).encode("utf-8"), "application/json"
-    text = urlencode([(k, _flat(v)) for k, v in answer.items()])
+    text = urlencode([(k, panda_value(v)) for k, v in answer.items()])
     return text.encode("ascii"), "text/plain; charset=utf-8"
 
 
