@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from droid.droid import Droid, DroidOptions, event_executor
@@ -128,6 +129,24 @@ def make_upstream(args: argparse.Namespace) -> tuple[Any, Any]:
     return source, harvester_jobs
 
 
+def harvester_job_update(access_point: Any) -> Any:
+    """Job states for Harvester: ``<PandaID>/worker_attributes.json`` and the heartbeat file.
+
+    Harvester reads a job's state from its worker attributes; rank 0 writes
+    them as the PanDA client would send updateJob, and Harvester reports
+    them to PanDA itself.
+    """
+    from pilot.comm.harvester import HarvesterUpstream
+
+    upstream = HarvesterUpstream(access_point, finish_worker=False)
+
+    def update(fields: dict[str, Any]) -> None:
+        job = SimpleNamespace(panda_id=int(fields["jobId"]))
+        upstream.heartbeat(job, fields)  # type: ignore[arg-type]
+
+    return update
+
+
 def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
     workdir = Path(args.workdir)
     upstream, get_jobs = make_upstream(args)
@@ -158,8 +177,8 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
         lease_grace=2 * args.hb_interval + 5,
     )
     options = YodaOptions(retry_max=args.retry_max)
-    # updateJob with --url; with --harvester, Harvester reports the jobs itself
-    job_update = getattr(upstream, "update_job", None)
+    # updateJob with --url; worker attributes for Harvester with --harvester
+    job_update = getattr(upstream, "update_job", None) or harvester_job_update(upstream.ap)
     yoda = Yoda(
         transport, upstream, Scheduler(book, policy, epoch=epoch), options, job_update=job_update
     )
@@ -168,10 +187,14 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: yoda.request_drain())
     try:
-        return yoda.run()
+        rc = yoda.run()
     finally:
         if book.journal is not None:
             book.journal.close()
+    if args.harvester and rc == 0:
+        # every result is with Harvester: the worker is done (Harvester's kill_worker.json)
+        upstream.ap.request_kill("all ranges reported")
+    return rc
 
 
 def run_droid(args: argparse.Namespace, transport: MPITransport) -> int:

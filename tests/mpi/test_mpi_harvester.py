@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,3 +57,8 @@ def test_two_jobs_through_the_access_point(tmp_path: Path, monkeypatch):
     }
     assert check(harvester.dispatched, harvester.dump, outputs=outputs) == []
     assert len(outputs) == 21
+    # rank 0 told Harvester each job's state, and that the worker is done
+    for panda_id in (5001, 5002):
+        attrs = json.loads((ap / str(panda_id) / "worker_attributes.json").read_text())
+        assert attrs["jobStatus"] == "finished" and int(attrs["nEvents"]) > 0
+    assert (ap / "kill_worker.json").exists()
