@@ -10,8 +10,13 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=find_packages(include=["pilot", "pilot.*", "yoda", "yoda.*", "droid", "droid.*", "hpc", "hpc.*"]),
-    package_data={"pilot": ["payloads/*.json", "commission/templates/*.json"], "hpc": ["scripts/*.sh"]},
+    packages=find_packages(
+        include=["pilot", "pilot.*", "yoda", "yoda.*", "droid", "droid.*", "hpc", "hpc.*"]
+    ),
+    package_data={
+        "pilot": ["payloads/*.json", "commission/templates/*.json"],
+        "hpc": ["scripts/*.sh"],
+    },
     install_requires=[
         "numpy>=1.22",
         "requests>=2.25",
