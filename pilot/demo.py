@@ -31,7 +31,6 @@ import argparse
 import importlib.util
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,10 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import psutil
-
 from pilot.errors import PilotError
 from pilot.fileio import atomic_write_json
+from pilot.payload.runner import PayloadProcess
 from pilot.server.serve import EmbeddedServer
 from pilot.timeline import (
     draw_timeline,
@@ -192,32 +190,6 @@ class RunOutcome:
     log_path: Path = field(default_factory=Path)
 
 
-def _stop_tree(proc: subprocess.Popen, grace: float) -> None:
-    """TERM the launcher's process group (ranks drain), then KILL whatever is left."""
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
-
-
 def run_pilot(
     argv: list[str], server: EmbeddedServer, workdir: Path, args: argparse.Namespace, total: int
 ) -> RunOutcome:
@@ -227,35 +199,25 @@ def run_pilot(
     progress = Progress(total, sys.stdout, tty=sys.stdout.isatty())
     assert server.store is not None
     t0 = time.monotonic()
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=str(workdir),
-            start_new_session=True,
-        )
+    # The launcher and its ranks run as a payload does: own session, whole tree
+    # stopped on a timeout or Ctrl-C (TERM so the ranks drain, then KILL).
+    proc = PayloadProcess(argv, cwd=workdir, env=env, stdout=log_path, stderr=log_path)
     outcome = RunOutcome(None, 0.0, log_path=log_path)
     try:
         while True:
-            try:
-                outcome.returncode = proc.wait(args.poll)
-            except subprocess.TimeoutExpired:
-                pass
+            outcome.returncode = proc.wait(args.poll)
             elapsed = time.monotonic() - t0
             progress.show(Counter(server.store.range_counts()), elapsed)
             if outcome.returncode is not None:
                 break
             if elapsed > args.timeout:
                 outcome.timed_out = True
-                _stop_tree(proc, grace=30.0)
+                proc.kill_tree(grace=30.0)
                 outcome.returncode = proc.returncode
                 break
     except KeyboardInterrupt:
         outcome.interrupted = True
-        _stop_tree(proc, grace=10.0)
+        proc.kill_tree(grace=10.0)
         outcome.returncode = proc.returncode
     finally:
         progress.close()
