@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,21 +282,30 @@ def _text(d: dict[str, Any], key: str, default: str | None = None) -> str:
     return str(value)
 
 
-def _number(d: dict[str, Any], key: str, default: int) -> int:
+def queue_number(
+    d: Mapping[str, Any], key: str, default: float = 0, *, code: int = ErrorCode.QUEUEDATANOTOK
+) -> float:
+    """A numeric queue setting: CRIC writes numbers as strings, None, "" or NULL when unset.
+
+    ``code`` is the error a bad value gets: QUEUEDATANOTOK while the queue is
+    read, BADQUEUECONFIGURATION where a limit is taken from it.
+    """
     value = d.get(key)
     if value is None or value == "" or value == "NULL":
         return default
     if isinstance(value, bool):
-        raise PilotError(ErrorCode.QUEUEDATANOTOK, f"'{key}' must be a number, got {value!r}")
+        raise PilotError(code, f"queue '{key}' must be a number, got {value!r}")
     try:
-        number = int(float(value))
+        number = float(value)
     except (TypeError, ValueError):
-        raise PilotError(
-            ErrorCode.QUEUEDATANOTOK, f"'{key}' must be a number, got {value!r}"
-        ) from None
+        raise PilotError(code, f"queue '{key}' must be a number, got {value!r}") from None
     if number < 0:
-        raise PilotError(ErrorCode.QUEUEDATANOTOK, f"'{key}' must not be negative, got {number}")
+        raise PilotError(code, f"queue '{key}' must not be negative, got {value!r}")
     return number
+
+
+def _number(d: dict[str, Any], key: str, default: int) -> int:
+    return int(queue_number(d, key, default))
 
 
 def _copytools(value: Any) -> dict[str, dict[str, Any]]:

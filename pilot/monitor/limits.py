@@ -29,6 +29,7 @@ from typing import Any
 
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import Job
+from pilot.queue import queue_number
 
 LOOPING_DEFAULT_S = 2 * 3600
 FREE_SPACE_DEFAULT_MB = 2048
@@ -106,18 +107,4 @@ class Limits:
 
 
 def _number(queue: Mapping[str, Any], key: str) -> float:
-    """A numeric queue setting; schedconfig writes numbers as strings, None or "" when unset."""
-    value = queue.get(key)
-    if value is None or value == "" or value == "NULL":
-        return 0
-    if isinstance(value, bool):
-        raise PilotError(ErrorCode.BADQUEUECONFIGURATION, f"queue '{key}' must be a number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise PilotError(
-            ErrorCode.BADQUEUECONFIGURATION, f"queue '{key}' must be a number, got {value!r}"
-        ) from None
-    if number < 0:
-        raise PilotError(ErrorCode.BADQUEUECONFIGURATION, f"queue '{key}' must be >= 0")
-    return number
+    return queue_number(queue, key, code=ErrorCode.BADQUEUECONFIGURATION)
