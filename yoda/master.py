@@ -34,6 +34,7 @@ from hpc.transport import Envelope, Kind, PeerFailed, Transport
 from pilot.errors import ErrorCode, PilotError, error_diag
 from pilot.eventservice.model import RangeResult
 from pilot.job import MAX_LFN, EventRange
+from pilot.retry import RetryBackoff
 from yoda.ledger import State
 from yoda.scheduler import Scheduler
 
@@ -141,10 +142,8 @@ class Yoda:
         self.o = options or YodaOptions()
         self.clock = clock
         self._dry: set[int] = set()  # PandaIDs without more ranges
-        self._fetch_retry_at = 0.0
-        self._fetch_backoff = self.o.retry_min
-        self._update_retry_at = 0.0
-        self._update_backoff = self.o.retry_min
+        self._fetch_retry = RetryBackoff(self.o.retry_min, self.o.retry_max)
+        self._update_retry = RetryBackoff(self.o.retry_min, self.o.retry_max)
         self._last_update = 0.0
         self._rejections: dict[int, int] = {}
         self._stop_requested = False
@@ -172,7 +171,7 @@ class Yoda:
 
     def fetch(self, now: float) -> int:
         """Ask the upstream for ranges if the droids could use them; returns ranges added."""
-        if self.s.exhausted or self.s.draining or now < self._fetch_retry_at:
+        if self.s.exhausted or self.s.draining or not self._fetch_retry.ready(now):
             return 0
         want = self.s.wanted()
         if want <= 0:
@@ -186,11 +185,10 @@ class Yoda:
             try:
                 got = self.up.get_event_ranges(panda_id, jobset_id, task_id, n)
             except PilotError as exc:
-                self._fetch_retry_at = now + self._fetch_backoff
-                log.warning("getEventRanges failed (%s); retry in %.1f s", exc, self._fetch_backoff)
-                self._fetch_backoff = min(self.o.retry_max, self._fetch_backoff * 2)
+                wait = self._fetch_retry.failed(now)
+                log.warning("getEventRanges failed (%s); retry in %.1f s", exc, wait)
                 return added
-            self._fetch_backoff = self.o.retry_min
+            self._fetch_retry.ok()
             if not got:
                 log.info("job %d has no more ranges", panda_id)
                 self._dry.add(panda_id)
@@ -216,7 +214,7 @@ class Yoda:
     def push_updates(self, now: float, force: bool = False) -> int:
         """Send journaled results upstream; returns how many were accepted."""
         unsent = self.book.unsent
-        if not unsent or now < self._update_retry_at:
+        if not unsent or not self._update_retry.ready(now):
             return 0
         if (
             not force
@@ -237,16 +235,15 @@ class Yoda:
                         [update_entry(unsent[r]) for r in chunk], version=0
                     )
             except PilotError as exc:
-                self._update_retry_at = now + self._update_backoff
+                wait = self._update_retry.failed(now)
                 log.warning(
                     "updateEventRanges failed (%s); %d results kept, retry in %.1f s",
                     exc,
                     len(unsent),
-                    self._update_backoff,
+                    wait,
                 )
-                self._update_backoff = min(self.o.retry_max, self._update_backoff * 2)
                 return accepted
-            self._update_backoff = self.o.retry_min
+            self._update_retry.ok()
             done = []
             for row, ok in zip(chunk, list(answer) + [False] * (len(chunk) - len(answer))):
                 if ok:
@@ -390,8 +387,8 @@ class Yoda:
         deadline = self.clock() + self.o.final_flush_s
         while self.book.unsent and self.clock() < deadline:
             now = self.clock()
-            if now < self._update_retry_at:
-                time.sleep(min(self._update_retry_at - now, max(0.0, deadline - now)))
+            if not self._update_retry.ready(now):
+                time.sleep(min(self._update_retry.next_at - now, max(0.0, deadline - now)))
                 continue
             self.push_updates(now, force=True)
         if not self.book.unsent:

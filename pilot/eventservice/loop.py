@@ -43,6 +43,7 @@ from pilot.eventservice.executor import EventExecutor
 from pilot.eventservice.model import RangeResult, RangeStatus
 from pilot.eventservice.spool import SPOOL_NAME, RangeUpdater, ResultSpool
 from pilot.job import EventRange, Job
+from pilot.retry import RetryBackoff
 
 log = logging.getLogger(__name__)
 
@@ -88,27 +89,6 @@ class EventServiceSummary:
 
     def job_fields(self) -> dict[str, Any]:
         return {"nEvents": self.n_events, "cpuConsumptionTime": round(self.cpu, 3)}
-
-
-class _Backoff:
-    def __init__(self, first: float = 1.0) -> None:
-        self.first = first
-        self.delay = first
-        self.next_at = 0.0
-        self.failures = 0
-
-    def ready(self, now: float) -> bool:
-        return now >= self.next_at
-
-    def failed(self, now: float) -> None:
-        self.failures += 1
-        self.next_at = now + self.delay
-        self.delay = min(MAX_BACKOFF, self.delay * 2)
-
-    def ok(self) -> None:
-        self.failures = 0
-        self.delay = self.first
-        self.next_at = 0.0
 
 
 def _parse_ranges(raw: Any, seen: set[str]) -> list[EventRange]:
@@ -187,7 +167,7 @@ def run_event_service(
         mode=mode,
         range_timeout=range_timeout,
     )
-    fetch, report = _Backoff(), _Backoff(2.0)
+    fetch, report = RetryBackoff(1.0, MAX_BACKOFF), RetryBackoff(2.0, MAX_BACKOFF)
     last_report = time.monotonic()
     no_more = False
     empty_fetches = 0
