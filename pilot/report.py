@@ -91,14 +91,8 @@ def log_extracts(
     if room > 40:
         out_tail = tail(workdir / PAYLOAD_STDOUT, room * 2).strip()
         if out_tail:
-            out_tail = (
-                out_tail[-room + len("payload stdout:\n") :]
-                if len(out_tail) > room - 16
-                else out_tail
-            )
-            text = (
-                f"{text}\npayload stdout:\n{out_tail}" if text else f"payload stdout:\n{out_tail}"
-            )
+            section = "payload stdout:\n" + out_tail[-(room - len("payload stdout:\n")) :]
+            text = f"{text}\n{section}" if text else section
     return text[-limit:]
 
 
