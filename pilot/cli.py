@@ -17,16 +17,17 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pilot import __version__
-from pilot.comm.base import LocalUpstream
+from pilot.comm.base import LocalUpstream, Upstream
 from pilot.config import PilotConfig
 from pilot.errors import PilotError, error_diag
 from pilot.fileio import atomic_write_json
 from pilot.job import Job, load_job_file
 from pilot.monitor.watch import make_monitor
 from pilot.payload.container import ContainerSpec
-from pilot.workflow import StopSignal, run_job
+from pilot.workflow import EventServiceRunner, StopSignal, run_job
 
 log = logging.getLogger("pilot.cli")
 
@@ -225,7 +226,14 @@ def _run_pull(args: argparse.Namespace) -> int:
     return 0 if counts["failed"] == 0 else 1
 
 
-def _pull_one(definition, seconds, config, upstream, stop, es_runner) -> str:  # noqa: ANN001
+def _pull_one(
+    definition: dict[str, Any],
+    seconds: float,
+    config: PilotConfig,
+    upstream: Upstream,
+    stop: StopSignal,
+    es_runner: EventServiceRunner,
+) -> str:
     try:
         job = Job.from_panda(definition)
     except PilotError as exc:

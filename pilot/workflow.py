@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from pilot.comm.base import Upstream
 from pilot.config import PilotConfig
-from pilot.data.copytools import make_copytool
+from pilot.data.copytools import Copytool, make_copytool
 from pilot.data.staging import TransferSink, stage_in, stage_out
 from pilot.data.traces import TraceSender, TraceSink
 from pilot.errors import ErrorCode, PilotError, diagnose_payload, error_diag, signal_code
@@ -251,7 +251,13 @@ def _output_url(config: PilotConfig) -> str:
     return config.output_url or str(config.workdir / "storage")
 
 
-def _stage_out_log(job, config, result, copytool, sink) -> None:  # noqa: ANN001 - internal step
+def _stage_out_log(
+    job: Job,
+    config: PilotConfig,
+    result: JobResult,
+    copytool: Copytool | None,
+    sink: TransferSink | None,
+) -> None:
     if job.log_file is None or copytool is None:
         return
     # the job report travels inside the log: write a provisional one first
