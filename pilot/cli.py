@@ -82,7 +82,9 @@ def hpc_main(argv: list[str]) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--workdir", default="pilot-work", help="base directory for job work directories"
+        "--workdir",
+        default=None,
+        help="base directory for job work directories (default: pilot-work; Harvester: the access point)",
     )
     p.add_argument(
         "--site", "--queue", dest="site", default="LOCAL", help="PanDA queue name (siteName)"
@@ -95,7 +97,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--output-url", default="", help="where outputs are written (default: WORKDIR/storage)"
     )
-    p.add_argument("--copytool", default="copy", help="copytool for stage-in/out (copy, http)")
+    p.add_argument(
+        "--copytool",
+        default=None,
+        help="copytool for stage-in/out: copy (default), http; Harvester mode: harvester",
+    )
     p.add_argument(
         "--queuedata-url", default="", help="queue description (schedconfig JSON): URL or file"
     )
@@ -119,11 +125,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace, **overrides: object) -> PilotConfig:
     values = dict(
-        workdir=Path(args.workdir).resolve(),
+        workdir=Path(args.workdir or "pilot-work").resolve(),
         site_name=args.site,
         input_url=args.input_url,
         output_url=args.output_url,
-        copytool=args.copytool,
+        copytool=args.copytool or "copy",
         heartbeat_interval=args.heartbeat,
         monitor_interval=args.monitor_interval,
         kill_grace=args.kill_grace,
@@ -187,7 +193,7 @@ def _run_pull(args: argparse.Namespace) -> int:
     except PilotError as exc:
         print(f"pilot: {int(exc.code)} {exc.acronym}: {exc.diag}", file=sys.stderr)
         return 1
-    workdir = Path(args.workdir).resolve()
+    workdir = Path(args.workdir or "pilot-work").resolve()
     storage = str(workdir / "storage")
     queue_dict = queue.to_dict()
     config = _config(
@@ -298,12 +304,12 @@ def _run_harvester(args: argparse.Namespace) -> int:
     from pilot.eventservice.jobrunner import make_es_runner  # noqa: PLC0415
 
     ap = HarvesterAccessPoint(args.harvester, many_jobs=args.harvester_many_jobs)
-    workdir = args.workdir if args.workdir != "pilot-work" else str(ap.root)
+    workdir = args.workdir or str(ap.root)
     config = _config(
         args,
         workdir=Path(workdir).resolve(),
         input_url=args.input_url or str(ap.root.resolve()),
-        copytool=args.copytool if args.copytool != "copy" else "harvester",
+        copytool=args.copytool or "harvester",
     )
     try:
         jobs = ap.wait_for_jobs(args.pull, timeout=args.wait) if args.pull else ap.worker_jobs()
