@@ -21,6 +21,7 @@ from pilot.errors import ErrorCode, PilotError, signal_code
 from pilot.eventservice.loop import RangeSource, run_event_service
 from pilot.eventservice.model import RangeResult
 from pilot.job import Job
+from pilot.workflow import wall_limit
 
 
 class _Stop(Protocol):
@@ -73,8 +74,6 @@ def make_es_runner(
 
     def run(job: Job, workdir: Path, config: Any, stop: _Stop | None) -> dict[str, Any]:
         hook = stage_out if stage_out is not None else range_stage_out(job, config)
-        from pilot.workflow import wall_limit  # noqa: PLC0415 - workflow imports this module's users
-
         limit = wall_limit(job, config)
         deadline = time.time() + limit if limit != float("inf") else None
         summary = run_event_service(
