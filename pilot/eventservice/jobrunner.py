@@ -35,10 +35,12 @@ def range_stage_out(job: Job, config: Any) -> Callable[[RangeResult], RangeResul
 
     A range counts as done only once its output is safely stored: a range
     reported finished whose file then dies with the node is an event lost.
-    The ``harvester`` copytool leaves the file in place for Harvester (it
-    stages out from the dump) and only measures it.
+    With the ``harvester`` copytool there is nothing to do: Harvester stages
+    the file out from the dump, where it already is.
     """
     copytool = make_copytool(config.copytool, **config.copytool_options)
+    if copytool.name == "harvester":
+        return None  # the output was measured when collected; reading it again tells nothing
     base = (config.output_url or str(Path(config.workdir) / "storage")).rstrip("/")
     scope = (
         job.out_files[0].scope if job.out_files else (job.log_file.scope if job.log_file else "")
