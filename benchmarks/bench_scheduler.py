@@ -24,7 +24,7 @@ import numpy as np
 import psutil
 
 from hpc.transport import Envelope, Kind, LocalHub
-from pilot.eventservice.model import RangeStatus
+from hpc.wire import FINISHED, RESULT_DTYPE, ResultBatch, WorkBatch
 from yoda.journal import Book
 from yoda.ledger import Ledger, State
 from yoda.scheduler import Policy, Scheduler
@@ -83,7 +83,7 @@ def simulate(n_droids: int, n_ranges: int, slots: int) -> dict[str, float]:
             for dest, env in sched.on_message(got, now):
                 yoda.send(dest, env)
             got = yoda.recv(0.0)
-        book.sent(list(book.unsent))  # the upstream acknowledged everything so far
+        book.sent(book.unsent.take(len(book.unsent)).rows)  # the upstream took everything
         for i in list(alive):
             d = droids[i]
             env = d.recv(0.0)
@@ -91,15 +91,16 @@ def simulate(n_droids: int, n_ranges: int, slots: int) -> dict[str, float]:
                 if env.kind is Kind.CONFIG:
                     d.send(0, Envelope(Kind.WORK_REQ, 1, 1, {"want": 2 * slots}))
                 elif env.kind is Kind.WORK:
-                    ranges = env.body["ranges"]
-                    if ranges:
-                        results = [
-                            [row, {"event_range_id": rid, "status": "finished"}]
-                            for row, rid, *_ in ranges
-                        ]
-                        d.send(0, Envelope(Kind.UPDATE, 2, 1, {"results": results}))
+                    work = WorkBatch.from_body(env.body)
+                    if len(work):
+                        n = len(work)
+                        cols = np.zeros(n, dtype=RESULT_DTYPE)
+                        cols["row"], cols["key"] = work.cols["row"], work.cols["key"]
+                        cols["state"] = FINISHED
+                        done = ResultBatch(cols, [""] * n, [""] * n, [""] * n)
+                        d.send(0, Envelope(Kind.UPDATE, 2, 1, done.body()))
                         d.send(0, Envelope(Kind.WORK_REQ, 3, 1, {"want": 2 * slots}))
-                    if env.body["no_more"] and not ranges:
+                    if work.no_more and not len(work):
                         d.send(0, Envelope(Kind.BYE, 4, 1, {}))
                 elif env.kind is Kind.STOP:
                     alive.discard(i)
@@ -107,7 +108,6 @@ def simulate(n_droids: int, n_ranges: int, slots: int) -> dict[str, float]:
         peak = max(peak, rss())
     elapsed = time.perf_counter() - t0
     assert book.ledger.count(State.FINISHED) == n_ranges, book.ledger.counts
-    assert RangeStatus.FINISHED.value == "finished"
     return {
         "elapsed": elapsed,
         "decisions": sched.decisions,

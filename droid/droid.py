@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from hpc.transport import Envelope, Kind, PeerFailed, Transport, result_to_wire
+from hpc.transport import Envelope, Kind, PeerFailed, Transport
+from hpc.wire import ResultBatch, WorkBatch
 from pilot.errors import PilotError
 from pilot.eventservice.model import RangeResult
 from pilot.job import EventRange, Job
@@ -106,8 +107,9 @@ class Droid:
         # leased ranges not yet given to a payload, per PandaID: (row, range)
         self.queue: dict[int, deque[tuple[int, EventRange]]] = {}
         self.rows: dict[str, int] = {}  # range id -> ledger row, for everything held
-        self.results: list[tuple[int, RangeResult]] = []  # not yet sent
-        self.unacked: dict[int, list[tuple[int, RangeResult]]] = {}
+        self.keys: dict[int, int] = {}  # ledger row -> its key, echoed with the result
+        self.results: list[tuple[int, int, RangeResult]] = []  # (row, key, result) not yet sent
+        self.unacked: dict[int, int] = {}  # UPDATE seq -> results in it
         self.released: list[int] = []  # to give back with the next UPDATE / BYE
         self.lease_s = 600.0
         self.hb_interval = 10.0
@@ -161,11 +163,9 @@ class Droid:
             return
         batch, self.results = self.results, []
         released, self.released = self.released, []
-        seq = self._send(
-            Kind.UPDATE,
-            {"results": [[row, result_to_wire(r)] for row, r in batch], "released": released},
-        )
-        self.unacked[seq] = batch
+        body = ResultBatch.from_results(batch).body()
+        body["released"] = released
+        self.unacked[self._send(Kind.UPDATE, body)] = len(batch)
         self._last_update = time.monotonic()
 
     def _heartbeat(self) -> None:
@@ -204,7 +204,7 @@ class Droid:
         elif got.kind is Kind.ACK:
             upto = got.body.get("upto", -1) if isinstance(got.body, dict) else -1
             for seq in [s for s in self.unacked if s <= upto]:
-                self.done_count += len(self.unacked.pop(seq))
+                self.done_count += self.unacked.pop(seq)
         elif got.kind is Kind.DRAIN:
             by = got.body.get("by") if isinstance(got.body, dict) else None
             self._drain(by if isinstance(by, (int, float)) else None)
@@ -229,28 +229,26 @@ class Droid:
             self.jobs[job.panda_id] = job
         self.configured = True
 
-    def _work(self, body: dict[str, Any]) -> None:
-        """Ranges come as ``[row, id, start, last, LFN, GUID, scope, PFN]``: Yoda validated
-        them when they came from upstream, so they are rebuilt here without parsing again."""
+    def _work(self, body: Any) -> None:
+        """Ranges come as columns (:class:`hpc.wire.WorkBatch`): Yoda validated them when
+        they came from upstream, so they are rebuilt here without parsing again."""
         self.requested = False
-        log.debug("got %d ranges, no_more=%s", len(body.get("ranges") or []), body.get("no_more"))
-        if body.get("no_more"):
+        try:
+            batch = WorkBatch.from_body(body)
+        except ValueError as exc:
+            log.error("WORK dropped: %s", exc)
+            return
+        log.debug("got %d ranges, no_more=%s", len(batch), batch.no_more)
+        if batch.no_more:
             self.no_more = True
-        for item in body.get("ranges", []) or []:
-            try:
-                row, rid, start, last, lfn, guid, scope, pfn = item
-                r = EventRange(str(rid), int(start), int(last), str(lfn), guid, scope, pfn)
-                pid = int(r.event_range_id.split("-")[1])
-                row = int(row)
-            except (TypeError, ValueError, IndexError) as exc:
-                log.error("range dropped: %s: %.200r", exc, item)
-                continue
+        for row, key, pid, r in batch.ranges():
             if r.event_range_id in self.rows:
                 continue
             if self.draining:
                 self.released.append(row)
             else:
                 self.rows[r.event_range_id] = row
+                self.keys[row] = key
                 self.queue.setdefault(pid, deque()).append((row, r))
 
     def queued(self) -> int:
@@ -263,6 +261,7 @@ class Droid:
         for q in self.queue.values():
             for row, r in q:
                 self.rows.pop(r.event_range_id, None)
+                self.keys.pop(row, None)
                 self.released.append(row)
         self.queue.clear()
         for ex in self.executors.values():
@@ -292,6 +291,7 @@ class Droid:
                 # no job for it, or its payload gave up: someone else may do better
                 for row, r in q:
                     self.rows.pop(r.event_range_id, None)
+                    self.keys.pop(row, None)
                     self.released.append(row)
                 q.clear()
                 continue
@@ -322,7 +322,7 @@ class Droid:
                 if row is None:
                     log.warning("result for unknown range %s dropped", res.event_range_id)
                     continue
-                self.results.append((row, res))
+                self.results.append((row, self.keys.pop(row, 0), res))
 
     def _all_done(self) -> bool:
         if self.draining:
@@ -395,11 +395,12 @@ class Droid:
             for r in ex.stop(self.o.stop_grace):
                 row = self.rows.pop(r.event_range_id, None)
                 if row is not None:
+                    self.keys.pop(row, None)
                     self.released.append(row)
             for res in ex.poll(0.0):
                 row = self.rows.pop(res.event_range_id, None)
                 if row is not None:
-                    self.results.append((row, res))
+                    self.results.append((row, self.keys.pop(row, 0), res))
         self.drain_by = None
 
     def _goodbye(self) -> int:

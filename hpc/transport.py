@@ -98,26 +98,6 @@ class Envelope:
         return cls(kind, seq, epoch, body, source)
 
 
-def result_to_wire(r: Any) -> dict[str, Any]:
-    """A :class:`~pilot.eventservice.model.RangeResult` as an UPDATE/journal body entry.
-
-    Same keys as ``RangeResult.to_dict()`` (``RangeResult.from_dict`` reads it
-    back), without ``dataclasses.asdict``'s deep copy: this is on the per-range
-    hot path of every Droid and of Yoda's journal.
-    """
-    return {
-        "event_range_id": r.event_range_id,
-        "status": r.status.value,
-        "output_path": r.output_path,
-        "fsize": r.fsize,
-        "adler32": r.adler32,
-        "cpu": r.cpu,
-        "wall": r.wall,
-        "error_code": r.error_code,
-        "error_diag": r.error_diag,
-    }
-
-
 @dataclass(frozen=True)
 class PeerFailed:
     """A rank is known dead (ULFM, or an in-process simulated failure)."""

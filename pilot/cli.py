@@ -69,6 +69,7 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
 _HPC_TOOLS: dict[str, tuple[str, str]] = {
     "submit": ("hpc.batch", "submit_main"),
     "resources": ("hpc.resources", "main"),
+    "journal": ("yoda.journal", "main"),
 }
 
 

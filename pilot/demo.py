@@ -40,13 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pilot.errors import PilotError
+from pilot.errors import ErrorCode, PilotError
 from pilot.fileio import atomic_write_json
 from pilot.payload.runner import PayloadProcess
 from pilot.server.serve import EmbeddedServer
 from pilot.timeline import (
     draw_timeline,
-    read_journal_results,
+    results_from_dump,
     spans_from_dispatcher,
     spans_from_journal,
 )
@@ -226,6 +226,18 @@ def run_pilot(
 
 
 # -- results -------------------------------------------------------------------------
+
+
+def read_journal_results(journal: Path) -> list:
+    """Yoda's results, through ``pilot hpc journal --results`` (``pilot`` does not import ``yoda``)."""
+    argv = [sys.executable, "-m", "pilot.cli", "hpc", "journal", "--results", str(journal)]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        raise PilotError(
+            ErrorCode.FILEHANDLINGFAILURE, f"cannot read {journal}: {exc.stderr or exc}"
+        ) from None
+    return results_from_dump(out.stdout.splitlines())
 
 
 def build_report(

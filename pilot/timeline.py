@@ -1,9 +1,9 @@
 """Timeline picture of an event-service run: one lane per droid, one bar per range.
 
-Where the times come from: Yoda's journal (``yoda.journal``, one JSON object
-per line) names the droid rank of every result (``done`` records: ``d`` and
-``res`` = ``[[row, RangeResult dict], ...]``) and the payload's own wall time
-per range, but carries no clock time. A finished range's output file is
+Where the times come from: Yoda's journal (``yoda.journal``, read through
+``pilot hpc journal --results``, one JSON result per line) names the droid
+rank of every result and the payload's own wall time per range, but carries
+no clock time. A finished range's output file is
 renamed into place, not rewritten, so its modification time is the moment the
 payload finished writing it: that is the bar's end, and end minus the
 payload's wall time its start. Ranges without an output (failed, fatal) end
@@ -12,8 +12,8 @@ Results that carry their own clock times (``started``/``ended``, epoch
 seconds) are drawn from those instead. Without a journal (single-node mode) the dispatcher's own times are used: a
 range spans from its dispatch to its update.
 
-The journal format is read here as documented in ``yoda/journal.py`` rather
-than imported, since ``pilot`` does not depend on ``yoda`` (DESIGN.md).
+The journal is read through the command rather than imported, since
+``pilot`` does not depend on ``yoda`` (DESIGN.md).
 """
 
 from __future__ import annotations
@@ -57,47 +57,29 @@ class JournalResult:
     ended: float | None = None
 
 
-def read_journal_results(path: str | Path) -> list[JournalResult]:
-    """Every ``done`` result in ``path``; a torn last line is skipped (the journal's rule)."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise PilotError(ErrorCode.NOSUCHFILE, f"journal {path} does not exist") from None
-    except OSError as exc:
-        raise PilotError(ErrorCode.FILEHANDLINGFAILURE, f"cannot read {path}: {exc}") from None
+def results_from_dump(lines: Iterable[str]) -> list[JournalResult]:
+    """Results from ``pilot hpc journal --results`` output (one JSON object per line)."""
     out = []
-    lines = data.split(b"\n")
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise PilotError(
-                ErrorCode.FILEHANDLINGFAILURE, f"journal {path} line {i + 1} is not JSON"
-            ) from None
-        if not isinstance(rec, dict) or rec.get("op") != "done":
-            continue
-        try:
-            droid = int(rec["d"])
-            for _row, res in rec["res"]:
-                out.append(
-                    JournalResult(
-                        droid=droid,
-                        range_id=str(res["event_range_id"]),
-                        status=str(res["status"]),
-                        output_path=str(res.get("output_path") or ""),
-                        wall=float(res.get("wall") or 0.0),
-                        cpu=float(res.get("cpu") or 0.0),
-                        started=_epoch(res.get("started")),
-                        ended=_epoch(res.get("ended")),
-                    )
+            res = json.loads(line)
+            out.append(
+                JournalResult(
+                    droid=int(res["droid"]),
+                    range_id=str(res["event_range_id"]),
+                    status=str(res["status"]),
+                    output_path=str(res.get("output_path") or ""),
+                    wall=float(res.get("wall") or 0.0),
+                    cpu=float(res.get("cpu") or 0.0),
+                    started=_epoch(res.get("started")),
+                    ended=_epoch(res.get("ended")),
                 )
-        except (KeyError, TypeError, ValueError) as exc:
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise PilotError(
-                ErrorCode.FILEHANDLINGFAILURE, f"journal {path} line {i + 1}: bad done record {exc}"
+                ErrorCode.FILEHANDLINGFAILURE, f"journal dump line {i + 1}: bad result {exc}"
             ) from None
     return out
 

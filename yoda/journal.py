@@ -1,45 +1,97 @@
 """Append-only journal of the ledger, and its replay for ``pilot hpc --resume``.
 
-Every state change is written here (and flushed to the OS) *before* it is
+Every state change is written here (and handed to the OS) *before* it is
 applied, so a SIGKILL of rank 0 loses at most the change being decided, never
 one that a droid or the upstream was already told about. fsync runs in
 batches (every ``sync_every`` records or ``sync_interval`` seconds, and on
 :meth:`Journal.sync`), since one fsync per range would cap the rate at the
-disk's latency; the flush alone survives a process kill, the fsync a node crash.
+disk's latency; the write alone survives a process kill, the fsync a node crash.
 
-One JSON object per line; a truncated last line (killed mid-write) is
-ignored on replay. Records (``op``):
+The format is binary because it is on rank 0's per-range path: a record is a
+batch of rows as a numpy array plus a little JSON, not a line of JSON per
+range. The file starts with :data:`MAGIC`; then records of
 
-``epoch``  ``{"n"}``                       a new incarnation of Yoda
-``job``    ``{"job": <PanDA job dict>}``   job index = order of appearance
-``add``    ``{"j", "f": {fref: [lfn, guid, scope, pfn]}, "r": [[file, proc, att, start, last, fref], ...]}``
-``lease``  ``{"d", "t", "r": [row, ...]}``  leased to droid ``d`` until ``t``
-``rel``    ``{"c", "r": [row, ...]}``       back to READY (``c``: an attempt is charged)
-``done``   ``{"d", "res": [[row, RangeResult dict], ...]}``
-``sent``   ``{"r": [row, ...]}``            the upstream acknowledged these results
+    op (u8) | meta length (u32) | data length (u32) | CRC-32 (u32) | meta | data
+
+little-endian, where meta is a JSON object (or empty) and data the raw bytes
+of a structured array whose dtype the op fixes. The CRC covers the op, the
+lengths, meta and data. A record cut short at the end of the file (killed
+mid-write) is ignored on replay; a bad record anywhere else is an error.
+
+======  ===========================================  ========================
+op      meta                                         data
+======  ===========================================  ========================
+EPOCH   ``{"n"}``: a new incarnation of Yoda
+JOB     ``{"job": <PanDA job dict>}``                job index = order
+ADD     ``{"j", "f": {fref: [lfn, guid, scope, pfn]}}``  :data:`ADD_DTYPE`
+LEASE   ``{"d", "t"}``: to droid ``d`` until ``t``     rows (i8)
+RELEASE ``{"c"}``: ``c`` = an attempt is charged       rows (i8)
+DONE    ``{"d", "p", "a", "e"}``: paths, adler32s,     ``hpc.wire.RESULT_DTYPE``
+        diagnostics of the results
+SENT    the upstream acknowledged these results      rows (i8)
+======  ===========================================  ========================
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import struct
+import sys
 import time
+import zlib
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hpc.transport import result_to_wire
+from hpc.wire import RESULT_DTYPE, ResultBatch
 from pilot.errors import ErrorCode, PilotError
-from pilot.eventservice.model import RangeResult, RangeStatus
+from pilot.eventservice.model import RangeResult
+from pilot.job import EventRange
 from yoda.ledger import Ledger, State
 
-STATUS_STATE = {
-    RangeStatus.FINISHED: State.FINISHED,
-    RangeStatus.FAILED: State.FAILED,
-    RangeStatus.FATAL: State.FATAL,
+MAGIC = b"YODAJ\x00\x01\n"  # format version 1
+_HEAD = struct.Struct("<BIII")
+ROWS_DTYPE = np.dtype("<i8")
+ADD_DTYPE = np.dtype(
+    [
+        ("file_id", "<i8"),
+        ("proc", "<u4"),
+        ("attempt", "<u2"),
+        ("start", "<i8"),
+        ("last", "<i8"),
+        ("fref", "<u4"),
+    ]
+)
+
+
+class Op(IntEnum):
+    EPOCH = 1
+    JOB = 2
+    ADD = 3
+    LEASE = 4
+    RELEASE = 5
+    DONE = 6
+    SENT = 7
+
+
+DATA_DTYPE = {
+    Op.ADD: ADD_DTYPE,
+    Op.LEASE: ROWS_DTYPE,
+    Op.RELEASE: ROWS_DTYPE,
+    Op.DONE: RESULT_DTYPE,
+    Op.SENT: ROWS_DTYPE,
 }
+
+
+def _crc(head: bytes, meta: bytes, data: bytes) -> int:
+    return zlib.crc32(data, zlib.crc32(meta, zlib.crc32(head)))
 
 
 class Journal:
@@ -51,7 +103,10 @@ class Journal:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._fh = open(self.path, "ab")
+            # unbuffered: each record is one write(2), in the OS once it returns
+            self._fh = open(self.path, "ab", buffering=0)
+            if self._fh.tell() == 0:
+                self._fh.write(MAGIC)
         except OSError as exc:
             raise PilotError(
                 ErrorCode.FILEHANDLINGFAILURE, f"cannot open journal {self.path}: {exc}"
@@ -62,11 +117,15 @@ class Journal:
         self._last_sync = time.monotonic()
         self.records = 0
 
-    def append(self, rec: dict[str, Any]) -> None:
-        line = json.dumps(rec, separators=(",", ":")).encode() + b"\n"
+    def append(self, op: Op, meta: dict[str, Any] | None = None, data: Any = None) -> None:
+        m = json.dumps(meta, separators=(",", ":")).encode() if meta is not None else b""
+        d = data.tobytes() if data is not None else b""
+        head = struct.pack("<BII", op, len(m), len(d))
+        record = _HEAD.pack(op, len(m), len(d), _crc(head, m, d)) + m + d
         try:
-            self._fh.write(line)
-            self._fh.flush()
+            written = self._fh.write(record)
+            while written < len(record):  # a raw write may be short
+                written += self._fh.write(record[written:])
         except OSError as exc:
             raise PilotError(
                 ErrorCode.NOLOCALSPACE if exc.errno == 28 else ErrorCode.FILEHANDLINGFAILURE,
@@ -93,15 +152,128 @@ class Journal:
 
 
 @dataclass
+class Record:
+    op: Op
+    meta: Any
+    data: np.ndarray | None
+    end: int  # file offset just past the record
+
+
+def read_records(blob: bytes, name: str = "journal") -> Iterator[Record]:
+    """Records of a journal's bytes. A torn last record ends the iteration quietly
+    (check ``Record.end`` against ``len(blob)``); damage elsewhere raises PilotError."""
+    if len(blob) < len(MAGIC) and MAGIC.startswith(blob):
+        return  # killed before the header was out: an empty journal
+    if not blob.startswith(MAGIC):
+        raise PilotError(ErrorCode.FILEHANDLINGFAILURE, f"{name} is not a Yoda journal")
+    pos, size = len(MAGIC), len(blob)
+    while pos < size:
+        if pos + _HEAD.size > size:
+            return  # torn header
+        op, ml, dl, crc = _HEAD.unpack_from(blob, pos)
+        start = pos + _HEAD.size
+        end = start + ml + dl
+        if end > size:
+            return  # torn body
+        meta_b, data_b = blob[start : start + ml], blob[start + ml : end]
+        bad = _crc(struct.pack("<BII", op, ml, dl), meta_b, data_b) != crc
+        try:
+            if bad:
+                raise ValueError("checksum mismatch")
+            kind = Op(op)
+            meta = json.loads(meta_b) if ml else None
+            dtype = DATA_DTYPE.get(kind)
+            if dtype is None:
+                data = None
+            elif dl % dtype.itemsize:
+                raise ValueError(f"{dl} bytes is not a whole number of rows")
+            else:
+                data = np.frombuffer(data_b, dtype=dtype).copy()
+        except ValueError as exc:
+            if end == size:  # the last write, damaged by the crash
+                return
+            raise PilotError(
+                ErrorCode.FILEHANDLINGFAILURE, f"{name} is corrupt at byte {pos}: {exc}"
+            ) from None
+        yield Record(kind, meta, data, end)
+        pos = end
+
+
+class Unsent:
+    """Results journaled but not yet accepted upstream, as column batches in arrival order."""
+
+    def __init__(self) -> None:
+        self._batches: deque[ResultBatch] = deque()
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __bool__(self) -> bool:
+        return self._n > 0
+
+    def add(self, batch: ResultBatch) -> None:
+        if len(batch):
+            self._batches.append(batch)
+            self._n += len(batch)
+
+    def put_back(self, batch: ResultBatch) -> None:
+        """Return a batch taken by :meth:`take` that could not be sent (it goes first again)."""
+        if len(batch):
+            self._batches.appendleft(batch)
+            self._n += len(batch)
+
+    def take(self, n: int) -> ResultBatch:
+        """Remove and return up to ``n`` results from the front."""
+        parts, got = [], 0
+        while self._batches and got < n:
+            b = self._batches.popleft()
+            if got + len(b) > n:
+                cut = n - got
+                self._batches.appendleft(b.select(np.arange(cut, len(b))))
+                b = b.select(np.arange(cut))
+            parts.append(b)
+            got += len(b)
+        self._n -= got
+        return ResultBatch.concat(parts)
+
+    def peek(self) -> ResultBatch:
+        """All of them, left in place."""
+        return ResultBatch.concat(list(self._batches))
+
+    def rows(self) -> np.ndarray:
+        if not self._batches:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([b.rows for b in self._batches])
+
+
+def add_columns(ranges: Sequence[EventRange]) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+    """:class:`EventRange` objects as :data:`ADD_DTYPE` columns; ``fref`` indexes the
+    returned list of distinct ``(lfn, guid, scope, pfn)``."""
+    cols = np.zeros(len(ranges), dtype=ADD_DTYPE)
+    files: dict[tuple[str, ...], int] = {}
+    parts = []
+    for r in ranges:
+        _, _, file_id, proc, attempt = (int(p) for p in r.event_range_id.split("-"))
+        fref = files.setdefault((r.lfn, r.guid, r.scope, r.pfn), len(files))
+        parts.append((file_id, proc, attempt, r.start_event, r.last_event, fref))
+    if parts:
+        cols[:] = parts
+    return cols, list(files)
+
+
+@dataclass
 class Replayed:
     """What a journal rebuilds: the ledger, the jobs, and results not yet acknowledged upstream."""
 
     ledger: Ledger
     jobs: list[dict[str, Any]] = field(default_factory=list)
-    unsent: dict[int, Any] = field(default_factory=dict)  # RangeResult once replayed
+    unsent: Unsent = field(default_factory=Unsent)
     epoch: int = 0
     records: int = 0
     torn: bool = False
+    end: int = 0  # bytes of whole records; a torn tail lies beyond
+    done: list[tuple[int, ResultBatch]] | None = None  # (droid, batch), if asked for
 
 
 class Book:
@@ -115,138 +287,163 @@ class Book:
         self.ledger = ledger
         self.journal = journal
         self.jobs: list[dict[str, Any]] = []
-        self.unsent: dict[int, RangeResult] = {}
+        self.unsent = Unsent()
 
-    def _log(self, rec: dict[str, Any]) -> None:
+    def _log(self, op: Op, meta: dict[str, Any] | None = None, data: Any = None) -> None:
         if self.journal is not None:
-            self.journal.append(rec)
+            self.journal.append(op, meta, data)
 
     def add_job(self, job: dict[str, Any]) -> int:
         panda_id = int(job["PandaID"])
         known = self.ledger.job_of(panda_id)
         if known is not None and known < len(self.jobs):
             return known
-        self._log({"op": "job", "job": job})
+        self._log(Op.JOB, {"job": job})
         self.jobs.append(job)
         return self.ledger.add_job(panda_id, int(job.get("taskID") or job.get("jediTaskID") or 0))
 
-    def add_ranges(self, job: int, ranges: list[Any]) -> np.ndarray:
-        """Add validated :class:`EventRange` objects of job ``job``."""
-        new_files: dict[int, list[str]] = {}
-        rec_rows = []
-        for r in ranges:
-            fref, fresh = self.ledger.intern_file(r.lfn, r.guid, r.scope, r.pfn)
-            if fresh:
-                new_files[fref] = [r.lfn, r.guid, r.scope, r.pfn]
-            _, _, file_id, proc, attempt = (int(p) for p in r.event_range_id.split("-"))
-            rec_rows.append([file_id, proc, attempt, r.start_event, r.last_event, fref])
-        if not rec_rows:
+    def add_columns(
+        self, job: int, cols: np.ndarray, files: Sequence[tuple[str, ...]]
+    ) -> np.ndarray:
+        """Add ranges of job ``job`` given as :data:`ADD_DTYPE` columns whose ``fref``
+        indexes ``files`` (validated upstream ranges); returns their new rows."""
+        if not len(cols):
             return np.zeros(0, dtype=np.int64)
-        self._log({"op": "add", "j": job, "f": new_files, "r": rec_rows})
-        return _apply_add(self.ledger, job, rec_rows)
+        new_files: dict[int, list[str]] = {}
+        local = np.zeros(len(files), dtype=np.uint32)
+        for i, f in enumerate(files):
+            fref, fresh = self.ledger.intern_file(*f)
+            local[i] = fref
+            if fresh:
+                new_files[fref] = list(f)
+        cols = cols.copy()
+        cols["fref"] = local[cols["fref"]]
+        self._log(Op.ADD, {"j": job, "f": new_files}, cols)
+        return _apply_add(self.ledger, job, cols)
 
-    def lease(self, rows: list[int], droid: int, deadline: float) -> None:
-        if rows:
-            self._log({"op": "lease", "d": droid, "t": round(deadline, 3), "r": rows})
+    def add_ranges(self, job: int, ranges: Sequence[EventRange]) -> np.ndarray:
+        """Add validated :class:`EventRange` objects of job ``job``."""
+        return self.add_columns(job, *add_columns(ranges))
+
+    def lease(self, rows: np.ndarray, droid: int, deadline: float) -> None:
+        if len(rows):
+            self._log(Op.LEASE, {"d": droid, "t": round(deadline, 3)}, _rows(rows))
             self.ledger.lease(rows, droid, deadline)
 
-    def release(self, rows: list[int], charge: bool) -> None:
-        if rows:
-            self._log({"op": "rel", "c": int(charge), "r": rows})
+    def release(self, rows: Any, charge: bool) -> None:
+        if len(rows):
+            self._log(Op.RELEASE, {"c": int(charge)}, _rows(rows))
             self.ledger.release(rows, charge)
 
-    def done(self, droid: int, results: list[tuple[int, RangeResult]]) -> None:
-        if not results:
+    def done(self, droid: int, batch: ResultBatch) -> None:
+        if not len(batch):
             return
-        if self.journal is not None:
-            self._log(
-                {"op": "done", "d": droid, "res": [[row, result_to_wire(r)] for row, r in results]}
-            )
-        by_state: dict[State, list[int]] = {}
-        for row, r in results:
-            by_state.setdefault(STATUS_STATE[r.status], []).append(row)
-            self.unsent[row] = r
-        for state, rows in by_state.items():
-            self.ledger.finish(rows, state)
+        meta = {"d": droid, "p": batch.path, "a": batch.adler32, "e": batch.diag}
+        self._log(Op.DONE, meta, batch.cols)
+        _apply_done(self.ledger, batch)
+        self.unsent.add(batch)
 
-    def sent(self, rows: list[int]) -> None:
-        if rows:
-            self._log({"op": "sent", "r": rows})
-            for row in rows:
-                self.unsent.pop(row, None)
+    def sent(self, rows: Any) -> None:
+        if len(rows):
+            self._log(Op.SENT, None, _rows(rows))
 
     def epoch(self, n: int) -> None:
-        self._log({"op": "epoch", "n": n})
+        self._log(Op.EPOCH, {"n": n})
         if self.journal is not None:
             self.journal.sync()
 
 
-def _apply_add(ledger: Ledger, job: int, rec_rows: list[list[int]]) -> np.ndarray:
-    a = np.asarray(rec_rows, dtype=np.int64).reshape(-1, 6)
-    return ledger.add_columns(job, a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4], a[:, 5])
+def _rows(rows: Any) -> np.ndarray:
+    return np.asarray(rows, dtype=ROWS_DTYPE)
 
 
-def replay(path: str | Path, *, capacity: int = 1024) -> Replayed:
-    """Rebuild the ledger from a journal. A torn last line is dropped; a torn middle is an error."""
+def _apply_add(ledger: Ledger, job: int, cols: np.ndarray) -> np.ndarray:
+    return ledger.add_columns(
+        job,
+        cols["file_id"],
+        cols["proc"],
+        cols["attempt"],
+        cols["start"],
+        cols["last"],
+        cols["fref"],
+    )
+
+
+def _apply_done(ledger: Ledger, batch: ResultBatch) -> None:
+    states = batch.cols["state"]
+    for state in np.unique(states).tolist():
+        ledger.finish(batch.rows[states == state], State(state))
+
+
+def replay(path: str | Path, *, capacity: int = 1024, keep_done: bool = False) -> Replayed:
+    """Rebuild the ledger from a journal. A torn last record is dropped; a torn middle is
+    an error. ``keep_done`` also keeps every result with its droid (for reports)."""
     path = Path(path)
-    ledger = Ledger(capacity=capacity)
-    out = Replayed(ledger)
     try:
-        fh = open(path, "rb")
+        blob = path.read_bytes()
     except FileNotFoundError:
         raise PilotError(ErrorCode.NOSUCHFILE, f"journal {path} does not exist") from None
-    with fh:
-        lines = fh.read().split(b"\n")
-    last = len(lines) - 1
-    for i, line in enumerate(lines):
-        if not line:
-            continue
+    except OSError as exc:
+        raise PilotError(ErrorCode.FILEHANDLINGFAILURE, f"cannot read {path}: {exc}") from None
+    ledger = Ledger(capacity=capacity)
+    out = Replayed(ledger, end=len(MAGIC), done=[] if keep_done else None)
+    done: list[ResultBatch] = []
+    sent: list[np.ndarray] = []
+    for rec in read_records(blob, f"journal {path}"):
         try:
-            rec = json.loads(line)
-            _apply(out, rec)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            if i == last:  # killed mid-write: the change was never applied
-                out.torn = True
-                break
+            _apply(out, rec, done, sent)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise PilotError(
-                ErrorCode.FILEHANDLINGFAILURE, f"journal {path} line {i + 1} is corrupt: {exc}"
+                ErrorCode.FILEHANDLINGFAILURE, f"journal {path}: bad {rec.op.name} record: {exc}"
             ) from None
         out.records += 1
-    out.unsent = {row: RangeResult.from_dict(d) for row, d in out.unsent.items()}
+        out.end = rec.end
+    out.torn = out.end < len(blob)
+    every = ResultBatch.concat(done)
+    if len(every):
+        gone = np.concatenate(sent) if sent else np.zeros(0, dtype=np.int64)
+        out.unsent.add(every.select(~np.isin(every.rows, gone)))
     return out
 
 
-def _apply(out: Replayed, rec: dict[str, Any]) -> None:
-    ledger = out.ledger
-    op = rec["op"]
-    if op == "add":
-        for fref, f in rec["f"].items():
+def _apply(out: Replayed, rec: Record, done: list[ResultBatch], sent: list[np.ndarray]) -> None:
+    ledger, meta, data = out.ledger, rec.meta, rec.data
+    if rec.op is Op.ADD:
+        for fref, f in meta["f"].items():
             got, _ = ledger.intern_file(*f)
             if got != int(fref):
                 raise ValueError(f"file table out of step: {fref} != {got}")
-        _apply_add(ledger, int(rec["j"]), rec["r"])
-    elif op == "lease":
-        ledger.lease(rec["r"], int(rec["d"]), float(rec["t"]))
-    elif op == "rel":
-        ledger.release(rec["r"], bool(rec["c"]))
-    elif op == "done":
-        by_state: dict[State, list[int]] = {}
-        for row, d in rec["res"]:
-            by_state.setdefault(STATUS_STATE[RangeStatus(d["status"])], []).append(row)
-            out.unsent[row] = d  # made a RangeResult at the end, if still unsent
-        for state, rows in by_state.items():
-            ledger.finish(rows, state)
-    elif op == "sent":
-        for row in rec["r"]:
-            out.unsent.pop(row, None)
-    elif op == "job":
-        job = rec["job"]
+        _apply_add(ledger, int(meta["j"]), data)
+    elif rec.op is Op.LEASE:
+        ledger.lease(data, int(meta["d"]), float(meta["t"]))
+    elif rec.op is Op.RELEASE:
+        ledger.release(data, bool(meta["c"]))
+    elif rec.op is Op.DONE:
+        batch = ResultBatch(data, meta["p"], meta["a"], meta["e"])
+        if not (len(batch.path) == len(batch.adler32) == len(batch.diag) == len(data)):
+            raise ValueError("result strings and rows differ in number")
+        _apply_done(ledger, batch)
+        done.append(batch)
+        if out.done is not None:
+            out.done.append((int(meta["d"]), batch))
+    elif rec.op is Op.SENT:
+        sent.append(data)
+    elif rec.op is Op.JOB:
+        job = meta["job"]
         out.jobs.append(job)
         ledger.add_job(int(job["PandaID"]), int(job.get("taskID") or job.get("jediTaskID") or 0))
-    elif op == "epoch":
-        out.epoch = int(rec["n"])
-    else:
-        raise ValueError(f"unknown op {op!r}")
+    elif rec.op is Op.EPOCH:
+        out.epoch = int(meta["n"])
+
+
+def journal_results(path: str | Path) -> list[tuple[int, RangeResult]]:
+    """Every result the journal holds, with the droid rank that sent it (-1: Yoda's own)."""
+    rep = replay(path, keep_done=True)
+    out = []
+    for droid, batch in rep.done:
+        ids = rep.ledger.range_ids(batch.rows)
+        out.extend((droid, r) for r in batch.results(ids))
+    return out
 
 
 def resume_book(path: str | Path, *, sync_every: int = 256) -> tuple[Book, int]:
@@ -254,15 +451,48 @@ def resume_book(path: str | Path, *, sync_every: int = 256) -> tuple[Book, int]:
     to READY without charging an attempt (the droids were killed with Yoda). Returns the
     book and the new epoch."""
     rep = replay(path)
-    if rep.torn:
-        # cut the torn tail so that new records start on a fresh line
-        data = Path(path).read_bytes()
-        Path(path).write_bytes(data[: data.rfind(b"\n") + 1])
+    if rep.torn:  # cut the torn tail so that new records follow whole ones
+        with open(path, "r+b") as fh:
+            fh.truncate(rep.end)
     book = Book(rep.ledger, Journal(path, sync_every=sync_every))
     book.jobs = rep.jobs
     book.unsent = rep.unsent
     epoch = rep.epoch + 1
     book.epoch(epoch)
-    leased = [int(r) for r in rep.ledger.leased()]
-    book.release(leased, charge=False)
+    book.release(rep.ledger.leased(), charge=False)
     return book, epoch
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pilot hpc journal PATH``: what a journal holds, for operators and reports
+    (the binary format is not for reading by eye)."""
+    p = argparse.ArgumentParser(prog="pilot hpc journal", description=main.__doc__)
+    p.add_argument("path", help="a yoda.journal")
+    p.add_argument(
+        "--results",
+        action="store_true",
+        help="one JSON line per result: droid rank and the RangeResult fields",
+    )
+    args = p.parse_args(argv)
+    try:
+        rep = replay(args.path, keep_done=args.results)
+    except PilotError as exc:
+        print(f"pilot hpc journal: {exc}", file=sys.stderr)
+        return 1
+    if args.results:
+        for droid, batch in rep.done or []:
+            for r in batch.results(rep.ledger.range_ids(batch.rows)):
+                print(json.dumps({"droid": droid, **r.to_dict()}))
+        return 0
+    led = rep.ledger
+    summary = {
+        "epoch": rep.epoch,
+        "records": rep.records,
+        "torn": rep.torn,
+        "jobs": [int(j["PandaID"]) for j in rep.jobs],
+        "ranges": led.n,
+        "states": {s.name.lower(): led.count(s) for s in State},
+        "unsent": len(rep.unsent),
+    }
+    print(json.dumps(summary))
+    return 0

@@ -22,9 +22,12 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
+from hpc import wire
+from hpc.wire import WorkBatch, range_key
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import EventRange
 
@@ -32,9 +35,9 @@ from pilot.job import EventRange
 class State(IntEnum):
     READY = 0
     LEASED = 1
-    FINISHED = 2
-    FAILED = 3
-    FATAL = 4
+    FINISHED = wire.FINISHED  # terminal states travel as these numbers in UPDATE
+    FAILED = wire.FAILED
+    FATAL = wire.FATAL
 
 
 TERMINAL = (State.FINISHED, State.FAILED, State.FATAL)
@@ -54,24 +57,6 @@ RANGE_DTYPE = np.dtype(
         ("deadline", "<f4"),  # lease deadline, seconds after Ledger.t0
     ]
 )
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: spreads structured integers over 64 bits."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def range_key(panda_id, file_id, proc, attempt) -> np.ndarray:
-    """64-bit key of range ids given their numeric parts (vectorised)."""
-    with np.errstate(over="ignore"):
-        k = _mix(np.asarray(panda_id, dtype=np.uint64))
-        k = _mix(k ^ np.asarray(file_id, dtype=np.int64).astype(np.uint64))
-        k = _mix(k ^ np.asarray(proc, dtype=np.uint64))
-        return _mix(k ^ np.asarray(attempt, dtype=np.uint64)) & _MASK64
 
 
 @dataclass(frozen=True)
@@ -97,6 +82,7 @@ class Ledger:
         self.n = 0
         self.jobs: list[JobEntry] = []
         self._job_index: dict[int, int] = {}
+        self._panda = np.zeros(0, dtype=np.uint64)  # PandaID by job index, for keys
         self.files: list[tuple[str, str, str, str]] = []
         self._file_index: dict[tuple[str, str, str, str], int] = {}
         self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted keys, rows)
@@ -112,6 +98,7 @@ class Ledger:
             idx = len(self.jobs)
             self.jobs.append(JobEntry(panda_id, task_id))
             self._job_index[panda_id] = idx
+            self._panda = np.append(self._panda, np.uint64(panda_id))
         return idx
 
     def job_of(self, panda_id: int) -> int | None:
@@ -154,8 +141,7 @@ class Ledger:
         file_id = np.asarray(file_id, dtype=np.int64)
         proc = np.asarray(proc, dtype=np.uint32)
         attempt = np.asarray(attempt, dtype=np.uint16)
-        panda = np.full(len(file_id), self.jobs[job].panda_id, dtype=np.uint64)
-        keys = range_key(panda, file_id, proc, attempt)
+        keys = range_key(np.full(len(file_id), self._panda[job]), file_id, proc, attempt)
         keep = ~self._contains(keys)
         # duplicates inside the batch itself
         _, first = np.unique(keys, return_index=True)
@@ -260,6 +246,19 @@ class Ledger:
         j = self.jobs[job]
         return f"{j.task_id}-{j.panda_id}-{file_id}-{proc}-{attempt}"
 
+    def range_ids(self, rows: np.ndarray) -> list[str]:
+        jobs = self.jobs
+        sel = self.rows[rows]
+        return [
+            f"{jobs[j].task_id}-{jobs[j].panda_id}-{f}-{p}-{a}"
+            for j, f, p, a in zip(
+                sel["job"].tolist(),
+                sel["file_id"].tolist(),
+                sel["proc"].tolist(),
+                sel["attempt"].tolist(),
+            )
+        ]
+
     def event_range(self, row: int) -> EventRange:
         job, file_id, proc, attempt, _, _, start, nev, fref, _, _ = self.rows[row].item()
         j = self.jobs[job]
@@ -270,61 +269,101 @@ class Ledger:
     def panda_id(self, row: int) -> int:
         return self.jobs[int(self.rows[row]["job"])].panda_id
 
+    def keys(self, rows: np.ndarray) -> np.ndarray:
+        """The 64-bit keys of ``rows`` (what a WORK batch carries and a result echoes)."""
+        sel = self.rows[rows]
+        return range_key(self._panda[sel["job"]], sel["file_id"], sel["proc"], sel["attempt"])
+
+    def work_batch(self, rows: np.ndarray) -> WorkBatch:
+        """``rows`` as a WORK body: their columns, keys, and the jobs and files they use."""
+        sel = self.rows[rows]
+        cols = np.zeros(len(rows), dtype=wire.WORK_DTYPE)
+        cols["row"] = rows
+        cols["key"] = self.keys(rows)
+        for name in ("job", "file_id", "proc", "attempt", "start", "nev", "fref"):
+            cols[name] = sel[name]
+        jobs = {
+            j: (self.jobs[j].task_id, self.jobs[j].panda_id) for j in np.unique(sel["job"]).tolist()
+        }
+        files = {f: self.files[f] for f in np.unique(sel["fref"]).tolist()}
+        return WorkBatch(cols, jobs, files)
+
+    def held_by(self, rows: np.ndarray, keys: np.ndarray, droid: int) -> np.ndarray:
+        """Mask of ``rows`` that exist, are leased to ``droid`` and have these ``keys``.
+
+        A row named twice counts once (its first time)."""
+        ok = (rows >= 0) & (rows < self.n)
+        if len(rows):
+            _, first = np.unique(rows, return_index=True)
+            once = np.zeros(len(rows), dtype=bool)
+            once[first] = True
+            ok &= once
+        idx = np.flatnonzero(ok)
+        r = rows[idx]
+        sel = self.rows[r]
+        good = (sel["state"] == State.LEASED) & (sel["droid"] == droid)
+        good &= self.keys(r) == keys[idx]
+        ok[idx[~good]] = False
+        return ok
+
     # -- transitions ---------------------------------------------------------
 
     def state(self, row: int) -> State:
         return State(int(self.rows[row]["state"]))
 
-    def next_ready(self, n: int) -> list[int]:
+    def next_ready(self, n: int) -> np.ndarray:
         """Up to ``n`` READY rows, released ones first (they waited longest)."""
-        out: list[int] = []
         st = self.rows["state"]
-        while self._released and len(out) < n:
+        taken: list[int] = []
+        while self._released and len(taken) < n:
             row = self._released.popleft()
-            if st[row] == State.READY and row not in out:
-                out.append(row)
-        seen = set(out)  # a released row may also lie ahead of the cursor (after a replay)
-        while len(out) < n and self._cursor < self.n:
-            chunk = st[self._cursor : min(self.n, self._cursor + 4 * (n - len(out)) + 64)]
-            idx = [int(i) + self._cursor for i in np.flatnonzero(chunk == State.READY)]
-            take = [i for i in idx if i not in seen][: n - len(out)]
-            out.extend(take)
-            seen.update(take)
-            if take and len(out) == n:
-                self._cursor = take[-1] + 1
-            else:
-                self._cursor += len(chunk)
-        return out
+            if st[row] == State.READY:
+                taken.append(row)
+        out = np.unique(np.asarray(taken, dtype=np.int64)) if taken else None
+        parts = [out] if out is not None else []
+        got = len(out) if out is not None else 0
+        while got < n and self._cursor < self.n:
+            end = min(self.n, self._cursor + 4 * (n - got) + 64)
+            idx = np.flatnonzero(st[self._cursor : end] == State.READY) + self._cursor
+            if out is not None and len(idx):  # a released row may lie ahead of the cursor
+                idx = idx[~np.isin(idx, out)]
+            idx = idx[: n - got]
+            parts.append(idx)
+            got += len(idx)
+            self._cursor = int(idx[-1]) + 1 if got == n and len(idx) else end
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate(parts).astype(np.int64, copy=False)
 
-    def _set(self, rows: list[int] | np.ndarray, state: State) -> None:
+    def _set(self, rows: np.ndarray, state: State) -> np.ndarray:
         rows = np.unique(np.asarray(rows, dtype=np.int64))
-        if not len(rows):
-            return
-        old = self.rows["state"][rows]
-        np.subtract.at(self.counts, old.astype(np.int64), 1)
-        self.counts[state] += len(rows)
-        self.rows["state"][rows] = state
+        if len(rows):
+            st = self.rows["state"]
+            self.counts -= np.bincount(st[rows], minlength=len(State))[: len(State)]
+            self.counts[state] += len(rows)
+            st[rows] = state
+        return rows
 
-    def lease(self, rows: list[int], droid: int, deadline: float) -> None:
-        self._set(rows, State.LEASED)
+    def lease(self, rows: Any, droid: int, deadline: float) -> None:
+        rows = self._set(rows, State.LEASED)
         self.rows["droid"][rows] = droid
         self.rows["deadline"][rows] = deadline - self.t0
 
-    def extend(self, rows: list[int], deadline: float) -> None:
-        self.rows["deadline"][rows] = deadline - self.t0
+    def extend(self, rows: Any, deadline: float) -> None:
+        self.rows["deadline"][np.asarray(rows, dtype=np.int64)] = deadline - self.t0
 
-    def release(self, rows: list[int], charge: bool) -> None:
-        self._set(rows, State.READY)
+    def release(self, rows: Any, charge: bool) -> None:
+        rows = self._set(rows, State.READY)
         self.rows["droid"][rows] = -1
         if charge and len(rows):
             tries = self.rows["tries"][rows]
             self.rows["tries"][rows] = np.minimum(tries.astype(np.int64) + 1, 255)
-        self._released.extend(int(r) for r in rows)
+        self._released.extend(rows.tolist())
 
-    def finish(self, rows: list[int], state: State) -> None:
+    def finish(self, rows: Any, state: State) -> None:
         if state not in TERMINAL:
             raise ValueError(f"{state} is not terminal")
-        self._set(rows, state)
+        rows = self._set(rows, state)
         self.rows["droid"][rows] = -1
 
     # -- queries -------------------------------------------------------------

@@ -22,7 +22,6 @@ down; the loop then backs off and retries, and nothing is lost meanwhile.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,9 +31,8 @@ import numpy as np
 
 from hpc.transport import Envelope, Kind, PeerFailed, Transport
 from pilot.errors import ErrorCode, PilotError, error_diag
-from pilot.eventservice.model import RangeResult
-from pilot.job import MAX_LFN, EventRange
 from pilot.retry import RetryBackoff
+from yoda.intake import range_columns
 from yoda.ledger import State
 from yoda.scheduler import Scheduler
 
@@ -49,63 +47,6 @@ class RangeSource(Protocol):
     def update_event_ranges(
         self, entries: list[dict[str, Any]], version: int = 0
     ) -> list[bool]: ...
-
-
-_RANGE_ID = re.compile(r"[0-9]+-[0-9]+-[0-9]+-[0-9]+-[0-9]+")
-_NULLS = frozenset({"", "NULL", "None", "null"})
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return ""
-    if type(value) is not str:
-        return None
-    return "" if value.strip() in _NULLS else value
-
-
-def parse_ranges(items: list[Any]) -> list[EventRange | PilotError]:
-    """Validate upstream ranges: the plain common case checked inline, anything unusual
-    through :meth:`EventRange.from_panda` (the one full validation, and its diagnostics).
-
-    The inline path accepts only what ``from_panda`` accepts and builds the same
-    object; it exists because validation was half of rank 0's CPU per range.
-    """
-    out: list[EventRange | PilotError] = []
-    for d in items:
-        if type(d) is dict:
-            rid, start, last = d.get("eventRangeID"), d.get("startEvent"), d.get("lastEvent")
-            lfn = d.get("LFN")
-            guid, scope, pfn = _text(d.get("GUID")), _text(d.get("scope")), _text(d.get("PFN"))
-            if (
-                type(rid) is str
-                and _RANGE_ID.fullmatch(rid)
-                and type(start) is int
-                and type(last) is int
-                and 0 <= start <= last
-                and type(lfn) is str
-                and 0 < len(lfn) <= MAX_LFN
-                and lfn.isprintable()
-                and lfn.strip() not in _NULLS
-                and lfn not in (".", "..")
-                and not lfn.startswith("..")
-                and "/" not in lfn
-                and "\\" not in lfn
-                and guid is not None
-                and scope is not None
-                and pfn is not None
-            ):
-                out.append(EventRange(rid, start, last, lfn, guid, scope, pfn))
-                continue
-        try:
-            out.append(EventRange.from_panda(d))
-        except PilotError as exc:
-            out.append(exc)
-    return out
-
-
-def update_entry(result: RangeResult) -> dict[str, Any]:
-    """An ``updateEventRanges`` v0 entry: PanDA's keys only (outputs are in the journal)."""
-    return result.to_panda_v0()
 
 
 @dataclass
@@ -193,16 +134,19 @@ class Yoda:
                 log.info("job %d has no more ranges", panda_id)
                 self._dry.add(panda_id)
                 continue
-            ranges = []
-            for r in parse_ranges(got):
-                if isinstance(r, PilotError):
-                    log.error("job %d: upstream range dropped: %s", panda_id, r)
-                    continue
-                if r.panda_id != panda_id:
-                    log.error("range %s is not of job %d: dropped", r.event_range_id, panda_id)
-                    continue
-                ranges.append(r)
-            rows = self.book.add_ranges(job_index, ranges)
+            intake = range_columns(got, panda_id)
+            for exc in intake.errors[:10]:
+                log.error("job %d: upstream range dropped: %s", panda_id, exc)
+            if len(intake.errors) > 10:
+                log.error("job %d: %d more ranges dropped", panda_id, len(intake.errors) - 10)
+            if intake.foreign:
+                log.error(
+                    "%d ranges are not of job %d, e.g. %s: dropped",
+                    len(intake.foreign),
+                    panda_id,
+                    intake.foreign[0],
+                )
+            rows = self.book.add_columns(job_index, intake.cols, intake.files)
             added += len(rows)
             self.fetched += len(rows)
             if added >= n:
@@ -223,18 +167,19 @@ class Yoda:
         ):
             return 0
         accepted = 0
-        rows = sorted(unsent)
-        for i in range(0, len(rows), self.o.update_batch):
-            chunk = rows[i : i + self.o.update_batch]
+        report = getattr(self.up, "report_results", None)  # Harvester: outputs in its dump
+        budget = len(unsent)  # each result tried at most once per push
+        while budget > 0:
+            chunk = unsent.take(min(self.o.update_batch, budget))
+            budget -= len(chunk)
+            ids = self.s.ledger.range_ids(chunk.rows)
             try:
-                report = getattr(self.up, "report_results", None)
-                if report is not None:  # Harvester: outputs go into its stage-out dump
-                    answer = report([unsent[r] for r in chunk])
+                if report is not None:
+                    answer = report(chunk.results(ids))
                 else:
-                    answer = self.up.update_event_ranges(
-                        [update_entry(unsent[r]) for r in chunk], version=0
-                    )
+                    answer = self.up.update_event_ranges(chunk.panda_entries(ids), version=0)
             except PilotError as exc:
+                unsent.put_back(chunk)
                 wait = self._update_retry.failed(now)
                 log.warning(
                     "updateEventRanges failed (%s); %d results kept, retry in %.1f s",
@@ -244,23 +189,20 @@ class Yoda:
                 )
                 return accepted
             self._update_retry.ok()
-            done = []
-            for row, ok in zip(chunk, list(answer) + [False] * (len(chunk) - len(answer))):
-                if ok:
-                    done.append(row)
-                    continue
+            ok = np.zeros(len(chunk), dtype=bool)
+            answer = list(answer)[: len(chunk)]
+            ok[: len(answer)] = [bool(a) for a in answer]
+            for i in np.flatnonzero(~ok).tolist():
+                row = int(chunk.rows[i])
                 n = self._rejections.get(row, 0) + 1
                 self._rejections[row] = n
                 if n >= self.o.max_rejections:
-                    log.error(
-                        "upstream refused the result of %s %d times: given up",
-                        unsent[row].event_range_id,
-                        n,
-                    )
-                    done.append(row)
-            self.book.sent(done)
-            accepted += len(done)
-            self.reported += len(done)
+                    log.error("upstream refused the result of %s %d times: given up", ids[i], n)
+                    ok[i] = True
+            self.book.sent(chunk.rows[ok])
+            unsent.add(chunk.select(~ok))  # refused: tried again at the next push
+            accepted += int(ok.sum())
+            self.reported += int(ok.sum())
         self._last_update = now
         return accepted
 
@@ -283,7 +225,7 @@ class Yoda:
         states = np.bincount(rows["state"][mine], minlength=len(State))
         if states[State.READY] or states[State.LEASED]:
             return None
-        if any(led.panda_id(r) == panda_id for r in self.book.unsent):
+        if (rows["job"][self.book.unsent.rows()] == job_index).any():
             return None
         finished = rows[mine & (rows["state"] == State.FINISHED)]
         fields: dict[str, Any] = {

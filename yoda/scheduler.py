@@ -33,9 +33,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from hpc.transport import Envelope, Kind
+from hpc.wire import ResultBatch, WorkBatch
 from pilot.errors import ErrorCode, error_diag
-from pilot.eventservice.model import RangeResult, RangeStatus
 from yoda.journal import Book
 from yoda.ledger import State
 
@@ -175,25 +177,19 @@ class Scheduler:
             return []
         if d.draining:
             d.want = 0
-            return [(d.rank, self._env(Kind.WORK, {"ranges": [], "no_more": True}))]
+            return [(d.rank, self._env(Kind.WORK, WorkBatch.none_left().body()))]
         n = min(d.want, d.high(self.p) - len(d.leased))
-        rows = self.ledger.next_ready(n) if n > 0 else []
-        if not rows:
+        rows = self.ledger.next_ready(n) if n > 0 else None
+        if rows is None or not len(rows):
             if self.exhausted and self.ledger.count(State.READY) == 0:
                 d.want = 0
-                return [(d.rank, self._env(Kind.WORK, {"ranges": [], "no_more": True}))]
+                return [(d.rank, self._env(Kind.WORK, WorkBatch.none_left().body()))]
             return []  # remembered in d.want, served when ranges arrive
         self.book.lease(rows, d.rank, now + self.p.lease_s)
-        d.leased.update(rows)
+        d.leased.update(rows.tolist())
         d.want = max(0, d.want - len(rows))
         self.decisions += len(rows)
-        ranges = []
-        for row in rows:
-            r = self.ledger.event_range(row)
-            ranges.append(
-                [row, r.event_range_id, r.start_event, r.last_event, r.lfn, r.guid, r.scope, r.pfn]
-            )
-        return [(d.rank, self._env(Kind.WORK, {"ranges": ranges, "no_more": False}))]
+        return [(d.rank, self._env(Kind.WORK, self.ledger.work_batch(rows).body()))]
 
     def serve_waiting(self, now: float) -> Out:
         """Serve remembered requests, e.g. after ranges arrived or the upstream ran dry."""
@@ -206,28 +202,24 @@ class Scheduler:
     def _update(self, env: Envelope, now: float) -> Out:
         d = self.droids[env.source]
         body = env.body if isinstance(env.body, dict) else {}
-        accepted: list[tuple[int, RangeResult]] = []
-        for item in body.get("results", []) or []:
-            try:
-                row, rd = item
-                row = int(row)
-                result = RangeResult.from_dict(rd)
-            except (TypeError, ValueError, KeyError):
-                self.dropped += 1
-                log.info("dropped malformed result from rank %d: %.200r", d.rank, item)
-                continue
-            if row not in d.leased or not (0 <= row < self.ledger.n):
-                self.dropped += 1  # late (lease expired), duplicate, or unknown
-                log.info("dropped result for row %d not leased to rank %d", row, d.rank)
-                continue
-            if self.ledger.range_id(row) != result.event_range_id:
-                self.dropped += 1
-                log.info("dropped result: row %d is not %s", row, result.event_range_id)
-                continue
-            accepted.append((row, result))
-            d.leased.discard(row)
-        self.book.done(d.rank, accepted)
-        self.decisions += len(accepted)
+        try:
+            batch = ResultBatch.from_body(body)
+        except ValueError as exc:
+            self.dropped += 1
+            log.info("dropped malformed results from rank %d: %s", d.rank, exc)
+            batch = ResultBatch.empty()
+        # late (lease expired), duplicate, unknown, or not this row's range
+        ok = self.ledger.held_by(batch.rows, batch.cols["key"], d.rank)
+        if not ok.all():
+            bad = batch.rows[~ok]
+            self.dropped += len(bad)
+            log.info(
+                "dropped %d results not leased to rank %d, e.g. row %d", len(bad), d.rank, bad[0]
+            )
+            batch = batch.select(ok)
+        self.book.done(d.rank, batch)
+        d.leased.difference_update(batch.rows.tolist())
+        self.decisions += len(batch)
         d.acked = max(d.acked, env.seq)
         out: Out = [(d.rank, self._env(Kind.ACK, {"upto": env.seq}))]
         released = body.get("released") or []
@@ -295,21 +287,11 @@ class Scheduler:
         spent = [r for r in rows if charge and tries[r] + 1 >= self.p.max_tries]
         if spent:
             diag = error_diag(ErrorCode.ESRECOVERABLE, "range lost its lease too often")
-            self.book.done(
-                -1,
-                [
-                    (
-                        r,
-                        RangeResult(
-                            self.ledger.range_id(r),
-                            RangeStatus.FAILED,
-                            error_code=int(ErrorCode.ESRECOVERABLE),
-                            error_diag=diag,
-                        ),
-                    )
-                    for r in spent
-                ],
+            gone = np.asarray(spent, dtype=np.int64)
+            failed = ResultBatch.failed(
+                gone, self.ledger.keys(gone), int(ErrorCode.ESRECOVERABLE), diag
             )
+            self.book.done(-1, failed)
         spent_set = set(spent)
         back = [r for r in rows if r not in spent_set]
         self.book.release(back, charge=charge)
@@ -331,12 +313,15 @@ class Scheduler:
                 out += self.on_failed(d.rank, now)
                 out.append((d.rank, self._env(Kind.STOP, {"reason": "heartbeat timeout"})))
                 continue
-            expired = [r for r in d.leased if self.ledger.deadline(r) + self.p.lease_grace < now]
+            if not d.leased:
+                continue
+            held = np.fromiter(d.leased, dtype=np.int64, count=len(d.leased))
+            due = self.ledger.rows["deadline"][held] + (self.ledger.t0 + self.p.lease_grace)
+            expired = np.sort(held[due < now]).tolist()
             if expired:
                 log.warning("rank %d: %d leases expired", d.rank, len(expired))
-                for r in expired:
-                    d.leased.discard(r)
-                out += self._release_or_fail(sorted(expired), charge=True)
+                d.leased.difference_update(expired)
+                out += self._release_or_fail(expired, charge=True)
         if (
             not self.draining
             and self.p.walltime_end is not None

@@ -12,6 +12,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.mpi.harness import (
@@ -74,8 +75,13 @@ def test_sigkill_of_a_payload_the_droid_restarts_it(server, launched, work):
     droid = ranks(proc)[1]
 
     def payload():
-        kids = [p for p in droid.children(recursive=True) if "toysim" in " ".join(p.cmdline())]
-        return kids[0] if kids else None
+        for p in droid.children(recursive=True):
+            try:
+                if "toysim" in " ".join(p.cmdline()):
+                    return p
+            except psutil.NoSuchProcess:  # a short-lived child that is already gone
+                continue
+        return None
 
     wait_for(lambda: payload() is not None, 30, "a payload")
     payload().kill()

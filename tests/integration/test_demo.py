@@ -140,37 +140,66 @@ def test_demo_refuses_a_used_workdir(tmp_path: Path) -> None:
 
 
 def test_timeline_spans_from_a_journal(tmp_path: Path) -> None:
+    import numpy as np
+
+    from hpc.wire import ResultBatch
+    from pilot.demo import read_journal_results
     from pilot.errors import PilotError
-    from pilot.timeline import draw_timeline, read_journal_results, spans_from_journal
+    from pilot.eventservice.model import RangeResult, RangeStatus
+    from pilot.job import EventRange
+    from pilot.timeline import draw_timeline, results_from_dump, spans_from_journal
+    from yoda.journal import Book, Journal
+    from yoda.ledger import Ledger
 
     out = tmp_path / "out.dat"
     out.write_bytes(b"x")
     os.utime(out, (1000.0, 1000.0))
 
-    def res(rid: str, status: str, path: str = "", **extra: float) -> dict:
-        d = {"event_range_id": rid, "status": status, "output_path": path, "wall": 2.0}
-        return {**d, "cpu": 1.5, **extra}
-
-    lines = [
-        {"op": "epoch", "n": 1},
-        {"op": "done", "d": 1, "res": [[0, res("1-2-1-1-1", "finished", str(out))]]},
-        {"op": "done", "d": 2, "res": [[1, res("1-2-1-2-1", "failed")]]},
-        {"op": "done", "d": 2, "res": [[2, res("1-2-1-3-1", "finished", started=5, ended=9)]]},
-        {"op": "done", "d": 3, "res": [[3, res("1-2-1-4-1", "fatal")]]},
-    ]
     journal = tmp_path / "yoda.journal"
-    journal.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"op": "do', encoding="utf-8")
-    results = read_journal_results(journal)  # the torn last line is skipped
-    assert [r.droid for r in results] == [1, 2, 2, 3]
-    spans = {s.range_id: s for s in spans_from_journal(results, {"1-2-1-2-1": 50.0})}
+    book = Book(Ledger(), Journal(journal))
+    book.epoch(1)
+    job = book.add_job({"PandaID": 2, "taskID": 1})
+    ids = [f"1-2-1-{i}-1" for i in range(1, 5)]
+    rows = book.add_ranges(job, [EventRange(rid, i, i, "EVNT") for i, rid in enumerate(ids)])
+    status = [RangeStatus.FINISHED, RangeStatus.FAILED, RangeStatus.FINISHED, RangeStatus.FATAL]
+    for droid, i in ((1, 0), (2, 1), (2, 2), (3, 3)):
+        book.lease(rows[i : i + 1], droid, 100.0)
+        r = RangeResult(ids[i], status[i], str(out) if i == 0 else "", wall=2.0, cpu=1.5)
+        keys = book.ledger.keys(rows[i : i + 1])
+        book.done(droid, ResultBatch.from_results([(int(rows[i]), int(keys[0]), r)]))
+    book.journal.close()
+    with open(journal, "ab") as fh:
+        fh.write(b"\x06\x00")  # a torn last record is skipped
+    results = read_journal_results(journal)
+    assert [(r.droid, r.range_id, r.status) for r in results] == [
+        (1, ids[0], "finished"),
+        (2, ids[1], "failed"),
+        (2, ids[2], "finished"),
+        (3, ids[3], "fatal"),
+    ]
+    assert np.isclose(results[0].wall, 2.0) and results[0].output_path == str(out)
+
+    def res(rid: str, status: str, path: str = "", **extra: float) -> str:
+        d = {"droid": 2, "event_range_id": rid, "status": status, "output_path": path}
+        return json.dumps({**d, "wall": 2.0, "cpu": 1.5, **extra})
+
+    dump = [
+        res("1-2-1-1-1", "finished", str(out)),
+        res("1-2-1-2-1", "failed"),
+        res("1-2-1-3-1", "finished", started=5, ended=9),
+        res("1-2-1-4-1", "fatal"),
+    ]
+    spans = {s.range_id: s for s in spans_from_journal(results_from_dump(dump), {ids[1]: 50.0})}
     assert (spans["1-2-1-1-1"].start, spans["1-2-1-1-1"].end) == (998.0, 1000.0)  # output mtime
     assert (spans["1-2-1-2-1"].start, spans["1-2-1-2-1"].end) == (48.0, 50.0)  # dispatcher time
     assert (spans["1-2-1-3-1"].start, spans["1-2-1-3-1"].end) == (5.0, 9.0)  # its own clock
     assert "1-2-1-4-1" not in spans  # no time known at all: left out, not invented
-    assert spans["1-2-1-1-1"].lane == "droid 1"
+    assert spans["1-2-1-1-1"].lane == "droid 2"
     png = draw_timeline(list(spans.values()), tmp_path / "t.png")
     assert png.read_bytes()[:8] == PNG_MAGIC
 
-    journal.write_text('{"op": "do\n{"op": "epoch", "n": 1}\n', encoding="utf-8")
-    with pytest.raises(PilotError):  # a torn line in the middle is corruption
+    data = bytearray(journal.read_bytes())
+    data[20] ^= 0xFF  # damage in the middle is corruption, not a torn tail
+    journal.write_bytes(bytes(data))
+    with pytest.raises(PilotError):
         read_journal_results(journal)

@@ -4,7 +4,6 @@ exists with the reported checksum."""
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -62,16 +61,10 @@ def check(
 
 def journal_outputs(path: str | Path) -> dict[str, tuple[str, int, str]]:
     """Outputs of finished ranges as Yoda journaled them: id -> (path, fsize, adler32)."""
-    out = {}
-    with open(path, "rb") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line
-            if rec.get("op") != "done":
-                continue
-            for _, r in rec["res"]:
-                if r["status"] == "finished":
-                    out[r["event_range_id"]] = (r["output_path"], r["fsize"], r["adler32"])
-    return out
+    from yoda.journal import journal_results
+
+    return {
+        r.event_range_id: (r.output_path, r.fsize, r.adler32)
+        for _, r in journal_results(path)
+        if r.status.value == "finished"
+    }

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+
 from droid.droid import Droid, DroidOptions
 from droid.nullexec import NullExecutor
 from hpc.transport import Envelope, Kind, LocalHub
+from hpc.wire import ResultBatch
+from pilot.job import EventRange
+from yoda.ledger import Ledger
 
 JOB = {"PandaID": 501, "taskID": 9, "jobsetID": 9, "transformation": "toysim"}
 
 
-def rng(i):
-    return [i, f"9-501-77-{i + 1}-1", i * 2, i * 2 + 1, "EVNT.root", "G", "mc", ""]
+def work(rows, no_more=False):
+    """A WORK body for ledger rows ``rows`` of job 501 (ranges 9-501-77-<row+1>-1)."""
+    led = Ledger()
+    led.add_job(501, 9)
+    ranges = [
+        EventRange(f"9-501-77-{i + 1}-1", i * 2, i * 2 + 1, "EVNT.root", "G", "mc")
+        for i in range(10)
+    ]
+    led.add_ranges(ranges)
+    batch = led.work_batch(np.asarray(rows, dtype=np.int64))
+    batch.no_more = no_more
+    return batch.body()
 
 
 def start(tmp_path, delay=0.0, slots=2):
@@ -46,17 +61,20 @@ def test_work_results_ack_no_more_bye(tmp_path):
     hub, yoda, droid, t, result = start(tmp_path)
     req = expect(yoda, Kind.WORK_REQ)
     assert req.body["want"] == 4 and req.epoch == 5
-    junk = [["x"], [1, 2], None]
-    yoda.send(1, Envelope(Kind.WORK, 2, 5, {"ranges": [rng(0), rng(1), *junk], "no_more": False}))
-    yoda.send(1, Envelope(Kind.WORK, 3, 4, {"ranges": [rng(7)], "no_more": False}))  # old epoch
+    for junk in ({"cols": [1, 2]}, {**work([3]), "files": {}}, None, {"cols": np.zeros(3)}):
+        yoda.send(1, Envelope(Kind.WORK, 2, 5, junk))  # dropped whole, nothing half applied
+    yoda.send(1, Envelope(Kind.WORK, 2, 5, work([0, 1])))
+    yoda.send(1, Envelope(Kind.WORK, 3, 4, work([7])))  # old epoch
     done = {}
     while len(done) < 2:
         up = expect(yoda, Kind.UPDATE)
-        for row, r in up.body["results"]:
+        batch = ResultBatch.from_body(up.body)
+        for row, r in zip(batch.rows.tolist(), batch.results(["?"] * len(batch))):
             done[row] = r
         yoda.send(1, Envelope(Kind.ACK, 4, 5, {"upto": up.seq}))
-    assert set(done) == {0, 1} and all(r["status"] == "finished" for r in done.values())
-    yoda.send(1, Envelope(Kind.WORK, 5, 5, {"ranges": [], "no_more": True}))
+    assert set(done) == {0, 1} and all(r.status.value == "finished" for r in done.values())
+    assert all(r.output_path.endswith(f"9-501-77-{row + 1}-1.out") for row, r in done.items())
+    yoda.send(1, Envelope(Kind.WORK, 5, 5, work([], no_more=True)))
     bye = expect(yoda, Kind.BYE)
     assert bye.body["released"] == [] and bye.body["done"] == 2
     yoda.send(1, Envelope(Kind.STOP, 6, 5, {}))
@@ -67,9 +85,7 @@ def test_work_results_ack_no_more_bye(tmp_path):
 def test_drain_gives_back_what_did_not_start(tmp_path):
     hub, yoda, droid, t, result = start(tmp_path, delay=0.3, slots=1)
     expect(yoda, Kind.WORK_REQ)
-    yoda.send(
-        1, Envelope(Kind.WORK, 2, 5, {"ranges": [rng(i) for i in range(5)], "no_more": False})
-    )
+    yoda.send(1, Envelope(Kind.WORK, 2, 5, work(range(5))))
     for _ in range(1000):  # bounded: until the first range started
         if any(ex.in_flight() for ex in list(droid.executors.values())):
             break
@@ -81,7 +97,7 @@ def test_drain_gives_back_what_did_not_start(tmp_path):
         assert got is not None
         if got.kind is Kind.UPDATE:
             released.update(got.body["released"])
-            finished.update(row for row, _ in got.body["results"])
+            finished.update(ResultBatch.from_body(got.body).rows.tolist())
             yoda.send(1, Envelope(Kind.ACK, 4, 5, {"upto": got.seq}))
         elif got.kind is Kind.BYE:
             released.update(got.body["released"])

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from hpc import wire
+from hpc.wire import ResultBatch
 from pilot.errors import PilotError
 from pilot.eventservice.model import RangeResult, RangeStatus
 from pilot.job import EventRange
-from yoda.journal import Book, Journal, replay, resume_book
-from yoda.ledger import Ledger, State
+from yoda.journal import MAGIC, Book, Journal, replay, resume_book
+from yoda.ledger import TERMINAL, Ledger, State
 
 
 def ranges(panda=1001, n=10, task=77, lfn="EVNT.01.pool.root"):
@@ -49,13 +51,13 @@ def test_transitions_and_counts():
     led = Ledger()
     led.add_ranges(ranges(n=6))
     got = led.next_ready(4)
-    assert got == [0, 1, 2, 3]
+    assert got.tolist() == [0, 1, 2, 3]
     led.lease(got, droid=3, deadline=100.0)
-    assert list(led.leased_by(3)) == got
+    assert led.leased_by(3).tolist() == got.tolist()
     led.finish([0], State.FINISHED)
     led.release([1], charge=True)
     led.release([2], charge=False)
-    assert led.next_ready(3) == [1, 2, 4]
+    assert led.next_ready(3).tolist() == [1, 2, 4]
     assert led.rows["tries"][1] == 1 and led.rows["tries"][2] == 0
     assert led.count(State.FINISHED) == 1 and led.count(State.LEASED) == 1
     with pytest.raises(ValueError):
@@ -84,7 +86,8 @@ def test_replay_rebuilds_the_ledger_and_unsent_results(tmp_path):
     book.lease([0, 1, 2], droid=2, deadline=50.0)
     r0 = RangeResult("77-1001-5001-0-1", RangeStatus.FINISHED, "/o/0", 10, "0a0b0c0d")
     r1 = RangeResult("77-1001-5001-1-1", RangeStatus.FAILED, error_code=1224)
-    book.done(2, [(0, r0), (1, r1)])
+    keys = book.ledger.keys(np.array([0, 1]))
+    book.done(2, ResultBatch.from_results([(0, keys[0], r0), (1, keys[1], r1)]))
     book.sent([0])
     book.release([2], charge=True)
     book.journal.close()
@@ -98,7 +101,8 @@ def test_replay_rebuilds_the_ledger_and_unsent_results(tmp_path):
         State.READY,
         State.READY,
     ]
-    assert rep.unsent == {1: r1}
+    unsent = rep.unsent.peek()
+    assert unsent.rows.tolist() == [1] and unsent.results([r1.event_range_id]) == [r1]
     assert rep.jobs == [job()]
     assert led.rows["tries"][2] == 1
 
@@ -109,7 +113,7 @@ def test_resume_releases_old_leases_without_charge_and_bumps_the_epoch(tmp_path)
     book.lease([0, 1], droid=1, deadline=50.0)
     book.journal.close()
     with open(tmp_path / "journal", "ab") as fh:
-        fh.write(b'{"op":"done","d":1,"res":[[0,{"event_ra')  # killed mid-write
+        fh.write(b"\x06\x10\x00\x00\x00\x40")  # killed mid-write
     book2, epoch = resume_book(tmp_path / "journal")
     assert epoch == 2
     assert book2.ledger.count(State.READY) == 6
@@ -120,9 +124,17 @@ def test_resume_releases_old_leases_without_charge_and_bumps_the_epoch(tmp_path)
 
 
 def test_corrupt_middle_of_journal_is_a_pilot_error(tmp_path):
+    book = _book(tmp_path)
+    book.epoch(2)
+    book.journal.close()
     p = tmp_path / "journal"
-    p.write_bytes(b'{"op":"epoch","n":1}\nnot json\n{"op":"epoch","n":2}\n')
-    with pytest.raises(PilotError):
+    data = bytearray(p.read_bytes())
+    data[len(MAGIC) + 20] ^= 0x01  # one bit of the first record
+    p.write_bytes(bytes(data))
+    with pytest.raises(PilotError, match="corrupt"):
+        replay(p)
+    p.write_bytes(b'{"op":"epoch","n":1}\n')  # not this format at all
+    with pytest.raises(PilotError, match="not a Yoda journal"):
         replay(p)
     with pytest.raises(PilotError):
         replay(tmp_path / "missing")
@@ -142,8 +154,14 @@ def test_rows_released_after_a_replay_are_handed_out_once(tmp_path):
     assert led.count(State.READY) == 1
 
 
-def test_journal_result_record_matches_the_model():
-    from hpc.transport import result_to_wire
-
+def test_result_columns_round_trip_and_report_like_the_model():
     r = RangeResult("1-2-3-4-5", RangeStatus.FATAL, "/p", 3, "01020304", 1.0, 2.0, 1228, "x")
-    assert result_to_wire(r) == r.to_dict()
+    ok = RangeResult("1-2-3-4-6", RangeStatus.FINISHED, "/q", 4, "0a0b0c0d", 0.25, 2.0)
+    batch = ResultBatch.from_results([(7, 70, r), (8, 80, ok)])
+    back = ResultBatch.from_body(batch.body())
+    assert back.results([r.event_range_id, ok.event_range_id]) == [r, ok]
+    assert back.panda_entries([r.event_range_id, ok.event_range_id]) == [
+        r.to_panda_v0(),
+        ok.to_panda_v0(),
+    ]
+    assert [State(s) for s in (wire.FINISHED, wire.FAILED, wire.FATAL)] == list(TERMINAL)

@@ -6,7 +6,7 @@ import pytest
 
 from pilot.errors import PilotError
 from pilot.job import EventRange
-from yoda.master import parse_ranges
+from yoda.intake import parse_ranges
 
 GOOD = {
     "eventRangeID": "77-1001-5-3-1",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from hpc.transport import Envelope, Kind
+from hpc.wire import ResultBatch, WorkBatch
 from pilot.eventservice.model import RangeResult, RangeStatus
 from tests.unit.test_yoda_ledger import job, ranges
 from yoda.journal import Book
@@ -30,8 +33,22 @@ def hello(s, rank, slots=2, now=0.0):
     return s.on_message(msg(Kind.HELLO, rank, {"slots": slots, "node": f"n{rank}"}), now)
 
 
-def result(s, row, status=RangeStatus.FINISHED):
-    return [row, RangeResult(s.ledger.range_id(row), status, cpu=1.0).to_dict()]
+def results(s, rows, status=RangeStatus.FINISHED, keys=None):
+    """An UPDATE body with a result for each of ``rows``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    keys = s.ledger.keys(rows) if keys is None else keys
+    items = [
+        (row, key, RangeResult(s.ledger.range_id(row), status, cpu=1.0))
+        for row, key in zip(rows.tolist(), np.asarray(keys).tolist())
+    ]
+    return ResultBatch.from_results(items).body()
+
+
+def work_rows(out):
+    """Rows of the WORK message in ``out``."""
+    ((_, env),) = out
+    assert env.kind is Kind.WORK
+    return WorkBatch.from_body(env.body).cols["row"].tolist()
 
 
 def test_hello_gets_config_and_requests_are_capped_by_the_high_watermark():
@@ -40,8 +57,7 @@ def test_hello_gets_config_and_requests_are_capped_by_the_high_watermark():
     assert kinds(out) == [(1, Kind.CONFIG)]
     assert out[0][1].body["jobs"][0]["PandaID"] == 1001
     out = s.on_message(msg(Kind.WORK_REQ, 1, {"want": 10}), 1.0)
-    ((dest, env),) = out
-    assert env.kind is Kind.WORK and len(env.body["ranges"]) == 4  # high = 2 per slot
+    assert len(work_rows(out)) == 4  # high = 2 per slot
     assert s.ledger.count(State.LEASED) == 4
 
 
@@ -51,27 +67,28 @@ def test_unserved_request_is_served_when_ranges_arrive():
     assert s.on_message(msg(Kind.WORK_REQ, 1, {"want": 2}), 1.0) == []
     s.book.add_ranges(0, ranges(n=3))
     out = s.serve_waiting(2.0)
-    assert len(out[0][1].body["ranges"]) == 2
+    assert len(work_rows(out)) == 2
     s.exhausted = True
     s.on_message(msg(Kind.WORK_REQ, 1, {"want": 4}), 3.0)  # gets the last one
     out = s.on_message(msg(Kind.WORK_REQ, 1, {"want": 1}), 3.0)
-    assert out[0][1].body == {"ranges": [], "no_more": True}  # upstream dry, nothing READY
+    none_left = WorkBatch.from_body(out[0][1].body)
+    assert none_left.no_more and not len(none_left)  # upstream dry, nothing READY
 
 
 def test_update_is_journaled_then_acked_and_late_results_dropped():
     s = make()
     hello(s, 1)
-    work = s.on_message(msg(Kind.WORK_REQ, 1, {"want": 2}), 1.0)[0][1].body["ranges"]
-    rows = [r[0] for r in work]
-    out = s.on_message(msg(Kind.UPDATE, 1, {"results": [result(s, rows[0])]}, seq=7), 2.0)
+    rows = work_rows(s.on_message(msg(Kind.WORK_REQ, 1, {"want": 2}), 1.0))
+    out = s.on_message(msg(Kind.UPDATE, 1, results(s, rows[:1]), seq=7), 2.0)
     assert kinds(out) == [(1, Kind.ACK)] and out[0][1].body["upto"] == 7
     assert s.ledger.state(rows[0]) is State.FINISHED
-    assert rows[0] in s.book.unsent
-    # the same result again, a result for a range it does not hold, garbage
-    bad = {"results": [result(s, rows[0]), result(s, 9), ["x"], [rows[1], {"no": 1}]]}
-    s.on_message(msg(Kind.UPDATE, 1, bad, seq=8), 3.0)
+    assert s.book.unsent.rows().tolist() == rows[:1]
+    # the same result again and one for a range it does not hold; garbage; a wrong key
+    s.on_message(msg(Kind.UPDATE, 1, results(s, [rows[0], 9]), seq=8), 3.0)
+    s.on_message(msg(Kind.UPDATE, 1, {"cols": "x", "path": []}, seq=9), 3.0)
+    s.on_message(msg(Kind.UPDATE, 1, results(s, rows[1:], keys=[12345]), seq=10), 3.0)
     assert s.dropped == 4
-    assert s.ledger.count(State.FINISHED) == 1
+    assert s.ledger.count(State.FINISHED) == 1 and s.ledger.state(rows[1]) is State.LEASED
 
 
 def test_dead_droid_leases_go_to_another_droid():
@@ -81,8 +98,7 @@ def test_dead_droid_leases_go_to_another_droid():
     s.on_message(msg(Kind.WORK_REQ, 1, {"want": 4}), 1.0)
     assert s.on_message(msg(Kind.WORK_REQ, 2, {"want": 4}), 1.0) == []
     out = s.on_failed(1, 2.0)
-    assert kinds(out) == [(2, Kind.WORK)]
-    assert len(out[0][1].body["ranges"]) == 4
+    assert len(work_rows(out)) == 4
     assert all(s.ledger.rows["tries"][r] == 1 for r in range(4))
     assert s.on_message(msg(Kind.HB, 1, {}), 3.0) == [] and s.dropped == 1
 
@@ -105,9 +121,7 @@ def test_heartbeat_timeout_and_lease_expiry():
 def test_queued_ranges_are_renewed_by_heartbeat():
     s = make(n=4)
     hello(s, 1, slots=1)
-    rows = [
-        r[0] for r in s.on_message(msg(Kind.WORK_REQ, 1, {"want": 2}), 0.0)[0][1].body["ranges"]
-    ]
+    rows = work_rows(s.on_message(msg(Kind.WORK_REQ, 1, {"want": 2}), 0.0))
     s.on_message(msg(Kind.HB, 1, {"queued": [rows[1]]}), 90.0)
     s.tick(120.0)
     assert s.ledger.state(rows[0]) is State.READY
@@ -121,15 +135,13 @@ def test_too_many_lost_leases_fail_the_range():
         s.on_message(msg(Kind.WORK_REQ, rank, {"want": 1}), 0.0)
         s.on_failed(rank, 1.0)
     assert s.ledger.state(0) is State.FAILED
-    assert s.book.unsent[0].error_code == 1224
+    assert s.book.unsent.peek().cols["error_code"].tolist() == [1224]
 
 
 def test_drain_before_walltime_and_bye_releases_without_charge():
     s = make(n=6, walltime_end=1000.0, drain_lead=100.0)
     hello(s, 1)
-    rows = [
-        r[0] for r in s.on_message(msg(Kind.WORK_REQ, 1, {"want": 4}), 0.0)[0][1].body["ranges"]
-    ]
+    rows = work_rows(s.on_message(msg(Kind.WORK_REQ, 1, {"want": 4}), 0.0))
     s.on_message(msg(Kind.HB, 1, {"queued": rows}), 800.0)
     assert s.tick(800.0) == []
     s.on_message(msg(Kind.HB, 1, {"queued": rows}), 900.0)
@@ -137,7 +149,7 @@ def test_drain_before_walltime_and_bye_releases_without_charge():
     assert kinds(out) == [(1, Kind.DRAIN)] and out[0][1].body["by"] <= 1000.0
     out = s.on_message(msg(Kind.WORK_REQ, 1, {"want": 1}), 906.0)
     assert out[0][1].body["no_more"] is True
-    s.on_message(msg(Kind.UPDATE, 1, {"results": [result(s, rows[0])]}, seq=1), 907.0)
+    s.on_message(msg(Kind.UPDATE, 1, results(s, rows[:1]), seq=1), 907.0)
     out = s.on_message(msg(Kind.BYE, 1, {"released": rows[1:]}), 908.0)
     assert (1, Kind.STOP) in kinds(out)
     assert s.ledger.count(State.READY) == 5 and s.ledger.rows["tries"].max() == 0
@@ -149,12 +161,10 @@ def test_no_more_when_the_upstream_is_dry_and_everything_is_done():
     s = make(n=1)
     s.exhausted = True
     hello(s, 1)
-    rows = [
-        r[0] for r in s.on_message(msg(Kind.WORK_REQ, 1, {"want": 2}), 0.0)[0][1].body["ranges"]
-    ]
-    s.on_message(msg(Kind.UPDATE, 1, {"results": [result(s, rows[0])]}, seq=1), 1.0)
+    rows = work_rows(s.on_message(msg(Kind.WORK_REQ, 1, {"want": 2}), 0.0))
+    s.on_message(msg(Kind.UPDATE, 1, results(s, rows[:1]), seq=1), 1.0)
     out = s.on_message(msg(Kind.WORK_REQ, 1, {"want": 2}), 2.0)
-    assert out[0][1].body == {"ranges": [], "no_more": True}
+    assert WorkBatch.from_body(out[0][1].body).no_more
     s.on_message(msg(Kind.BYE, 1, {}), 3.0)
     assert s.finished()
 
@@ -162,11 +172,8 @@ def test_no_more_when_the_upstream_is_dry_and_everything_is_done():
 def test_request_that_overtook_its_results_is_served_when_they_arrive():
     s = make(n=6)
     hello(s, 1, slots=1)
-    rows = [
-        r[0] for r in s.on_message(msg(Kind.WORK_REQ, 1, {"want": 2}), 0.0)[0][1].body["ranges"]
-    ]
+    rows = work_rows(s.on_message(msg(Kind.WORK_REQ, 1, {"want": 2}), 0.0))
     assert s.on_message(msg(Kind.WORK_REQ, 1, {"want": 2}), 1.0) == []  # still holds 2
-    results = {"results": [result(s, r) for r in rows]}
-    out = s.on_message(msg(Kind.UPDATE, 1, results, seq=3), 1.1)
+    out = s.on_message(msg(Kind.UPDATE, 1, results(s, rows), seq=3), 1.1)
     assert kinds(out) == [(1, Kind.ACK), (1, Kind.WORK)]
-    assert len(out[1][1].body["ranges"]) == 2
+    assert len(work_rows(out[1:])) == 2
