@@ -1,7 +1,7 @@
 """Full range lifecycle rate through rank 0, against raw mpi4py round trips.
 
 A range's life here is everything but the payload: fetched from the upstream
-(in memory, free), journaled, leased to a droid in a WORK message, "run" by a
+(dicts in memory, as getEventRanges would have decoded them), journaled, leased to a droid in a WORK message, "run" by a
 zero-cost executor, returned in an UPDATE, journaled, ACKed and reported
 upstream. The baseline, on the same ranks of the same mpiexec setup: raw
 mpi4py round trips (each droid rank sends a small message, rank 0 answers).
@@ -29,17 +29,11 @@ HIGH = 64  # ranges per slot a droid may hold: deep enough to hide the round tri
 
 
 class FreeUpstream:
-    """Ranges made on demand; every update accepted."""
+    """Every range ready before the clock starts (the upstream's own work of building or
+    decoding them is not rank 0's); every update accepted."""
 
     def __init__(self, n: int) -> None:
-        self.n = n
-        self.given = 0
-        self.reported = 0
-
-    def get_event_ranges(self, panda_id, jobset_id, task_id, n_ranges):
-        lo, hi = self.given, min(self.n, self.given + n_ranges)
-        self.given = hi
-        return [
+        self.ranges = [
             {
                 "eventRangeID": f"{TASK}-{PANDA}-1-{i + 1}-1",
                 "startEvent": i,
@@ -48,8 +42,15 @@ class FreeUpstream:
                 "GUID": "G",
                 "scope": "mc",
             }
-            for i in range(lo, hi)
+            for i in range(n)
         ]
+        self.given = 0
+        self.reported = 0
+
+    def get_event_ranges(self, panda_id, jobset_id, task_id, n_ranges):
+        lo = self.given
+        self.given = min(len(self.ranges), lo + n_ranges)
+        return self.ranges[lo : self.given]
 
     def update_event_ranges(self, entries, version=0):
         self.reported += len(entries)
@@ -106,7 +107,7 @@ def lifecycle(n_ranges: int, slots: int, workdir: str) -> None:
         def factory(job, wd, s, lease_s):
             return NullExecutor(job, wd, s)
 
-        opts = DroidOptions(slots=slots, update_batch=200, update_interval=0.02)
+        opts = DroidOptions(slots=slots, update_batch=500, update_interval=0.02)
         Droid(t, Path(workdir) / f"droid{t.rank}", factory, opts).run()
     t.close()
 

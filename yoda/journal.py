@@ -58,6 +58,7 @@ from yoda.ledger import Ledger, State
 
 MAGIC = b"YODAJ\x00\x01\n"  # format version 1
 _HEAD = struct.Struct("<BIII")
+_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps makes one per call
 ROWS_DTYPE = np.dtype("<i8")
 ADD_DTYPE = np.dtype(
     [
@@ -118,7 +119,7 @@ class Journal:
         self.records = 0
 
     def append(self, op: Op, meta: dict[str, Any] | None = None, data: Any = None) -> None:
-        m = json.dumps(meta, separators=(",", ":")).encode() if meta is not None else b""
+        m = _JSON.encode(meta).encode() if meta is not None else b""
         d = data.tobytes() if data is not None else b""
         head = struct.pack("<BII", op, len(m), len(d))
         record = _HEAD.pack(op, len(m), len(d), _crc(head, m, d)) + m + d

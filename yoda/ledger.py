@@ -142,12 +142,10 @@ class Ledger:
         proc = np.asarray(proc, dtype=np.uint32)
         attempt = np.asarray(attempt, dtype=np.uint16)
         keys = range_key(np.full(len(file_id), self._panda[job]), file_id, proc, attempt)
-        keep = ~self._contains(keys)
-        # duplicates inside the batch itself
-        _, first = np.unique(keys, return_index=True)
-        inside = np.zeros(len(keys), dtype=bool)
-        inside[first] = True
-        keep &= inside
+        # the first of each key in the batch, unless an earlier batch had it
+        uniq, first = np.unique(keys, return_index=True)
+        keep = np.zeros(len(keys), dtype=bool)
+        keep[first[~self._contains(uniq)]] = True
         m = int(keep.sum())
         self._grow(m)
         sl = slice(self.n, self.n + m)
@@ -209,6 +207,7 @@ class Ledger:
             self._runs.append((k[order], r[order]))
 
     def _contains(self, keys: np.ndarray) -> np.ndarray:
+        """Which of ``keys`` are known. Sorted keys make the binary searches cache-friendly."""
         found = np.zeros(len(keys), dtype=bool)
         for run_keys, _ in self._runs:
             pos = np.searchsorted(run_keys, keys)
@@ -293,7 +292,7 @@ class Ledger:
 
         A row named twice counts once (its first time)."""
         ok = (rows >= 0) & (rows < self.n)
-        if len(rows):
+        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():  # not strictly rising: dups?
             _, first = np.unique(rows, return_index=True)
             once = np.zeros(len(rows), dtype=bool)
             once[first] = True

@@ -50,3 +50,40 @@ def test_same_verdict_and_object_as_from_panda(case):
         assert isinstance(got, PilotError) and got.code == exc.code
     else:
         assert got == want
+
+
+def _columns_as_ranges(intake):
+    from pilot.job import EventRange
+
+    out = []
+    for file_id, proc, attempt, start, last, fref in intake.cols.tolist():
+        lfn, guid, scope, pfn = intake.files[fref]
+        rid = f"77-1001-{file_id}-{proc}-{attempt}"
+        out.append(EventRange(rid, start, last, lfn, guid, scope, pfn))
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bulk_columns_accept_what_from_panda_accepts(case):
+    from yoda.intake import range_columns
+
+    other = {**GOOD, "eventRangeID": "77-1001-5-4-1"}
+    intake = range_columns([other, case], 1001)
+    (want,) = parse_ranges([case])
+    if isinstance(want, PilotError):
+        assert [e.code for e in intake.errors] == [want.code]
+        assert _columns_as_ranges(intake) == parse_ranges([other])
+    else:
+        assert not intake.errors
+        assert _columns_as_ranges(intake) == parse_ranges([other, case])
+
+
+def test_a_plain_batch_takes_the_bulk_path_and_drops_other_jobs():
+    from yoda.intake import _bulk
+
+    batch = [{**GOOD, "eventRangeID": f"77-1001-5-{i}-1"} for i in range(50)]
+    batch.append({**GOOD, "eventRangeID": "77-2002-5-1-1"})
+    intake = _bulk(batch, 1001)
+    assert intake is not None and intake.foreign == ["77-2002-5-1-1"]
+    assert intake.cols["proc"].tolist() == list(range(50)) and len(intake.files) == 1
+    assert _bulk([*batch, {**GOOD, "startEvent": 10**30}], 1001) is None  # to the slow path
