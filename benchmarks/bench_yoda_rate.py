@@ -1,7 +1,7 @@
 """Full range lifecycle rate through rank 0, against raw mpi4py round trips.
 
 A range's life here is everything but the payload: fetched from the upstream
-(dicts in memory, as getEventRanges would have decoded them), journaled, leased to a droid in a WORK message, "run" by a
+(an answer already in memory, decoded from JSON), journaled, leased to a droid in a WORK message, "run" by a
 zero-cost executor, returned in an UPDATE, journaled, ACKed and reported
 upstream. The baseline, on the same ranks of the same mpiexec setup: raw
 mpi4py round trips (each droid rank sends a small message, rank 0 answers).
@@ -29,28 +29,23 @@ HIGH = 64  # ranges per slot a droid may hold: deep enough to hide the round tri
 
 
 class FreeUpstream:
-    """Every range ready before the clock starts (the upstream's own work of building or
-    decoding them is not rank 0's); every update accepted."""
+    """An upstream that answers at once: each range's JSON is ready before the clock
+    starts, and a getEventRanges answer is decoded (json.loads) as the PanDA client
+    would. Every update is accepted."""
 
     def __init__(self, n: int) -> None:
-        self.ranges = [
-            {
-                "eventRangeID": f"{TASK}-{PANDA}-1-{i + 1}-1",
-                "startEvent": i,
-                "lastEvent": i,
-                "LFN": "EVNT.pool.root",
-                "GUID": "G",
-                "scope": "mc",
-            }
-            for i in range(n)
-        ]
+        one = (
+            b'{"eventRangeID": "%d-%d-1-%%d-1", "startEvent": %%d, "lastEvent": %%d,'
+            b' "LFN": "EVNT.pool.root", "GUID": "G", "scope": "mc"}' % (TASK, PANDA)
+        )
+        self.encoded = [one % (i + 1, i, i) for i in range(n)]
         self.given = 0
         self.reported = 0
 
     def get_event_ranges(self, panda_id, jobset_id, task_id, n_ranges):
         lo = self.given
-        self.given = min(len(self.ranges), lo + n_ranges)
-        return self.ranges[lo : self.given]
+        self.given = min(len(self.encoded), lo + n_ranges)
+        return json.loads(b"[" + b",".join(self.encoded[lo : self.given]) + b"]")
 
     def update_event_ranges(self, entries, version=0):
         self.reported += len(entries)
@@ -80,6 +75,7 @@ def pingpong(round_trips: int) -> None:
 def lifecycle(n_ranges: int, slots: int, workdir: str) -> None:
     from droid.droid import Droid, DroidOptions
     from droid.nullexec import NullExecutor
+    from hpc.roles import tune_gc
     from hpc.transport import MPITransport
     from yoda.journal import Book, Journal
     from yoda.ledger import Ledger, State
@@ -87,9 +83,11 @@ def lifecycle(n_ranges: int, slots: int, workdir: str) -> None:
     from yoda.scheduler import Policy, Scheduler
 
     t = MPITransport()
-    t.comm.Barrier()
     if t.rank == 0:
         up = FreeUpstream(n_ranges)
+    tune_gc()  # as pilot hpc does
+    t.comm.Barrier()
+    if t.rank == 0:
         book = Book(Ledger(t0=time.time()), Journal(Path(workdir) / "yoda.journal"))
         book.epoch(1)
         book.add_job({"PandaID": PANDA, "taskID": TASK, "jobsetID": TASK, "transformation": "x"})

@@ -26,51 +26,20 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+import numpy as np
+
+from droid.executors import Executor, ExecutorFactory, event_executor
 from hpc.transport import Envelope, Kind, PeerFailed, Transport
 from hpc.wire import ResultBatch, WorkBatch
 from pilot.errors import PilotError
-from pilot.eventservice.model import RangeResult
-from pilot.job import EventRange, Job
+from pilot.job import Job
 
 log = logging.getLogger(__name__)
 YODA = 0
-
-
-class Executor(Protocol):
-    """What the Droid needs of :class:`pilot.eventservice.executor.EventExecutor`."""
-
-    def start(self) -> None: ...
-    def add_ranges(self, ranges: list[EventRange]) -> None: ...
-    def no_more_ranges(self) -> None: ...
-    def wanted(self) -> int: ...
-    def poll(self, timeout: float) -> list[RangeResult]: ...
-    def in_flight(self) -> list[str]: ...
-    def stop(self, grace: float) -> list[EventRange]: ...
-
-    @property
-    def finished(self) -> bool: ...
-
-
-ExecutorFactory = Callable[[Job, Path, int, float], Executor]
-
-
-def event_executor(job: Job, workdir: Path, slots: int, lease_s: float) -> Executor:
-    """The real executor: the shared event-service code, outputs under ``workdir``."""
-    from pilot.eventservice.executor import EventExecutor
-
-    return EventExecutor(
-        job,
-        workdir,
-        max_restarts=3,
-        output_dir=workdir / "outputs",
-        range_timeout=lease_s,
-        prefetch=max(1, slots),
-    )
 
 
 @dataclass
@@ -104,11 +73,10 @@ class Droid:
         self.seq = 0
         self.jobs: dict[int, Job] = {}
         self.executors: dict[int, Executor] = {}
-        # leased ranges not yet given to a payload, per PandaID: (row, range)
-        self.queue: dict[int, deque[tuple[int, EventRange]]] = {}
-        self.rows: dict[str, int] = {}  # range id -> ledger row, for everything held
-        self.keys: dict[int, int] = {}  # ledger row -> its key, echoed with the result
-        self.results: list[tuple[int, int, RangeResult]] = []  # (row, key, result) not yet sent
+        # leased ranges not yet given to a payload, per PandaID, as Yoda sent them
+        self.queue: dict[int, deque[WorkBatch]] = {}
+        self.rows: set[int] = set()  # ledger rows of everything held (queued or running)
+        self.results: list[ResultBatch] = []  # not yet sent
         self.unacked: dict[int, int] = {}  # UPDATE seq -> results in it
         self.released: list[int] = []  # to give back with the next UPDATE / BYE
         self.lease_s = 600.0
@@ -157,13 +125,14 @@ class Droid:
         if (
             not force
             and not self.released
-            and len(self.results) < self.o.update_batch
+            and sum(len(b) for b in self.results) < self.o.update_batch
             and time.monotonic() - self._last_update < self.o.update_interval
         ):
             return
-        batch, self.results = self.results, []
+        batch = ResultBatch.concat(self.results)
+        self.results = []
         released, self.released = self.released, []
-        body = ResultBatch.from_results(batch).body()
+        body = batch.body()
         body["released"] = released
         self.unacked[self._send(Kind.UPDATE, body)] = len(batch)
         self._last_update = time.monotonic()
@@ -173,10 +142,10 @@ class Droid:
         if now - self._last_hb < self.hb_interval:
             return
         self._last_hb = now
-        running = set()
+        running: set[int] = set()
         for ex in self.executors.values():
             running.update(ex.in_flight())
-        queued = [row for rid, row in self.rows.items() if rid not in running]
+        queued = sorted(self.rows - running)
         try:
             load = os.getloadavg()[0]
         except OSError:
@@ -241,28 +210,52 @@ class Droid:
         log.debug("got %d ranges, no_more=%s", len(batch), batch.no_more)
         if batch.no_more:
             self.no_more = True
-        for row, key, pid, r in batch.ranges():
-            if r.event_range_id in self.rows:
-                continue
-            if self.draining:
-                self.released.append(row)
-            else:
-                self.rows[r.event_range_id] = row
-                self.keys[row] = key
-                self.queue.setdefault(pid, deque()).append((row, r))
+        if not len(batch):
+            return
+        rows = batch.cols["row"]
+        listed = rows.tolist()
+        if not self.rows.isdisjoint(listed):  # sent twice: keep the copy already held
+            fresh = np.fromiter((r not in self.rows for r in listed), bool, len(listed))
+            batch = batch.select(fresh)
+            listed = batch.cols["row"].tolist()
+        if self.draining:
+            self.released.extend(listed)
+            return
+        self.rows.update(listed)
+        for job, (_, panda_id) in batch.jobs.items():
+            part = batch if len(batch.jobs) == 1 else batch.select(batch.cols["job"] == job)
+            if len(part):
+                self.queue.setdefault(panda_id, deque()).append(part)
 
     def queued(self) -> int:
-        return sum(len(q) for q in self.queue.values())
+        return sum(len(w) for q in self.queue.values() for w in q)
+
+    def _give_back(self, rows: list[int]) -> None:
+        """Ranges this droid will not run: back to Yoda with the next UPDATE or the BYE."""
+        mine = [r for r in rows if r in self.rows]
+        self.rows.difference_update(mine)
+        self.released.extend(mine)
+
+    def _took(self, res: ResultBatch) -> None:
+        """Results from an executor: kept for the next UPDATE if the range is still held."""
+        if not len(res):
+            return
+        listed = res.rows.tolist()
+        if not self.rows.issuperset(listed):  # e.g. given back at a drain deadline
+            held = np.fromiter((r in self.rows for r in listed), bool, len(listed))
+            log.warning("%d results for ranges not held dropped", len(listed) - int(held.sum()))
+            res = res.select(held)
+            listed = res.rows.tolist()
+        self.rows.difference_update(listed)
+        self.results.append(res)
 
     def _drain(self, by: float | None) -> None:
         log.warning("DRAIN: finishing running ranges by %s", by)
         self.draining = True
         self.drain_by = by
         for q in self.queue.values():
-            for row, r in q:
-                self.rows.pop(r.event_range_id, None)
-                self.keys.pop(row, None)
-                self.released.append(row)
+            for work in q:
+                self._give_back(work.cols["row"].tolist())
         self.queue.clear()
         for ex in self.executors.values():
             ex.no_more_ranges()
@@ -289,15 +282,18 @@ class Droid:
             ex = self._executor(pid)
             if ex is None or getattr(ex, "error", None) is not None:
                 # no job for it, or its payload gave up: someone else may do better
-                for row, r in q:
-                    self.rows.pop(r.event_range_id, None)
-                    self.keys.pop(row, None)
-                    self.released.append(row)
+                for work in q:
+                    self._give_back(work.cols["row"].tolist())
                 q.clear()
                 continue
-            n = min(ex.wanted(), len(q))
-            if n > 0:
-                ex.add_ranges([q.popleft()[1] for _ in range(n)])
+            n = ex.wanted()
+            while n > 0 and q:
+                work = q.popleft()
+                if len(work) > n:
+                    q.appendleft(work.select(slice(n, None)))
+                    work = work.select(slice(n))
+                ex.add(work)
+                n -= len(work)
         if self.no_more and not self.queued():
             for ex in self.executors.values():
                 ex.no_more_ranges()
@@ -317,12 +313,7 @@ class Droid:
             return
         each = timeout / len(executors)
         for ex in executors:
-            for res in ex.poll(each):
-                row = self.rows.pop(res.event_range_id, None)
-                if row is None:
-                    log.warning("result for unknown range %s dropped", res.event_range_id)
-                    continue
-                self.results.append((row, self.keys.pop(row, 0), res))
+            self._took(ex.poll(each))
 
     def _all_done(self) -> bool:
         if self.draining:
@@ -392,15 +383,8 @@ class Droid:
     def _give_back_running(self) -> None:
         log.warning("drain deadline passed: stopping payloads, giving back unfinished ranges")
         for ex in self.executors.values():
-            for r in ex.stop(self.o.stop_grace):
-                row = self.rows.pop(r.event_range_id, None)
-                if row is not None:
-                    self.keys.pop(row, None)
-                    self.released.append(row)
-            for res in ex.poll(0.0):
-                row = self.rows.pop(res.event_range_id, None)
-                if row is not None:
-                    self.results.append((row, self.keys.pop(row, 0), res))
+            self._give_back(ex.stop(self.o.stop_grace))
+            self._took(ex.poll(0.0))
         self.drain_by = None
 
     def _goodbye(self) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -36,7 +37,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from droid.droid import Droid, DroidOptions, event_executor
+from droid.droid import Droid, DroidOptions
+from droid.executors import event_executor
 from droid.nullexec import NullExecutor
 from hpc.transport import Envelope, Kind, MPITransport
 from pilot.errors import ErrorCode, PilotError
@@ -222,6 +224,18 @@ def run_droid(args: argparse.Namespace, transport: MPITransport) -> int:
     return rc
 
 
+def tune_gc() -> None:
+    """Fewer garbage-collector passes for a rank's long loop.
+
+    Rank 0 turns every upstream answer into thousands of short-lived dicts and
+    tuples; with the default threshold (a young-generation pass every 700
+    allocations) the collector took a tenth of its CPU. What exists at start
+    (modules, configuration) is frozen out of every pass, and young passes run
+    every 20,000 allocations: the loop's own garbage has no cycles to find."""
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workdir = Path(args.workdir).resolve()
@@ -231,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(workdir, transport.rank, args.log_level)
     stacks = open(workdir / "logs" / f"rank{transport.rank}.stacks", "w")  # noqa: SIM115
     faulthandler.register(signal.SIGUSR2, file=stacks, all_threads=True)
+    tune_gc()
     if transport.size < 2:
         log.error("pilot hpc needs at least 2 ranks (Yoda and one Droid)")
         return 2

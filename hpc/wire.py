@@ -140,6 +140,10 @@ class WorkBatch:
                 raise ValueError("WORK names a file it does not define")
         return cls(cols, jobs, files, bool(body.get("no_more")))
 
+    def select(self, which: np.ndarray | slice) -> WorkBatch:
+        """The ranges at ``which`` (mask, indices or slice), with the same tables."""
+        return WorkBatch(self.cols[which], self.jobs, self.files)
+
     def ranges(self) -> list[tuple[int, int, int, EventRange]]:
         """``(row, key, PandaID, EventRange)`` per range: the one place ids become text."""
         jobs, files = self.jobs, self.files

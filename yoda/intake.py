@@ -2,9 +2,8 @@
 
 ``getEventRanges`` answers with a JSON list of dicts, one per range. Rank 0
 turns each batch into :data:`yoda.journal.ADD_DTYPE` columns without making
-an object per range: the ids are checked by one regular expression over the
-joined batch and split into numbers in one pass, the integers are checked as
-arrays, and the file names (a handful per batch) are validated once each.
+an object per range: the ids are checked and turned into numbers as one
+byte array, the integers are checked as arrays, and the file names (a handful per batch) are validated once each.
 
 Anything unusual in a batch sends that batch down the slow path instead,
 :func:`parse_ranges`, which judges range by range exactly as
@@ -17,6 +16,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -25,12 +25,9 @@ from pilot.errors import ErrorCode, PilotError
 from pilot.job import MAX_LFN, EventRange
 from yoda.journal import ADD_DTYPE, add_columns
 
-_ID = r"[0-9]+-[0-9]+-[0-9]+-[0-9]+-[0-9]+"
-_RANGE_ID = re.compile(_ID)
-_RANGE_IDS = re.compile(rf"{_ID}(?:\n{_ID})*")
+_RANGE_ID = re.compile(r"[0-9]+-[0-9]+-[0-9]+-[0-9]+-[0-9]+")
 _NULLS = frozenset({"", "NULL", "None", "null"})
-_NUMBERS = operator.itemgetter("eventRangeID", "startEvent", "lastEvent")
-_FILE = operator.itemgetter("LFN", "GUID", "scope")
+_FIELDS = operator.itemgetter("eventRangeID", "startEvent", "lastEvent", "LFN", "GUID", "scope")
 # the ledger's column widths: proc u32, attempt u16, events per range u32
 _PROC_MAX, _ATTEMPT_MAX, _NEV_MAX = 2**32 - 1, 2**16 - 1, 2**32 - 1
 
@@ -96,9 +93,12 @@ class Intake:
 
 
 def _fits(r: EventRange) -> bool:
-    _, _, file_id, proc, attempt = (int(p) for p in r.event_range_id.split("-"))
+    """Whether the ledger can hold ``r`` and give its id back unchanged."""
+    parts = r.event_range_id.split("-")
+    task, panda, file_id, proc, attempt = (int(p) for p in parts)
     return (
-        file_id < 2**63
+        all(p == str(int(p)) for p in parts)
+        and max(task, panda, file_id) < 2**63
         and proc <= _PROC_MAX
         and attempt <= _ATTEMPT_MAX
         and r.last_event < 2**63
@@ -123,7 +123,10 @@ def range_columns(items: Any, panda_id: int) -> Intake:
             out.foreign.append(r.event_range_id)
         elif not _fits(r):
             out.errors.append(
-                PilotError(ErrorCode.MESSAGEHANDLINGFAILURE, f"range {r.event_range_id}: too big")
+                PilotError(
+                    ErrorCode.MESSAGEHANDLINGFAILURE,
+                    f"range {r.event_range_id}: numbers too big or not canonical",
+                )
             )
         else:
             good.append(r)
@@ -131,28 +134,60 @@ def range_columns(items: Any, panda_id: int) -> Intake:
     return out
 
 
+_ID_SHAPE = np.frombuffer(b"----\n", np.uint8)
+_POW10 = 10 ** np.arange(19, dtype=np.int64)
+
+
+def _id_numbers(rids: tuple[str, ...]) -> np.ndarray | None:
+    """The five numbers of each range id, parsed as bytes in a few array passes; None
+    unless every id is ``digits-digits-digits-digits-digits`` (ASCII, at most 18 each)."""
+    n = len(rids)
+    try:
+        b = np.frombuffer(("\n".join(rids) + "\n").encode("ascii"), np.uint8)
+    except UnicodeEncodeError:
+        return None
+    sep = (b == 45) | (b == 10)  # "-" and "\n"
+    at = np.flatnonzero(sep)
+    if len(at) != 5 * n or not (b[at].reshape(n, 5) == _ID_SHAPE).all():
+        return None
+    first = np.empty(len(at), dtype=np.int64)
+    first[0], first[1:] = 0, at[:-1] + 1
+    width = at - first
+    if (width < 1).any() or (width > 18).any():  # empty, or may not fit in 63 bits
+        return None
+    if ((b[first] == 48) & (width > 1)).any():  # "007": the ledger would give back "7"
+        return None
+    pos = np.flatnonzero(~sep)
+    digit = b[pos].astype(np.int64) - 48
+    if ((digit < 0) | (digit > 9)).any():
+        return None
+    token = np.repeat(np.arange(len(at)), width)  # the number each digit belongs to
+    weight = _POW10[at[token] - pos - 1]
+    offsets = np.empty(len(at), dtype=np.int64)
+    offsets[0], offsets[1:] = 0, np.cumsum(width)[:-1]
+    return np.add.reduceat(digit * weight, offsets).reshape(n, 5)
+
+
 def _bulk(items: list[Any], panda_id: int) -> Intake | None:
     """The whole batch at once, or None if anything needs a closer look."""
-    if not all(type(d) is dict for d in items):
+    if set(map(type, items)) != {dict}:
         return None
     try:  # itemgetter: one C call per range for the keys every range has
-        rids, starts, lasts = zip(*map(_NUMBERS, items))
-        raw = list(zip(map(_FILE, items), [d.get("PFN") for d in items]))
+        rids, starts, lasts, lfns, guids, scopes = zip(*map(_FIELDS, items))
     except KeyError:
         return None
+    raw = list(zip(lfns, guids, scopes, map(dict.get, items, repeat("PFN"))))
     if set(map(type, rids)) != {str} or set(map(type, starts)) | set(map(type, lasts)) != {int}:
         return None
-    joined = "\n".join(rids)
-    if not _RANGE_IDS.fullmatch(joined):
-        return None
     n = len(items)
+    nums = _id_numbers(rids)
+    if nums is None:
+        return None
     try:
-        nums = np.fromiter(map(int, joined.replace("\n", "-").split("-")), np.int64, 5 * n)
         start = np.array(starts, dtype=np.int64)
         last = np.array(lasts, dtype=np.int64)
-    except (OverflowError, ValueError):
+    except OverflowError:
         return None
-    nums = nums.reshape(n, 5)
     if (
         (start < 0).any()
         or (last < start).any()
@@ -167,7 +202,7 @@ def _bulk(items: list[Any], panda_id: int) -> Intake | None:
         return None
     files: list[tuple[str, ...]] = []
     for i, key in enumerate(distinct):
-        (lfn, guid, scope), pfn = key
+        lfn, guid, scope, pfn = key
         norm = (_text(guid), _text(scope), _text(pfn))
         if not _plain_lfn(lfn) or None in norm:
             return None
@@ -180,6 +215,7 @@ def _bulk(items: list[Any], panda_id: int) -> Intake | None:
     cols["attempt"] = nums[:, 4]
     cols["start"] = start
     cols["last"] = last
-    cols["fref"] = [distinct[f] for f in raw]
+    if len(distinct) > 1:  # else all zero: one input file, the common case
+        cols["fref"] = [distinct[f] for f in raw]
     foreign = [rids[i] for i in np.flatnonzero(~mine).tolist()]
     return Intake(cols[mine] if foreign else cols, files, foreign=foreign)

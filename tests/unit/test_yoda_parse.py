@@ -87,3 +87,35 @@ def test_a_plain_batch_takes_the_bulk_path_and_drops_other_jobs():
     assert intake is not None and intake.foreign == ["77-2002-5-1-1"]
     assert intake.cols["proc"].tolist() == list(range(50)) and len(intake.files) == 1
     assert _bulk([*batch, {**GOOD, "startEvent": 10**30}], 1001) is None  # to the slow path
+
+
+@pytest.mark.parametrize(
+    "rid",
+    [
+        "1-2-3-4",
+        "1-2-3-4-5-6",
+        "1--2-3-4",
+        "1-2-3-4-",
+        "\uff11-2-3-4-5",  # a full-width digit
+        "1-2-3-4-5\n1-2-3-4-5",
+        "a-2-3-4-5",
+        "1-2-3-4-1234567890123456789",  # 19 digits
+        "1-2-03-4-5",  # the ledger would hand it back as 1-2-3-4-5
+    ],
+)
+def test_range_ids_the_bulk_parser_leaves_to_the_slow_path(rid):
+    from yoda.intake import _id_numbers, range_columns
+
+    ids = ("77-1001-5-1-1", rid, "77-1001-5-2-1")
+    assert _id_numbers(ids) is None
+    batch = [{**GOOD, "eventRangeID": r} for r in ids]
+    intake = range_columns(batch, 1001)
+    assert len(intake.cols) + len(intake.errors) + len(intake.foreign) == 3
+    assert len(intake.cols) == 2 or rid == "1-2-3-4-1234567890123456789"
+
+
+def test_the_bulk_parser_reads_the_numbers():
+    from yoda.intake import _id_numbers
+
+    ids = ("77-1001-5-1-1", "4242-7000000001-30000000001-999-65535", "0-0-0-0-0")
+    assert _id_numbers(ids).tolist() == [[int(p) for p in r.split("-")] for r in ids]
