@@ -91,7 +91,7 @@ def _array(value: Any, dtype: np.dtype, what: str) -> np.ndarray:
 
 
 def _texts(value: Any, n: int, what: str) -> list[str]:
-    if not isinstance(value, list) or len(value) != n or not all(type(s) is str for s in value):
+    if not isinstance(value, list) or len(value) != n or not set(map(type, value)) <= {str}:
         raise ValueError(f"{what}: expected {n} strings")
     return value
 

@@ -118,8 +118,8 @@ class Ledger:
         need = self.n + extra
         if need <= len(self.rows):
             return
-        cap = max(need, int(len(self.rows) * 1.5))
-        bigger = np.zeros(cap, dtype=RANGE_DTYPE)
+        cap = max(need, 2 * len(self.rows))
+        bigger = np.zeros(cap, dtype=RANGE_DTYPE)  # zeros: pages are touched only when used
         bigger[: self.n] = self.rows[: self.n]
         self.rows = bigger
 
@@ -246,15 +246,21 @@ class Ledger:
         return f"{j.task_id}-{j.panda_id}-{file_id}-{proc}-{attempt}"
 
     def range_ids(self, rows: np.ndarray) -> list[str]:
-        jobs = self.jobs
         sel = self.rows[rows]
+        job = sel["job"]
+        if len(job) and (job == job[0]).all():  # one job: its id prefix once
+            pre = f"{self.jobs[int(job[0])].task_id}-{self.jobs[int(job[0])].panda_id}-"
+            return [
+                f"{pre}{f}-{p}-{a}"
+                for f, p, a in zip(
+                    sel["file_id"].tolist(), sel["proc"].tolist(), sel["attempt"].tolist()
+                )
+            ]
+        jobs = self.jobs
         return [
             f"{jobs[j].task_id}-{jobs[j].panda_id}-{f}-{p}-{a}"
             for j, f, p, a in zip(
-                sel["job"].tolist(),
-                sel["file_id"].tolist(),
-                sel["proc"].tolist(),
-                sel["attempt"].tolist(),
+                job.tolist(), sel["file_id"].tolist(), sel["proc"].tolist(), sel["attempt"].tolist()
             )
         ]
 
@@ -335,7 +341,9 @@ class Ledger:
         return np.concatenate(parts).astype(np.int64, copy=False)
 
     def _set(self, rows: np.ndarray, state: State) -> np.ndarray:
-        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():  # sorted and distinct already?
+            rows = np.unique(rows)
         if len(rows):
             st = self.rows["state"]
             self.counts -= np.bincount(st[rows], minlength=len(State))[: len(State)]

@@ -55,6 +55,9 @@ class YodaOptions:
     update_interval: float = 1.0  # s: a partial batch waits at most this long
     fetch_min: int = 8  # never ask the upstream for fewer ranges than this
     fetch_max: int = 1000
+    # ranges kept READY beyond what the droids can hold: a request is served at once
+    # while the next upstream batch is being read, instead of waiting for it
+    reserve: int = 0
     tick_interval: float = 0.5
     retry_min: float = 0.5  # backoff after an upstream failure
     retry_max: float = 30.0
@@ -114,7 +117,7 @@ class Yoda:
         """Ask the upstream for ranges if the droids could use them; returns ranges added."""
         if self.s.exhausted or self.s.draining or not self._fetch_retry.ready(now):
             return 0
-        want = self.s.wanted()
+        want = self.s.wanted(self.o.reserve)
         if want <= 0:
             return 0
         n = min(self.o.fetch_max, max(self.o.fetch_min, want))

@@ -115,9 +115,13 @@ class Scheduler:
     def live(self) -> list[Droid]:
         return [d for d in self.droids.values() if d.alive and not d.bye]
 
-    def wanted(self) -> int:
-        """Ranges the droids could take now beyond what is READY (the upstream fetch size)."""
-        want = sum(d.high(self.p) - len(d.leased) for d in self.live() if not d.draining)
+    def wanted(self, reserve: int = 0) -> int:
+        """Ranges the droids could take now beyond what is READY (the upstream fetch size),
+        plus ``reserve`` more kept READY for the next requests."""
+        live = [d for d in self.live() if not d.draining]
+        if not live:
+            return 0
+        want = sum(d.high(self.p) - len(d.leased) for d in live) + reserve
         return max(0, want - self.ledger.count(State.READY))
 
     def expect(self, ranks: list[int], now: float) -> None:
