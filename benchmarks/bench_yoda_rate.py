@@ -73,19 +73,24 @@ def pingpong(round_trips: int) -> None:
             comm.recv(source=0, tag=2)
 
 
-def lifecycle(n_ranges: int, slots: int, workdir: str) -> None:
+def lifecycle(n_ranges: int, slots: int, workdir: str, link_kind: str) -> None:
     from droid.droid import Droid, DroidOptions
     from droid.nullexec import NullExecutor
-    from hpc.roles import tune_gc
     from hpc.transport import MPITransport
+    from hpc.tuning import tune_gc
     from yoda.journal import Book, Journal
     from yoda.ledger import Ledger, State
+    from yoda.link import InlineLink, ProcessLink
     from yoda.master import Yoda, YodaOptions
     from yoda.scheduler import Policy, Scheduler
 
     t = MPITransport()
     if t.rank == 0:
-        up = FreeUpstream(n_ranges)
+        if link_kind == "process":  # as pilot hpc runs it: the upstream in a child process
+            spec = {"factory": "bench_yoda_rate:FreeUpstream", "kwargs": {"n": n_ranges}}
+            link = ProcessLink({**spec, "path": [str(Path(__file__).parent)]})
+        else:
+            link = InlineLink(FreeUpstream(n_ranges))
     tune_gc()  # as pilot hpc does
     t.comm.Barrier()
     if t.rank == 0:
@@ -93,13 +98,14 @@ def lifecycle(n_ranges: int, slots: int, workdir: str) -> None:
         book.epoch(1)
         book.add_job({"PandaID": PANDA, "taskID": TASK, "jobsetID": TASK, "transformation": "x"})
         sched = Scheduler(book, Policy(high_per_slot=HIGH, low_per_slot=HIGH / 2), epoch=1)
-        yoda = Yoda(t, up, sched, YodaOptions(update_batch=1000, fetch_max=5000, reserve=RESERVE))
+        opts = YodaOptions(update_batch=1000, fetch_max=5000, reserve=RESERVE)
+        yoda = Yoda(t, None, sched, opts, link=link)
         t0, c0 = time.perf_counter(), time.process_time()
         rc = yoda.run(max_seconds=600)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         book.journal.close()
         assert rc == 0 and book.ledger.count(State.FINISHED) == n_ranges, book.ledger.counts
-        assert up.reported == n_ranges
+        assert yoda.reported == n_ranges
         rate = n_ranges / elapsed
         print(
             json.dumps({"ranges_per_s": rate, "elapsed": elapsed, "cpu_us": cpu / n_ranges * 1e6})
@@ -141,35 +147,39 @@ def main() -> None:
     p.add_argument("--round-trips", type=int, default=5_000)
     p.add_argument("--role", choices=("pingpong", "lifecycle"))
     p.add_argument("--workdir")
+    p.add_argument(
+        "--link",
+        choices=("process", "inline"),
+        default="process",
+        help="upstream in a child process (as pilot hpc) or in rank 0",
+    )
     args = p.parse_args()
     if args.role == "pingpong":
         pingpong(args.round_trips)
         return
     if args.role == "lifecycle":
-        lifecycle(args.ranges, args.slots, args.workdir)
+        lifecycle(args.ranges, args.slots, args.workdir, args.link)
         return
     for n in (2, 4):
         base = launch(n, "--role", "pingpong", "--round-trips", str(args.round_trips))
-        with tempfile.TemporaryDirectory() as tmp:
-            got = launch(
-                n,
-                "--role",
-                "lifecycle",
-                "--ranges",
-                str(args.ranges),
-                "--slots",
-                str(args.slots),
-                "--workdir",
-                tmp,
-            )
-        ratio = got["ranges_per_s"] / base["round_trips_per_s"]
         print(
-            f"{n} ranks: {got['ranges_per_s']:,.0f} ranges/s through rank 0"
-            f" ({args.ranges:,} ranges, {args.slots} slots per droid, journal on)"
-            f" vs baseline {base['round_trips_per_s']:,.0f} raw mpi4py round trips/s:"
-            f" {ratio:.1f}x; rank 0 CPU {got['cpu_us']:.1f} us/range",
+            f"{n} ranks: baseline {base['round_trips_per_s']:,.0f} raw mpi4py round trips/s",
             flush=True,
         )
+        for link in ("process", "inline"):
+            with tempfile.TemporaryDirectory() as tmp:
+                got = launch(
+                    n,
+                    *("--role", "lifecycle", "--ranges", str(args.ranges)),
+                    *("--slots", str(args.slots), "--workdir", tmp, "--link", link),
+                )
+            ratio = got["ranges_per_s"] / base["round_trips_per_s"]
+            print(
+                f"  upstream link {link:7s}: {got['ranges_per_s']:,.0f} ranges/s through rank 0"
+                f" ({args.ranges:,} ranges, {args.slots} slots per droid, journal on),"
+                f" {ratio:.1f}x the baseline; rank 0 CPU {got['cpu_us']:.1f} us/range",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

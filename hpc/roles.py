@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import gc
 import logging
 import os
 import signal
@@ -41,14 +40,17 @@ from droid.droid import Droid, DroidOptions
 from droid.executors import event_executor
 from droid.nullexec import NullExecutor
 from hpc.transport import Envelope, Kind, MPITransport
+from hpc.tuning import tune_gc
 from pilot.errors import ErrorCode, PilotError
 from yoda.journal import Book, Journal, resume_book
 from yoda.ledger import Ledger
+from yoda.link import InlineLink, Link, ProcessLink, recover_fetched
 from yoda.master import Yoda, YodaOptions
 from yoda.scheduler import Policy, Scheduler
 
 log = logging.getLogger("hpc")
 JOURNAL = "yoda.journal"
+FETCHED = "yoda.fetched"  # ranges the upstream link read, written before rank 0 is told
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,14 +103,39 @@ def _setup_logging(workdir: Path, rank: int, level: str) -> None:
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
+def range_source(url: str = "", token: str | None = None, harvester: str = "") -> Any:
+    """What hands out ranges and takes their results: the PanDA client for ``--url``, the
+    Harvester files for ``--harvester``. Built in rank 0 and again in its upstream link."""
+    if url:
+        from pilot.comm.panda import PandaClient
+
+        return PandaClient(url, token=token, retries=2, timeout=(5.0, 30.0))
+    from pilot.comm.harvester import HarvesterAccessPoint, HarvesterEventSource
+
+    return HarvesterEventSource(HarvesterAccessPoint(harvester, many_jobs=True), wait_timeout=2.0)
+
+
+def make_link(args: argparse.Namespace, upstream: Any) -> Link:
+    """The upstream in a process of its own (see :mod:`yoda.link`); in this one if that fails."""
+    spec = {
+        "factory": "hpc.roles:range_source",
+        "kwargs": {"url": args.url or "", "token": args.token, "harvester": args.harvester or ""},
+        "log": str(Path(args.workdir) / "logs" / "link.log"),
+        "fetched": str(Path(args.workdir) / FETCHED),
+    }
+    try:
+        return ProcessLink(spec)
+    except (PilotError, OSError) as exc:
+        log.warning("upstream link process failed (%s): calling the upstream from rank 0", exc)
+        return InlineLink(upstream)
+
+
 def make_upstream(args: argparse.Namespace) -> tuple[Any, Any]:
     """(range source, job getter) for ``--url`` or ``--harvester``."""
     if args.url:
-        from pilot.comm.panda import PandaClient
-
         if not args.queue:
             raise PilotError(ErrorCode.NOTDEFINED, "--url needs --queue")
-        client = PandaClient(args.url, token=args.token, retries=2, timeout=(5.0, 30.0))
+        client = range_source(url=args.url, token=args.token)
 
         def jobs() -> list[dict[str, Any]]:
             out = []
@@ -120,13 +147,10 @@ def make_upstream(args: argparse.Namespace) -> tuple[Any, Any]:
             return out
 
         return client, jobs
-    from pilot.comm.harvester import HarvesterAccessPoint, HarvesterEventSource
-
-    ap = HarvesterAccessPoint(args.harvester, many_jobs=True)
-    source = HarvesterEventSource(ap, wait_timeout=2.0)
+    source = range_source(harvester=args.harvester)
 
     def harvester_jobs() -> list[dict[str, Any]]:
-        return [job.raw for job in ap.worker_jobs()]
+        return [job.raw for job in source.ap.worker_jobs()]
 
     return source, harvester_jobs
 
@@ -156,6 +180,9 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
     if args.resume and path.exists():
         book, epoch = resume_book(path)
         log.info("resumed from %s: epoch %d, %d ranges", path, epoch, book.ledger.n)
+        recovered = recover_fetched(book, workdir / FETCHED)
+        if recovered:
+            log.warning("%d ranges fetched before the crash but never journaled: added", recovered)
     else:
         if path.exists():
             raise PilotError(
@@ -163,6 +190,7 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
             )
         book, epoch = Book(Ledger(t0=time.time()), Journal(path)), 1
         book.epoch(epoch)
+        (workdir / FETCHED).unlink(missing_ok=True)
     if not book.jobs:
         for job in get_jobs():
             book.add_job(job)
@@ -182,7 +210,12 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
     # updateJob with --url; worker attributes for Harvester with --harvester
     job_update = getattr(upstream, "update_job", None) or harvester_job_update(upstream.ap)
     yoda = Yoda(
-        transport, upstream, Scheduler(book, policy, epoch=epoch), options, job_update=job_update
+        transport,
+        upstream,
+        Scheduler(book, policy, epoch=epoch),
+        options,
+        job_update=job_update,
+        link=make_link(args, upstream),
     )
     if not book.jobs:
         yoda.s.exhausted = True
@@ -222,18 +255,6 @@ def run_droid(args: argparse.Namespace, transport: MPITransport) -> int:
         logging.shutdown()
         os._exit(3)
     return rc
-
-
-def tune_gc() -> None:
-    """Fewer garbage-collector passes for a rank's long loop.
-
-    Rank 0 turns every upstream answer into thousands of short-lived dicts and
-    tuples; with the default threshold (a young-generation pass every 700
-    allocations) the collector took a tenth of its CPU. What exists at start
-    (modules, configuration) is frozen out of every pass, and young passes run
-    every 20,000 allocations: the loop's own garbage has no cycles to find."""
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
 
 
 def main(argv: list[str] | None = None) -> int:

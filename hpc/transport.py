@@ -24,6 +24,7 @@ runtime tears the job down instead and ``--resume`` is the recovery.
 from __future__ import annotations
 
 import collections
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -148,9 +149,17 @@ class Backoff:
     def reset(self) -> None:
         self.current = self.minimum
 
-    def sleep(self, limit: float) -> None:
-        time.sleep(max(0.0, min(self.current, limit)))
+    def sleep(self, limit: float, wake: Any = None) -> bool:
+        """Sleep; with ``wake`` (anything with a ``fileno()``), return early when it has
+        something to read. True if woken that way (activity: the backoff resets)."""
+        t = max(0.0, min(self.current, limit))
+        if wake is not None and select.select([wake], [], [], t)[0]:
+            self.reset()
+            return True
+        if wake is None:
+            time.sleep(t)
         self.current = min(self.maximum, self.current * self.factor)
+        return False
 
 
 class MPITransport:
@@ -167,6 +176,9 @@ class MPITransport:
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
         self.backoff = Backoff(maximum=max_sleep)
+        # another source of work (e.g. rank 0's upstream link): recv returns None as soon
+        # as it is readable, instead of sleeping through its answer
+        self.wake: Any = None
         self._pending: list[Any] = []  # isend requests not yet complete
         self._dead: set[int] = set()
         self._events: collections.deque[PeerFailed] = collections.deque()
@@ -259,7 +271,8 @@ class MPITransport:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            self.backoff.sleep(left)
+            if self.backoff.sleep(left, self.wake):
+                return None
 
     def probe(self) -> bool:
         MPI = self._mpi

@@ -64,7 +64,21 @@ STATE_OF_STATUS = {
 STATUS_OF_STATE = {v: k for k, v in STATE_OF_STATUS.items()}
 _STATUS_TEXT = {v: k.value for k, v in STATE_OF_STATUS.items()}
 
+ID_DTYPE = np.dtype([("job", "<u4"), ("file_id", "<i8"), ("proc", "<u4"), ("attempt", "<u2")])
+
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def format_range_ids(jobs: dict[int, tuple[int, int]], cols: np.ndarray) -> list[str]:
+    """``<taskID>-<PandaID>-<fileID>-<jobProcessID>-<attemptNr>`` from :data:`ID_DTYPE`
+    columns and ``jobs`` (job index -> (taskID, PandaID))."""
+    job = cols["job"]
+    rest = zip(cols["file_id"].tolist(), cols["proc"].tolist(), cols["attempt"].tolist())
+    if len(job) and (job == job[0]).all():  # one job: its prefix once
+        task, panda = jobs[int(job[0])]
+        pre = f"{task}-{panda}-"
+        return [f"{pre}{f}-{p}-{a}" for f, p, a in rest]
+    return [f"{jobs[j][0]}-{jobs[j][1]}-{f}-{p}-{a}" for j, (f, p, a) in zip(job.tolist(), rest)]
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import re
 import signal
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 
 class ErrorCode(IntEnum):
@@ -301,6 +302,10 @@ class PilotError(Exception):
         super().__init__(
             f"{int(code)} {error_message(code)}: {detail}" if detail else error_message(code)
         )
+
+    def __reduce__(self) -> tuple[Any, tuple[int, str]]:
+        # rebuilt from code and detail (not the message), e.g. across a process boundary
+        return type(self), (int(self.code), self.detail)
 
     @property
     def diag(self) -> str:

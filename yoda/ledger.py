@@ -245,24 +245,19 @@ class Ledger:
         j = self.jobs[job]
         return f"{j.task_id}-{j.panda_id}-{file_id}-{proc}-{attempt}"
 
-    def range_ids(self, rows: np.ndarray) -> list[str]:
+    def id_parts(self, rows: np.ndarray) -> tuple[dict[int, tuple[int, int]], np.ndarray]:
+        """What the ids of ``rows`` are made of: (job index -> (taskID, PandaID), columns)."""
         sel = self.rows[rows]
-        job = sel["job"]
-        if len(job) and (job == job[0]).all():  # one job: its id prefix once
-            pre = f"{self.jobs[int(job[0])].task_id}-{self.jobs[int(job[0])].panda_id}-"
-            return [
-                f"{pre}{f}-{p}-{a}"
-                for f, p, a in zip(
-                    sel["file_id"].tolist(), sel["proc"].tolist(), sel["attempt"].tolist()
-                )
-            ]
-        jobs = self.jobs
-        return [
-            f"{jobs[j].task_id}-{jobs[j].panda_id}-{f}-{p}-{a}"
-            for j, f, p, a in zip(
-                job.tolist(), sel["file_id"].tolist(), sel["proc"].tolist(), sel["attempt"].tolist()
-            )
-        ]
+        cols = np.zeros(len(sel), dtype=wire.ID_DTYPE)
+        for name in wire.ID_DTYPE.names:
+            cols[name] = sel[name]
+        jobs = {
+            j: (self.jobs[j].task_id, self.jobs[j].panda_id) for j in np.unique(sel["job"]).tolist()
+        }
+        return jobs, cols
+
+    def range_ids(self, rows: np.ndarray) -> list[str]:
+        return wire.format_range_ids(*self.id_parts(rows))
 
     def event_range(self, row: int) -> EventRange:
         job, file_id, proc, attempt, _, _, start, nev, fref, _, _ = self.rows[row].item()

@@ -30,10 +30,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from hpc.transport import Envelope, Kind, PeerFailed, Transport
+from hpc.wire import ResultBatch
 from pilot.errors import ErrorCode, PilotError, error_diag
 from pilot.retry import RetryBackoff
-from yoda.intake import range_columns
 from yoda.ledger import State
+from yoda.link import IdParts, InlineLink, Link, Ranges, Updated
 from yoda.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,12 @@ class Yoda:
         *,
         clock: Callable[[], float] = time.time,
         job_update: Callable[[dict[str, Any]], Any] | None = None,
+        link: Link | None = None,
     ) -> None:
         self.t = transport
-        self.up = upstream
+        self.link: Link = link if link is not None else InlineLink(upstream)
+        if hasattr(self.link, "fileno") and hasattr(transport, "wake"):
+            transport.wake = self.link  # an answer from the upstream wakes the loop
         self.s = scheduler
         self.book = scheduler.book
         self.o = options or YodaOptions()
@@ -95,6 +99,9 @@ class Yoda:
         self.fetched = 0
         self.job_update = job_update  # e.g. PandaClient.update_job (updateJob fields)
         self._job_state: dict[int, str] = {}
+        self._asked: dict[int, int] = {}  # job index -> ranges asked for, not yet answered
+        self._in_flight: dict[int, ResultBatch] = {}  # update request -> results in it
+        self._req = 0
 
     # -- signals -------------------------------------------------------------
 
@@ -113,101 +120,118 @@ class Yoda:
 
         return num("PandaID"), num("jobsetID"), num("taskID") or num("jediTaskID")
 
-    def fetch(self, now: float) -> int:
-        """Ask the upstream for ranges if the droids could use them; returns ranges added."""
+    def fetch(self, now: float) -> None:
+        """Ask the upstream for ranges if the droids could use more than is READY or asked for.
+
+        One request per job at a time; the answer is picked up by :meth:`collect`."""
         if self.s.exhausted or self.s.draining or not self._fetch_retry.ready(now):
-            return 0
-        want = self.s.wanted(self.o.reserve)
+            return
+        want = self.s.wanted(self.o.reserve) - sum(self._asked.values())
         if want <= 0:
-            return 0
+            return
         n = min(self.o.fetch_max, max(self.o.fetch_min, want))
-        added = 0
         for job_index, job in enumerate(self.book.jobs):
             panda_id, jobset_id, task_id = self._job_keys(job)
-            if panda_id in self._dry:
+            if panda_id in self._dry or job_index in self._asked:
                 continue
-            try:
-                got = self.up.get_event_ranges(panda_id, jobset_id, task_id, n)
-            except PilotError as exc:
-                wait = self._fetch_retry.failed(now)
-                log.warning("getEventRanges failed (%s); retry in %.1f s", exc, wait)
-                return added
-            self._fetch_retry.ok()
-            if not got:
-                log.info("job %d has no more ranges", panda_id)
-                self._dry.add(panda_id)
-                continue
-            intake = range_columns(got, panda_id)
-            for exc in intake.errors[:10]:
-                log.error("job %d: upstream range dropped: %s", panda_id, exc)
-            if len(intake.errors) > 10:
-                log.error("job %d: %d more ranges dropped", panda_id, len(intake.errors) - 10)
-            if intake.foreign:
-                log.error(
-                    "%d ranges are not of job %d, e.g. %s: dropped",
-                    len(intake.foreign),
-                    panda_id,
-                    intake.foreign[0],
-                )
-            rows = self.book.add_columns(job_index, intake.cols, intake.files)
-            added += len(rows)
-            self.fetched += len(rows)
-            if added >= n:
-                break
-        if all(self._job_keys(j)[0] in self._dry for j in self.book.jobs):
-            self.s.exhausted = True
+            self._asked[job_index] = n
+            self.link.fetch(job_index, panda_id, jobset_id, task_id, n)
+            return
+
+    def collect(self, now: float, timeout: float = 0.0) -> int:
+        """Take in the link's answers; returns the ranges added."""
+        added = 0
+        for ans in self.link.answers(timeout):
+            if isinstance(ans, Ranges):
+                added += self._ranges(ans, now)
+            else:
+                self._updated(ans, now)
         return added
 
-    def push_updates(self, now: float, force: bool = False) -> int:
-        """Send journaled results upstream; returns how many were accepted."""
+    def _ranges(self, ans: Ranges, now: float) -> int:
+        self._asked.pop(ans.job, None)
+        job = self.book.jobs[ans.job]
+        panda_id = self._job_keys(job)[0]
+        if ans.error:
+            wait = self._fetch_retry.failed(now)
+            log.warning("getEventRanges failed (%s); retry in %.1f s", ans.error, wait)
+            return 0
+        self._fetch_retry.ok()
+        intake = ans.intake
+        if intake is None:
+            log.info("job %d has no more ranges", panda_id)
+            self._dry.add(panda_id)
+            if all(self._job_keys(j)[0] in self._dry for j in self.book.jobs):
+                self.s.exhausted = True
+            return 0
+        for exc in intake.errors[:10]:
+            log.error("job %d: upstream range dropped: %s", panda_id, exc)
+        if len(intake.errors) > 10:
+            log.error("job %d: %d more ranges dropped", panda_id, len(intake.errors) - 10)
+        if intake.foreign:
+            log.error(
+                "%d ranges are not of job %d, e.g. %s: dropped",
+                len(intake.foreign),
+                panda_id,
+                intake.foreign[0],
+            )
+        rows = self.book.add_columns(ans.job, intake.cols, intake.files)
+        self.fetched += len(rows)
+        return len(rows)
+
+    def unreported(self) -> int:
+        """Results journaled and not yet taken by the upstream (waiting, or on their way)."""
+        return len(self.book.unsent) + sum(len(b) for b in self._in_flight.values())
+
+    def push_updates(self, now: float, force: bool = False) -> None:
+        """Send journaled results upstream, one batch on its way at a time."""
         unsent = self.book.unsent
-        if not unsent or not self._update_retry.ready(now):
-            return 0
-        if (
-            not force
-            and len(unsent) < self.o.update_batch
-            and now - self._last_update < self.o.update_interval
-        ):
-            return 0
-        accepted = 0
-        report = getattr(self.up, "report_results", None)  # Harvester: outputs in its dump
         budget = len(unsent)  # each result tried at most once per push
-        while budget > 0:
+        while budget > 0 and not self._in_flight and self._update_retry.ready(now):
+            if (
+                not force
+                and len(unsent) < self.o.update_batch
+                and now - self._last_update < self.o.update_interval
+            ):
+                return
             chunk = unsent.take(min(self.o.update_batch, budget))
             budget -= len(chunk)
-            ids = self.s.ledger.range_ids(chunk.rows)
-            try:
-                if report is not None:
-                    answer = report(chunk.results(ids))
-                else:
-                    answer = self.up.update_event_ranges(chunk.panda_entries(ids), version=0)
-            except PilotError as exc:
-                unsent.put_back(chunk)
-                wait = self._update_retry.failed(now)
-                log.warning(
-                    "updateEventRanges failed (%s); %d results kept, retry in %.1f s",
-                    exc,
-                    len(unsent),
-                    wait,
-                )
-                return accepted
-            self._update_retry.ok()
-            ok = np.zeros(len(chunk), dtype=bool)
-            answer = list(answer)[: len(chunk)]
-            ok[: len(answer)] = [bool(a) for a in answer]
-            for i in np.flatnonzero(~ok).tolist():
+            self._req += 1
+            self._in_flight[self._req] = chunk
+            self._last_update = now
+            self.link.update(self._req, chunk, IdParts(*self.s.ledger.id_parts(chunk.rows)))
+            self.collect(now)  # an inline link has answered already
+
+    def _updated(self, ans: Updated, now: float) -> None:
+        chunk = self._in_flight.pop(ans.req, None)
+        if chunk is None:
+            return
+        unsent = self.book.unsent
+        if ans.ok is None:
+            unsent.put_back(chunk)
+            wait = self._update_retry.failed(now)
+            log.warning(
+                "updateEventRanges failed (%s); %d results kept, retry in %.1f s",
+                ans.error,
+                len(unsent),
+                wait,
+            )
+            return
+        self._update_retry.ok()
+        ok = ans.ok
+        refused = np.flatnonzero(~ok)
+        if len(refused):
+            ids = self.s.ledger.range_ids(chunk.rows[refused])
+            for i, rid in zip(refused.tolist(), ids):
                 row = int(chunk.rows[i])
                 n = self._rejections.get(row, 0) + 1
                 self._rejections[row] = n
                 if n >= self.o.max_rejections:
-                    log.error("upstream refused the result of %s %d times: given up", ids[i], n)
+                    log.error("upstream refused the result of %s %d times: given up", rid, n)
                     ok[i] = True
-            self.book.sent(chunk.rows[ok])
-            unsent.add(chunk.select(~ok))  # refused: tried again at the next push
-            accepted += int(ok.sum())
-            self.reported += int(ok.sum())
-        self._last_update = now
-        return accepted
+        self.book.sent(chunk.rows[ok])
+        unsent.add(chunk.select(~ok))  # refused: tried again at the next push
+        self.reported += int(ok.sum())
 
     # -- job state -----------------------------------------------------------
 
@@ -228,7 +252,8 @@ class Yoda:
         states = np.bincount(rows["state"][mine], minlength=len(State))
         if states[State.READY] or states[State.LEASED]:
             return None
-        if (rows["job"][self.book.unsent.rows()] == job_index).any():
+        pending = [self.book.unsent.rows(), *(b.rows for b in self._in_flight.values())]
+        if (rows["job"][np.concatenate(pending)] == job_index).any():
             return None
         finished = rows[mine & (rows["state"] == State.FINISHED)]
         fields: dict[str, Any] = {
@@ -301,7 +326,8 @@ class Yoda:
             if now >= next_tick:
                 self._send(self.s.tick(now))
                 next_tick = now + self.o.tick_interval
-            if self.fetch(now) or self.s.exhausted:
+            self.fetch(now)
+            if self.collect(now) or self.s.exhausted:
                 self._send(self.s.serve_waiting(now))
             self.push_updates(now)
             if self.s.finished():
@@ -330,20 +356,22 @@ class Yoda:
         """STOP the droids, get the last updates through, sync the journal."""
         self._send(self.s.stop_all())
         deadline = self.clock() + self.o.final_flush_s
-        while self.book.unsent and self.clock() < deadline:
+        while self.unreported() and self.clock() < deadline:
             now = self.clock()
-            if not self._update_retry.ready(now):
+            if not self._in_flight and not self._update_retry.ready(now):
                 time.sleep(min(self._update_retry.next_at - now, max(0.0, deadline - now)))
                 continue
             self.push_updates(now, force=True)
-        if not self.book.unsent:
+            self.collect(now, timeout=min(1.0, max(0.0, deadline - now)))
+        self.collect(self.clock())  # a fetch answered late: its ranges are journaled, unused
+        if not self.unreported():
             self.report_jobs(final=True)
+        self.link.close()
         if hasattr(self.t, "flush"):
             self.t.flush(5.0)
         if self.book.journal is not None:
             self.book.journal.sync()
         counts = {s.name: self.s.ledger.count(s) for s in State}
-        log.info(
-            "Yoda done: %s, reported %d, unsent %d", counts, self.reported, len(self.book.unsent)
-        )
-        return 0 if not self.book.unsent else 1
+        left = self.unreported()
+        log.info("Yoda done: %s, reported %d, unsent %d", counts, self.reported, left)
+        return 0 if not left else 1

@@ -75,7 +75,11 @@ def test_sigkill_of_a_payload_the_droid_restarts_it(server, launched, work):
     droid = ranks(proc)[1]
 
     def payload():
-        for p in droid.children(recursive=True):
+        try:
+            kids = droid.children(recursive=True)
+        except psutil.NoSuchProcess:  # a child vanished while the tree was read
+            return None
+        for p in kids:
             try:
                 if "toysim" in " ".join(p.cmdline()):
                     return p

@@ -72,15 +72,41 @@ def start_hpc(server, workdir: Path, *extra: str, n: int = 4, jobs: int = 1) -> 
         *extra,
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMPI_MCA_rmaps_base_oversubscribe="1")
-    out = open(workdir.parent / f"{workdir.name}.mpiexec.log", "ab")
-    return subprocess.Popen(
-        argv,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-        cwd=str(workdir.parent),
-    )
+    log = workdir.parent / f"{workdir.name}.mpiexec.log"
+    for _ in range(3):  # bounded: a launcher that cannot start at all fails the test
+        seen = log.stat().st_size if log.exists() else 0
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                cwd=str(workdir.parent),
+            )
+        if not _launch_failed(proc, workdir, log, seen):
+            return proc
+    return proc
+
+
+# Open MPI's launcher now and then fails before any rank starts (a start-up race in
+# PMIx, seen on loaded machines); that is the launcher's, not the pilot's, so it is retried.
+_LAUNCHER_RACE = b"PMIx server's listener thread failed to start"
+
+
+def _launch_failed(proc: subprocess.Popen, workdir: Path, log: Path, seen: int) -> bool:
+    """True if mpiexec died of the start-up race before rank 0 came up."""
+    started = workdir / "logs" / "rank0.log"
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        if started.exists():
+            return False
+        time.sleep(0.05)
+    if proc.poll() is None:
+        return False
+    with open(log, "rb") as fh:
+        fh.seek(seen)
+        return _LAUNCHER_RACE in fh.read()
 
 
 class Launched:
