@@ -23,6 +23,7 @@ link reports them.
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import logging
 import os
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 class Ranges:
     """The answer to a fetch. ``intake`` None and no ``error``: the job has no more ranges."""
 
+    req: int
     job: int
     asked: int
     intake: Intake | None = None
@@ -84,6 +86,7 @@ class IdParts:
 
 def fetch(
     up: Any,
+    req: int,
     job: int,
     panda_id: int,
     jobset_id: int,
@@ -96,13 +99,13 @@ def fetch(
     try:
         got = up.get_event_ranges(panda_id, jobset_id, task_id, n)
     except PilotError as exc:
-        return Ranges(job, n, error=str(exc))
+        return Ranges(req, job, n, error=str(exc))
     if not got:
-        return Ranges(job, n)
+        return Ranges(req, job, n)
     intake = range_columns(got, panda_id)
     if fetched is not None and len(intake.cols):
         fetched.append(Op.ADD, {"j": job, "files": intake.files}, intake.cols)
-    return Ranges(job, n, intake)
+    return Ranges(req, job, n, intake)
 
 
 def recover_fetched(book: Book, path: str | Path) -> int:
@@ -146,7 +149,9 @@ def update(up: Any, req: int, batch: ResultBatch, parts: IdParts) -> Updated:
 
 
 class Link(Protocol):
-    def fetch(self, job: int, panda_id: int, jobset_id: int, task_id: int, n: int) -> None: ...
+    def fetch(
+        self, req: int, job: int, panda_id: int, jobset_id: int, task_id: int, n: int
+    ) -> None: ...
     def update(self, req: int, batch: ResultBatch, parts: IdParts) -> None: ...
     def answers(self, timeout: float = 0.0) -> list[Answer]: ...
     def close(self) -> None: ...
@@ -159,8 +164,10 @@ class InlineLink:
         self.up = upstream
         self._ready: deque[Answer] = deque()
 
-    def fetch(self, job: int, panda_id: int, jobset_id: int, task_id: int, n: int) -> None:
-        self._ready.append(fetch(self.up, job, panda_id, jobset_id, task_id, n))
+    def fetch(
+        self, req: int, job: int, panda_id: int, jobset_id: int, task_id: int, n: int
+    ) -> None:
+        self._ready.append(fetch(self.up, req, job, panda_id, jobset_id, task_id, n))
 
     def update(self, req: int, batch: ResultBatch, parts: IdParts) -> None:
         self._ready.append(update(self.up, req, batch, parts))
@@ -185,7 +192,7 @@ class ProcessLink:
         self.spec = spec
         self.start_timeout = start_timeout
         self.restarts = 0
-        self._fetching: dict[int, int] = {}  # job -> ranges asked
+        self._fetching: dict[int, tuple[int, int]] = {}  # request -> (job, ranges asked)
         self._updating: set[int] = set()
         self._start()
 
@@ -201,6 +208,8 @@ class ProcessLink:
         )
         os.close(mine[0])
         os.close(theirs[1])
+        for fd in (mine[1], theirs[0]):  # room for whole answers: the child never waits
+            _widen(fd)
         self._out = Connection(mine[1], readable=False)
         self._in = Connection(theirs[0], writable=False)
         # Requests go out from a thread: a big request and a big answer crossing in the
@@ -232,9 +241,11 @@ class ProcessLink:
         """Readable when an answer is waiting (a loop can sleep on it)."""
         return self._in.fileno()
 
-    def fetch(self, job: int, panda_id: int, jobset_id: int, task_id: int, n: int) -> None:
-        self._fetching[job] = n
-        self._send(("fetch", job, panda_id, jobset_id, task_id, n))
+    def fetch(
+        self, req: int, job: int, panda_id: int, jobset_id: int, task_id: int, n: int
+    ) -> None:
+        self._fetching[req] = (job, n)
+        self._send(("fetch", req, job, panda_id, jobset_id, task_id, n))
 
     def update(self, req: int, batch: ResultBatch, parts: IdParts) -> None:
         self._updating.add(req)
@@ -246,7 +257,7 @@ class ProcessLink:
             while self._in.poll(timeout if not out else 0.0):
                 ans = self._in.recv()
                 if isinstance(ans, Ranges):
-                    self._fetching.pop(ans.job, None)
+                    self._fetching.pop(ans.req, None)
                 elif isinstance(ans, Updated):
                     self._updating.discard(ans.req)
                 out.append(ans)
@@ -259,7 +270,7 @@ class ProcessLink:
         rc = self._proc.poll()
         log.error("upstream link died (exit %s); starting another", rc)
         failed: list[Answer] = [
-            Ranges(job, n, error="link died") for job, n in self._fetching.items()
+            Ranges(req, job, n, error="link died") for req, (job, n) in self._fetching.items()
         ]
         failed += [Updated(req, error="link died") for req in self._updating]
         self._fetching.clear()
@@ -286,6 +297,14 @@ class ProcessLink:
             self._proc.kill()
             self._proc.wait(5)
         self._close_pipes()
+
+
+def _widen(fd: int, size: int = 1 << 20) -> None:
+    """Grow a pipe's buffer (Linux; up to /proc/sys/fs/pipe-max-size), best effort."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except (AttributeError, OSError):
+        pass
 
 
 def _factory(path: str) -> Any:

@@ -59,6 +59,8 @@ class YodaOptions:
     # ranges kept READY beyond what the droids can hold: a request is served at once
     # while the next upstream batch is being read, instead of waiting for it
     reserve: int = 0
+    fetch_depth: int = 2  # getEventRanges calls on their way per job: the link never idles
+    update_depth: int = 2  # updateEventRanges calls on their way
     tick_interval: float = 0.5
     retry_min: float = 0.5  # backoff after an upstream failure
     retry_max: float = 30.0
@@ -99,7 +101,7 @@ class Yoda:
         self.fetched = 0
         self.job_update = job_update  # e.g. PandaClient.update_job (updateJob fields)
         self._job_state: dict[int, str] = {}
-        self._asked: dict[int, int] = {}  # job index -> ranges asked for, not yet answered
+        self._asked: dict[int, tuple[int, int]] = {}  # fetch request -> (job index, ranges)
         self._in_flight: dict[int, ResultBatch] = {}  # update request -> results in it
         self._req = 0
 
@@ -123,19 +125,22 @@ class Yoda:
     def fetch(self, now: float) -> None:
         """Ask the upstream for ranges if the droids could use more than is READY or asked for.
 
-        One request per job at a time; the answer is picked up by :meth:`collect`."""
+        Up to ``fetch_depth`` requests per job on their way, so that the link reads the
+        next answer while this one is added; answers are picked up by :meth:`collect`."""
         if self.s.exhausted or self.s.draining or not self._fetch_retry.ready(now):
             return
-        want = self.s.wanted(self.o.reserve) - sum(self._asked.values())
+        want = self.s.wanted(self.o.reserve) - sum(n for _, n in self._asked.values())
         if want <= 0:
             return
         n = min(self.o.fetch_max, max(self.o.fetch_min, want))
+        busy = [job for job, _ in self._asked.values()]
         for job_index, job in enumerate(self.book.jobs):
             panda_id, jobset_id, task_id = self._job_keys(job)
-            if panda_id in self._dry or job_index in self._asked:
+            if panda_id in self._dry or busy.count(job_index) >= self.o.fetch_depth:
                 continue
-            self._asked[job_index] = n
-            self.link.fetch(job_index, panda_id, jobset_id, task_id, n)
+            self._req += 1
+            self._asked[self._req] = (job_index, n)
+            self.link.fetch(self._req, job_index, panda_id, jobset_id, task_id, n)
             return
 
     def collect(self, now: float, timeout: float = 0.0) -> int:
@@ -149,7 +154,7 @@ class Yoda:
         return added
 
     def _ranges(self, ans: Ranges, now: float) -> int:
-        self._asked.pop(ans.job, None)
+        self._asked.pop(ans.req, None)
         job = self.book.jobs[ans.job]
         panda_id = self._job_keys(job)[0]
         if ans.error:
@@ -187,7 +192,11 @@ class Yoda:
         """Send journaled results upstream, one batch on its way at a time."""
         unsent = self.book.unsent
         budget = len(unsent)  # each result tried at most once per push
-        while budget > 0 and not self._in_flight and self._update_retry.ready(now):
+        while (
+            budget > 0
+            and len(self._in_flight) < self.o.update_depth
+            and self._update_retry.ready(now)
+        ):
             if (
                 not force
                 and len(unsent) < self.o.update_batch

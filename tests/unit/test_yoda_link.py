@@ -82,7 +82,7 @@ def results_for(book: Book, rows: np.ndarray) -> tuple[ResultBatch, IdParts]:
 def test_fetch_update_and_dry_through_the_child(tmp_path):
     link = ProcessLink(spec(tmp_path, n=5))
     try:
-        link.fetch(0, 501, 9, 9, 3)
+        link.fetch(1, 0, 501, 9, 9, 3)
         got = answer(link)
         assert isinstance(got, Ranges) and got.job == 0 and len(got.intake.cols) == 3
         book = Book(Ledger(), None)
@@ -93,9 +93,9 @@ def test_fetch_update_and_dry_through_the_child(tmp_path):
         assert isinstance(done, Updated) and done.req == 7 and done.ok.all()
         lines = (tmp_path / "updates.jsonl").read_text().splitlines()
         assert [json.loads(x)["eventRangeID"] for x in lines] == book.ledger.range_ids(rows)
-        link.fetch(0, 501, 9, 9, 10)
+        link.fetch(1, 0, 501, 9, 9, 10)
         assert len(answer(link).intake.cols) == 2
-        link.fetch(0, 501, 9, 9, 10)
+        link.fetch(1, 0, 501, 9, 9, 10)
         last = answer(link)
         assert last.intake is None and not last.error  # the job has no more ranges
     finally:
@@ -106,14 +106,14 @@ def test_sigterm_is_ignored_and_a_killed_child_is_replaced(tmp_path):
     link = ProcessLink(spec(tmp_path, n=50))
     try:
         os.kill(link._proc.pid, signal.SIGTERM)  # a walltime signal is rank 0's to handle
-        link.fetch(0, 501, 9, 9, 5)
+        link.fetch(1, 0, 501, 9, 9, 5)
         assert len(answer(link).intake.cols) == 5
-        link.fetch(0, 501, 9, 9, 5)
+        link.fetch(1, 0, 501, 9, 9, 5)
         link._proc.kill()
         link._proc.wait(10)
         got = answer(link)
         assert isinstance(got, Ranges) and got.error == "link died" and link.restarts == 1
-        link.fetch(0, 501, 9, 9, 5)  # the new child starts from its own upstream object
+        link.fetch(1, 0, 501, 9, 9, 5)  # the new child starts from its own upstream object
         assert len(answer(link).intake.cols) == 5
     finally:
         link.close()
@@ -127,9 +127,9 @@ def test_an_upstream_that_cannot_be_built_is_a_pilot_error(tmp_path):
 def test_ranges_fetched_but_never_journaled_are_recovered_once(tmp_path):
     link = ProcessLink(spec(tmp_path, n=8))
     try:
-        link.fetch(0, 501, 9, 9, 5)
+        link.fetch(1, 0, 501, 9, 9, 5)
         first = answer(link)
-        link.fetch(0, 501, 9, 9, 5)
+        link.fetch(1, 0, 501, 9, 9, 5)
         answer(link)  # rank 0 "died" before journaling this one
     finally:
         link.close()
