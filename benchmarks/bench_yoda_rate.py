@@ -94,7 +94,7 @@ def lifecycle(n_ranges: int, slots: int, workdir: str, link_kind: str) -> None:
     tune_gc()  # as pilot hpc does
     t.comm.Barrier()
     if t.rank == 0:
-        book = Book(Ledger(t0=time.time()), Journal(Path(workdir) / "yoda.journal"))
+        book = Book(Ledger(t0=time.time()), Journal(Path(workdir) / "yoda.journal", group=True))
         book.epoch(1)
         book.add_job({"PandaID": PANDA, "taskID": TASK, "jobsetID": TASK, "transformation": "x"})
         sched = Scheduler(book, Policy(high_per_slot=HIGH, low_per_slot=HIGH / 2), epoch=1)

@@ -178,7 +178,7 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
     upstream, get_jobs = make_upstream(args)
     path = workdir / JOURNAL
     if args.resume and path.exists():
-        book, epoch = resume_book(path)
+        book, epoch = resume_book(path, group=True)  # Yoda commits before it sends
         log.info("resumed from %s: epoch %d, %d ranges", path, epoch, book.ledger.n)
         recovered = recover_fetched(book, workdir / FETCHED)
         if recovered:
@@ -188,7 +188,7 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
             raise PilotError(
                 ErrorCode.FILEEXISTS, f"{path} exists: use --resume, or another --workdir"
             )
-        book, epoch = Book(Ledger(t0=time.time()), Journal(path)), 1
+        book, epoch = Book(Ledger(t0=time.time()), Journal(path, group=True)), 1
         book.epoch(epoch)
         (workdir / FETCHED).unlink(missing_ok=True)
     if not book.jobs:

@@ -99,7 +99,12 @@ class Journal:
     """The writer. ``path`` is created; an existing journal is appended to."""
 
     def __init__(
-        self, path: str | Path, *, sync_every: int = 256, sync_interval: float = 1.0
+        self,
+        path: str | Path,
+        *,
+        sync_every: int = 256,
+        sync_interval: float = 1.0,
+        group: bool = False,
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +119,11 @@ class Journal:
             ) from None
         self.sync_every = sync_every
         self.sync_interval = sync_interval
+        # group commit: records wait in memory until flush(), which the owner calls
+        # before anyone is told of them; one write(2) then carries them all
+        self.group = group
+        self._held: list[bytes] = []
+        self._held_bytes = 0
         self._unsynced = 0
         self._last_sync = time.monotonic()
         self.records = 0
@@ -123,24 +133,45 @@ class Journal:
         d = data.tobytes() if data is not None else b""
         head = struct.pack("<BII", op, len(m), len(d))
         record = _HEAD.pack(op, len(m), len(d), _crc(head, m, d)) + m + d
-        try:
-            written = self._fh.write(record)
-            while written < len(record):  # a raw write may be short
-                written += self._fh.write(record[written:])
-        except OSError as exc:
-            raise PilotError(
-                ErrorCode.NOLOCALSPACE if exc.errno == 28 else ErrorCode.FILEHANDLINGFAILURE,
-                f"cannot write journal {self.path}: {exc}",
-            ) from None
         self.records += 1
         self._unsynced += 1
+        if self.group:
+            self._held.append(record)
+            self._held_bytes += len(record)
+            if self._held_bytes < 1 << 22:
+                return
+            record = self._take_held()
+        self._write(record)
         if (
             self._unsynced >= self.sync_every
             or time.monotonic() - self._last_sync >= self.sync_interval
         ):
             self.sync()
 
+    def _take_held(self) -> bytes:
+        data = b"".join(self._held)
+        self._held.clear()
+        self._held_bytes = 0
+        return data
+
+    def _write(self, data: bytes) -> None:
+        try:
+            written = self._fh.write(data)
+            while written < len(data):  # a raw write may be short
+                written += self._fh.write(data[written:])
+        except OSError as exc:
+            raise PilotError(
+                ErrorCode.NOLOCALSPACE if exc.errno == 28 else ErrorCode.FILEHANDLINGFAILURE,
+                f"cannot write journal {self.path}: {exc}",
+            ) from None
+
+    def flush(self) -> None:
+        """Hand held records to the OS (group commit); a no-op otherwise."""
+        if self._held:
+            self._write(self._take_held())
+
     def sync(self) -> None:
+        self.flush()
         if self._unsynced:
             os.fsync(self._fh.fileno())
             self._unsynced = 0
@@ -447,7 +478,9 @@ def journal_results(path: str | Path) -> list[tuple[int, RangeResult]]:
     return out
 
 
-def resume_book(path: str | Path, *, sync_every: int = 256) -> tuple[Book, int]:
+def resume_book(
+    path: str | Path, *, sync_every: int = 256, group: bool = False
+) -> tuple[Book, int]:
     """Replay ``path``, then keep journaling to it. Leases of the dead incarnation go back
     to READY without charging an attempt (the droids were killed with Yoda). Returns the
     book and the new epoch."""
@@ -455,7 +488,7 @@ def resume_book(path: str | Path, *, sync_every: int = 256) -> tuple[Book, int]:
     if rep.torn:  # cut the torn tail so that new records follow whole ones
         with open(path, "r+b") as fh:
             fh.truncate(rep.end)
-    book = Book(rep.ledger, Journal(path, sync_every=sync_every))
+    book = Book(rep.ledger, Journal(path, sync_every=sync_every, group=group))
     book.jobs = rep.jobs
     book.unsent = rep.unsent
     epoch = rep.epoch + 1

@@ -208,6 +208,7 @@ class Yoda:
             self._req += 1
             self._in_flight[self._req] = chunk
             self._last_update = now
+            self._commit()  # the results' DONE records: a crash must not run them again
             self.link.update(self._req, chunk, IdParts(*self.s.ledger.id_parts(chunk.rows)))
             self.collect(now)  # an inline link has answered already
 
@@ -281,6 +282,7 @@ class Yoda:
     def _update_job(self, fields: dict[str, Any]) -> bool:
         if self.job_update is None:
             return True
+        self._commit()
         try:
             self.job_update(fields)
         except PilotError as exc:
@@ -306,7 +308,14 @@ class Yoda:
 
     # -- loop ----------------------------------------------------------------
 
+    def _commit(self) -> None:
+        """Journal records out to the OS before anyone hears of what they record."""
+        if self.book.journal is not None:
+            self.book.journal.flush()
+
     def _send(self, out: list[tuple[int, Envelope]]) -> None:
+        if out:
+            self._commit()
         for dest, env in out:
             self.t.send(dest, env)
 
@@ -354,6 +363,7 @@ class Yoda:
             if max_seconds is not None and now - start > max_seconds:
                 log.error("Yoda ran for %.0f s: stopping", now - start)
                 break
+            self._commit()  # nothing lingers in memory while the loop waits
             got = self.t.recv(timeout=min(self.o.tick_interval, self.o.update_interval))
             # drain everything queued before the periodic work: messages first
             while got is not None:

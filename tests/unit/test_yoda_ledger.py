@@ -165,3 +165,15 @@ def test_result_columns_round_trip_and_report_like_the_model():
         ok.to_panda_v0(),
     ]
     assert [State(s) for s in (wire.FINISHED, wire.FAILED, wire.FATAL)] == list(TERMINAL)
+
+
+def test_group_commit_holds_records_until_flush(tmp_path):
+    book = Book(Ledger(), Journal(tmp_path / "journal", group=True))
+    j = book.add_job(job())
+    book.add_ranges(j, ranges(n=3))
+    assert (tmp_path / "journal").stat().st_size == len(MAGIC)  # held in memory
+    book.journal.flush()
+    assert replay(tmp_path / "journal").ledger.n == 3
+    book.lease(np.array([0]), droid=1, deadline=9.0)
+    book.journal.close()  # close flushes too
+    assert replay(tmp_path / "journal").ledger.count(State.LEASED) == 1
