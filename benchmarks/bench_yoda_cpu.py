@@ -109,12 +109,15 @@ def main() -> None:
                     time.sleep(0.5)
                 time.sleep(3.0)  # past the start-up (imports, HELLO, first fetch)
                 pays = payloads(ranks)
+                link = [c for c in ranks[0].children() if "yoda.link" in " ".join(c.cmdline())]
                 t0 = time.monotonic()
                 c0 = {r: cpu(p) for r, p in ranks.items()}
+                l0 = sum(cpu(p) for p in link)
                 p0 = {p.pid: cpu(p) for p in pays}
                 time.sleep(args.window)
                 wall = time.monotonic() - t0
                 c1 = {r: cpu(p) for r, p in ranks.items()}
+                l1 = sum(cpu(p) for p in link)
                 p1 = {}
                 for p in pays:
                     try:
@@ -129,6 +132,8 @@ def main() -> None:
     for r in sorted(ranks):
         role = "Yoda " if r == 0 else "Droid"
         print(f"{role} rank {r}: {100 * (c1[r] - c0[r]) / wall:.2f}% of a core over {wall:.0f} s")
+        if r == 0:
+            print(f"  its upstream link process: {100 * (l1 - l0) / wall:.2f}% of a core")
     pay = [100 * (p1[pid] - p0[pid]) / wall for pid in p1]
     print(
         f"baseline, the payloads in the same window: {', '.join(f'{x:.0f}%' for x in pay)}"

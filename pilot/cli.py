@@ -36,7 +36,7 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
     "hpc": (
         "pilot.cli",
         "hpc_main",
-        "MPI mode (Yoda-Droid); 'hpc submit' and 'hpc resources' for batch systems",
+        "MPI mode (Yoda-Droid); 'hpc submit', 'hpc resources' for batch systems; 'hpc journal' shows a journal",
     ),
     "serve": (
         "pilot.server.serve",

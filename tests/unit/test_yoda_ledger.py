@@ -177,3 +177,25 @@ def test_group_commit_holds_records_until_flush(tmp_path):
     book.lease(np.array([0]), droid=1, deadline=9.0)
     book.journal.close()  # close flushes too
     assert replay(tmp_path / "journal").ledger.count(State.LEASED) == 1
+
+
+def test_pilot_hpc_journal_summarises_a_journal(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    book = _book(tmp_path)
+    book.epoch(3)
+    book.lease(np.array([0, 1]), droid=2, deadline=50.0)
+    r0 = RangeResult("77-1001-5001-0-1", RangeStatus.FINISHED, "/o/0", 10, "0a0b0c0d")
+    book.done(2, ResultBatch.from_results([(0, int(book.ledger.keys(np.array([0]))[0]), r0)]))
+    book.journal.close()
+    cmd = [sys.executable, "-m", "pilot.cli", "hpc", "journal", str(tmp_path / "journal")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    summary = json.loads(out.stdout)
+    assert summary["epoch"] == 3 and summary["jobs"] == [1001] and summary["ranges"] == 6
+    assert summary["states"] == {"ready": 4, "leased": 1, "finished": 1, "failed": 0, "fatal": 0}
+    assert summary["unsent"] == 1 and not summary["torn"]
+    (tmp_path / "bad").write_bytes(b"not a journal")
+    bad = subprocess.run([*cmd[:-1], str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "not a Yoda journal" in bad.stderr
