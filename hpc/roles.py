@@ -305,7 +305,11 @@ def finalize(rc: int, timeout: float = 20.0) -> None:
     watchdog = threading.Timer(timeout, give_up)
     watchdog.daemon = True
     watchdog.start()
+    # The timer needs the GIL, which a hung MPI_Finalize may hold; faulthandler's own
+    # C thread does not: it prints the stacks and leaves (exit 1) a little later.
+    faulthandler.dump_traceback_later(timeout + 5, exit=True)
     MPI.Finalize()
+    faulthandler.cancel_dump_traceback_later()
     watchdog.cancel()
 
 
