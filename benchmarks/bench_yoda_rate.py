@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 TASK, PANDA = 4242, 7_000_000_001
-HIGH = 64  # ranges per slot a droid may hold: deep enough to hide the round trip
+HIGH = 128  # ranges per slot a droid may hold: deep enough to hide the round trip
 RESERVE = 8192  # ranges rank 0 keeps READY beyond that, read ahead from the upstream
 
 
@@ -115,7 +115,7 @@ def lifecycle(n_ranges: int, slots: int, workdir: str, link_kind: str) -> None:
         def factory(job, wd, s, lease_s):
             return NullExecutor(job, wd, s)
 
-        opts = DroidOptions(slots=slots, update_batch=500, update_interval=0.02)
+        opts = DroidOptions(slots=slots, update_batch=2000, update_interval=0.02)
         Droid(t, Path(workdir) / f"droid{t.rank}", factory, opts).run()
     t.close()
 
