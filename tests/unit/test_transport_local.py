@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 
-from hpc.transport import TAG_OF, Envelope, Kind, LocalHub, PeerFailed, Tag
+from hpc.transport import TAG_OF, Backoff, Envelope, Kind, LocalHub, PeerFailed, Tag
 
 
 def test_every_kind_has_a_tag_and_control_is_first():
@@ -62,3 +63,17 @@ def test_garbage_on_the_wire_is_not_an_envelope():
 def test_bad_rank():
     with pytest.raises(ValueError):
         LocalHub(2).endpoint(2)
+
+
+def test_backoff_sleep_wakes_up_for_another_source_of_work():
+    r, w = os.pipe()
+    try:
+        b = Backoff(minimum=0.001, maximum=0.004)
+        assert b.sleep(0.01, wake=r) is False  # nothing to read: a plain sleep, backing off
+        assert b.current > b.minimum
+        os.write(w, b"x")
+        assert b.sleep(10.0, wake=r) is True  # readable: back at once, backoff reset
+        assert b.current == b.minimum
+    finally:
+        os.close(r)
+        os.close(w)
