@@ -23,7 +23,7 @@ import numpy as np
 
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import MAX_LFN, EventRange
-from yoda.journal import ADD_DTYPE, add_columns
+from yoda.ledger import ADD_DTYPE, columns_of
 
 _RANGE_ID = re.compile(r"[0-9]+-[0-9]+-[0-9]+-[0-9]+-[0-9]+")
 _NULLS = frozenset({"", "NULL", "None", "null"})
@@ -130,7 +130,7 @@ def range_columns(items: Any, panda_id: int) -> Intake:
             )
         else:
             good.append(r)
-    out.cols, out.files = add_columns(good)
+    out.cols, out.files = columns_of(good)
     return out
 
 

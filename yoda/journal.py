@@ -54,22 +54,13 @@ from hpc.wire import RESULT_DTYPE, ResultBatch
 from pilot.errors import ErrorCode, PilotError
 from pilot.eventservice.model import RangeResult
 from pilot.job import EventRange
-from yoda.ledger import Ledger, State
+from yoda.ledger import ADD_DTYPE, Ledger, State, columns_of
 
 MAGIC = b"YODAJ\x00\x01\n"  # format version 1
-_HEAD = struct.Struct("<BIII")
+_HEAD = struct.Struct("<BIII")  # op, meta length, data length, CRC
+_CHECKED = struct.Struct("<BII")  # the part of the head the CRC covers
 _JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps makes one per call
 ROWS_DTYPE = np.dtype("<i8")
-ADD_DTYPE = np.dtype(
-    [
-        ("file_id", "<i8"),
-        ("proc", "<u4"),
-        ("attempt", "<u2"),
-        ("start", "<i8"),
-        ("last", "<i8"),
-        ("fref", "<u4"),
-    ]
-)
 
 
 class Op(IntEnum):
@@ -131,7 +122,7 @@ class Journal:
     def append(self, op: Op, meta: dict[str, Any] | None = None, data: Any = None) -> None:
         m = _JSON.encode(meta).encode() if meta is not None else b""
         d = data.tobytes() if data is not None else b""
-        head = struct.pack("<BII", op, len(m), len(d))
+        head = _CHECKED.pack(op, len(m), len(d))
         record = _HEAD.pack(op, len(m), len(d), _crc(head, m, d)) + m + d
         self.records += 1
         self._unsynced += 1
@@ -208,7 +199,7 @@ def read_records(blob: bytes, name: str = "journal") -> Iterator[Record]:
         if end > size:
             return  # torn body
         meta_b, data_b = blob[start : start + ml], blob[start + ml : end]
-        bad = _crc(struct.pack("<BII", op, ml, dl), meta_b, data_b) != crc
+        bad = _crc(_CHECKED.pack(op, ml, dl), meta_b, data_b) != crc
         try:
             if bad:
                 raise ValueError("checksum mismatch")
@@ -279,21 +270,6 @@ class Unsent:
         return np.concatenate([b.rows for b in self._batches])
 
 
-def add_columns(ranges: Sequence[EventRange]) -> tuple[np.ndarray, list[tuple[str, ...]]]:
-    """:class:`EventRange` objects as :data:`ADD_DTYPE` columns; ``fref`` indexes the
-    returned list of distinct ``(lfn, guid, scope, pfn)``."""
-    cols = np.zeros(len(ranges), dtype=ADD_DTYPE)
-    files: dict[tuple[str, ...], int] = {}
-    parts = []
-    for r in ranges:
-        _, _, file_id, proc, attempt = (int(p) for p in r.event_range_id.split("-"))
-        fref = files.setdefault((r.lfn, r.guid, r.scope, r.pfn), len(files))
-        parts.append((file_id, proc, attempt, r.start_event, r.last_event, fref))
-    if parts:
-        cols[:] = parts
-    return cols, list(files)
-
-
 @dataclass
 class Replayed:
     """What a journal rebuilds: the ledger, the jobs, and results not yet acknowledged upstream."""
@@ -341,21 +317,13 @@ class Book:
         indexes ``files`` (validated upstream ranges); returns their new rows."""
         if not len(cols):
             return np.zeros(0, dtype=np.int64)
-        new_files: dict[int, list[str]] = {}
-        local = np.zeros(len(files), dtype=np.uint32)
-        for i, f in enumerate(files):
-            fref, fresh = self.ledger.intern_file(*f)
-            local[i] = fref
-            if fresh:
-                new_files[fref] = list(f)
-        cols = cols.copy()
-        cols["fref"] = local[cols["fref"]]
+        cols, new_files = self.ledger.intern_files(cols, files)
         self._log(Op.ADD, {"j": job, "f": new_files}, cols)
-        return _apply_add(self.ledger, job, cols)
+        return self.ledger.add_block(job, cols)
 
     def add_ranges(self, job: int, ranges: Sequence[EventRange]) -> np.ndarray:
         """Add validated :class:`EventRange` objects of job ``job``."""
-        return self.add_columns(job, *add_columns(ranges))
+        return self.add_columns(job, *columns_of(ranges))
 
     def lease(self, rows: np.ndarray, droid: int, deadline: float) -> None:
         if len(rows):
@@ -387,18 +355,6 @@ class Book:
 
 def _rows(rows: Any) -> np.ndarray:
     return np.asarray(rows, dtype=ROWS_DTYPE)
-
-
-def _apply_add(ledger: Ledger, job: int, cols: np.ndarray) -> np.ndarray:
-    return ledger.add_columns(
-        job,
-        cols["file_id"],
-        cols["proc"],
-        cols["attempt"],
-        cols["start"],
-        cols["last"],
-        cols["fref"],
-    )
 
 
 def _apply_done(ledger: Ledger, batch: ResultBatch) -> None:
@@ -445,7 +401,7 @@ def _apply(out: Replayed, rec: Record, done: list[ResultBatch], sent: list[np.nd
             got, _ = ledger.intern_file(*f)
             if got != int(fref):
                 raise ValueError(f"file table out of step: {fref} != {got}")
-        _apply_add(ledger, int(meta["j"]), data)
+        ledger.add_block(int(meta["j"]), data)
     elif rec.op is Op.LEASE:
         ledger.lease(data, int(meta["d"]), float(meta["t"]))
     elif rec.op is Op.RELEASE:

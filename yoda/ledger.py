@@ -20,6 +20,7 @@ adding a batch costs a sort of that batch, lookups a binary search per run.
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -57,6 +58,33 @@ RANGE_DTYPE = np.dtype(
         ("deadline", "<f4"),  # lease deadline, seconds after Ledger.t0
     ]
 )
+
+
+ADD_DTYPE = np.dtype(  # ranges as they are added (and journaled: yoda.journal ADD records)
+    [
+        ("file_id", "<i8"),
+        ("proc", "<u4"),
+        ("attempt", "<u2"),
+        ("start", "<i8"),
+        ("last", "<i8"),
+        ("fref", "<u4"),
+    ]
+)
+
+
+def columns_of(ranges: Sequence[EventRange]) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+    """:class:`EventRange` objects as :data:`ADD_DTYPE` columns; ``fref`` indexes the
+    returned list of distinct ``(lfn, guid, scope, pfn)``."""
+    cols = np.zeros(len(ranges), dtype=ADD_DTYPE)
+    files: dict[tuple[str, ...], int] = {}
+    parts = []
+    for r in ranges:
+        _, _, file_id, proc, attempt = (int(p) for p in r.event_range_id.split("-"))
+        fref = files.setdefault((r.lfn, r.guid, r.scope, r.pfn), len(files))
+        parts.append((file_id, proc, attempt, r.start_event, r.last_event, fref))
+    if parts:
+        cols[:] = parts
+    return cols, list(files)
 
 
 @dataclass(frozen=True)
@@ -114,6 +142,21 @@ class Ledger:
         self._file_index[key] = idx
         return idx, True
 
+    def intern_files(
+        self, cols: np.ndarray, files: Sequence[tuple[str, ...]]
+    ) -> tuple[np.ndarray, dict[int, list[str]]]:
+        """``cols`` (a copy) with ``fref`` turned from an index into ``files`` into the
+        file table's, and the files that were new there (fref -> [lfn, guid, scope, pfn])."""
+        fresh: dict[int, list[str]] = {}
+        table = np.zeros(len(files), dtype=np.uint32)
+        for i, f in enumerate(files):
+            table[i], new = self.intern_file(*f)
+            if new:
+                fresh[int(table[i])] = list(f)
+        cols = cols.copy()
+        cols["fref"] = table[cols["fref"]]
+        return cols, fresh
+
     def _grow(self, extra: int) -> None:
         need = self.n + extra
         if need <= len(self.rows):
@@ -168,8 +211,21 @@ class Ledger:
         self.counts[State.READY] += m
         return rows
 
+    def add_block(self, job: int, cols: np.ndarray) -> np.ndarray:
+        """Append READY ranges given as :data:`ADD_DTYPE` columns (``fref`` already
+        interned); returns their rows. Duplicates are skipped."""
+        return self.add_columns(
+            job,
+            cols["file_id"],
+            cols["proc"],
+            cols["attempt"],
+            cols["start"],
+            cols["last"],
+            cols["fref"],
+        )
+
     def add_ranges(self, ranges: list[EventRange]) -> np.ndarray:
-        """Append validated ranges (their jobs must be known); returns the new rows."""
+        """Append validated ranges (a job unknown so far is added); returns the new rows."""
         out = []
         by_job: dict[int, list[EventRange]] = {}
         for r in ranges:
@@ -179,21 +235,8 @@ class Ledger:
                 job = self.add_job(panda, task)
             by_job.setdefault(job, []).append(r)
         for job, group in by_job.items():
-            parts = np.array(
-                [parse_range_id(r.event_range_id)[2:] for r in group], dtype=np.int64
-            ).reshape(-1, 3)
-            fref = [self.intern_file(r.lfn, r.guid, r.scope, r.pfn)[0] for r in group]
-            out.append(
-                self.add_columns(
-                    job,
-                    parts[:, 0],
-                    parts[:, 1],
-                    parts[:, 2],
-                    np.array([r.start_event for r in group]),
-                    np.array([r.last_event for r in group]),
-                    np.array(fref),
-                )
-            )
+            cols, _ = self.intern_files(*columns_of(group))
+            out.append(self.add_block(job, cols))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def _add_run(self, keys: np.ndarray, rows: np.ndarray) -> None:
