@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import psutil
 
+from pilot.demo import mpiexec_argv
 from pilot.server.serve import EmbeddedServer
 
 
@@ -82,13 +82,7 @@ def main() -> None:
             )
             work = Path(tmp) / "work"
             argv = [
-                shutil.which("mpiexec") or "mpiexec",
-                "--allow-run-as-root",
-                "--oversubscribe",
-                "--with-ft",
-                "ulfm",
-                "-n",
-                str(n_droids + 1),
+                *mpiexec_argv(n_droids + 1),
                 sys.executable,
                 "-m",
                 "hpc.roles",

@@ -10,14 +10,13 @@ Batching must make ranges/s at least match round trips/s.
     python benchmarks/bench_yoda_rate.py            # 2 and 4 ranks
     python benchmarks/bench_yoda_rate.py --ranges 5000
 
-Runs ``mpiexec --oversubscribe --with-ft ulfm`` on this script itself.
+Runs ``mpiexec`` on this script itself, as ``pilot demo`` does (oversubscribed, ULFM).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -121,18 +120,9 @@ def lifecycle(n_ranges: int, slots: int, workdir: str, link_kind: str) -> None:
 
 
 def launch(n: int, *args: str) -> dict:
-    argv = [
-        shutil.which("mpiexec") or "mpiexec",
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "--with-ft",
-        "ulfm",
-        "-n",
-        str(n),
-        sys.executable,
-        __file__,
-        *args,
-    ]
+    from pilot.demo import mpiexec_argv  # what pilot demo runs: oversubscribed, root, ULFM
+
+    argv = [*mpiexec_argv(n), sys.executable, __file__, *args]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=True)
     for line in out.stdout.splitlines():
         if line.startswith("{"):
