@@ -309,9 +309,6 @@ class Ledger:
         rid = f"{j.task_id}-{j.panda_id}-{file_id}-{proc}-{attempt}"
         return EventRange(rid, start, start + nev - 1, lfn, guid, scope, pfn)
 
-    def panda_id(self, row: int) -> int:
-        return self.jobs[int(self.rows[row]["job"])].panda_id
-
     def keys(self, rows: np.ndarray) -> np.ndarray:
         """The 64-bit keys of ``rows`` (what a WORK batch carries and a result echoes)."""
         sel = self.rows[rows]
@@ -413,9 +410,6 @@ class Ledger:
 
     # -- queries -------------------------------------------------------------
 
-    def deadline(self, row: int) -> float:
-        return float(self.rows["deadline"][row]) + self.t0
-
     def leased_by(self, droid: int) -> np.ndarray:
         r = self.rows[: self.n]
         return np.flatnonzero((r["state"] == State.LEASED) & (r["droid"] == droid))
@@ -425,10 +419,6 @@ class Ledger:
 
     def count(self, state: State) -> int:
         return int(self.counts[state])
-
-    def ready_of_job(self, job: int) -> int:
-        r = self.rows[: self.n]
-        return int(np.count_nonzero((r["job"] == job) & (r["state"] == State.READY)))
 
     def all_terminal(self) -> bool:
         return self.count(State.READY) == 0 and self.count(State.LEASED) == 0
