@@ -183,8 +183,8 @@ class Scheduler:
             d.want = 0
             return [(d.rank, self._env(Kind.WORK, WorkBatch.none_left().body()))]
         n = min(d.want, d.high(self.p) - len(d.leased))
-        rows = self.ledger.next_ready(n) if n > 0 else None
-        if rows is None or not len(rows):
+        rows = self.ledger.next_ready(n)  # none when n <= 0
+        if not len(rows):
             if self.exhausted and self.ledger.count(State.READY) == 0:
                 d.want = 0
                 return [(d.rank, self._env(Kind.WORK, WorkBatch.none_left().body()))]
