@@ -195,9 +195,7 @@ class Store(RangeStore):
         """updateJob. Unknown job: StatusCode 30. A stale attempt or a killed job: tobekilled."""
         now = time.time()
         with self.tx() as c:
-            job = c.execute(
-                "SELECT status, attempt_nr, command FROM jobs WHERE panda_id = ?", (panda_id,)
-            ).fetchone()
+            job = self._job_state(c, panda_id)
             if job is None:
                 return JobUpdateResult(30, "NULL", "unknown", f"job {panda_id} not found")
             attempt = job["attempt_nr"]

@@ -59,6 +59,13 @@ class RangeStore:
         except sqlite3.IntegrityError:
             raise StoreError(f"an event range of job {panda_id} already exists") from None
 
+    @staticmethod
+    def _job_state(c: sqlite3.Connection, panda_id: int) -> sqlite3.Row | None:
+        """Status, attempt and pending command of a job (getEventRanges and updateJob)."""
+        return c.execute(
+            "SELECT status, attempt_nr, command FROM jobs WHERE panda_id = ?", (panda_id,)
+        ).fetchone()
+
     def dispatch_ranges(self, panda_id: int, n_ranges: int) -> list[dict[str, Any]] | None:
         """getEventRanges: up to ``n_ranges`` ready ranges of the job's current attempt.
 
@@ -67,9 +74,7 @@ class RangeStore:
         """
         now = time.time()
         with self.tx() as c:
-            job = c.execute(
-                "SELECT status, attempt_nr, command FROM jobs WHERE panda_id = ?", (panda_id,)
-            ).fetchone()
+            job = self._job_state(c, panda_id)
             if job is None:
                 return None
             if job["status"] not in ACTIVE_JOB_STATES or job["command"] == "tobekilled":
