@@ -146,6 +146,10 @@ def _id_numbers(rids: tuple[str, ...]) -> np.ndarray | None:
         b = np.frombuffer(("\n".join(rids) + "\n").encode("ascii"), np.uint8)
     except UnicodeEncodeError:
         return None
+    if len(b) % n == 0:
+        aligned = _aligned_numbers(b.reshape(n, len(b) // n))
+        if aligned is not None:
+            return aligned
     sep = (b == 45) | (b == 10)  # "-" and "\n"
     at = np.flatnonzero(sep)
     if len(at) != 5 * n or not (b[at].reshape(n, 5) == _ID_SHAPE).all():
@@ -166,6 +170,29 @@ def _id_numbers(rids: tuple[str, ...]) -> np.ndarray | None:
     offsets = np.empty(len(at), dtype=np.int64)
     offsets[0], offsets[1:] = 0, np.cumsum(width)[:-1]
     return np.add.reduceat(digit * weight, offsets).reshape(n, 5)
+
+
+def _aligned_numbers(m: np.ndarray) -> np.ndarray | None:
+    """The common batch: ids of one job whose numbers have as many digits each, so
+    that the ids are the rows of a byte matrix with dashes in the same columns. Each
+    number is then a column slice times powers of ten. None if the batch is not so."""
+    width = m.shape[1] - 1
+    if not (m[:, width] == 10).all():  # then no row holds a newline: all are `width` long
+        return None
+    dashes = np.flatnonzero(m[0, :width] == 45)
+    if len(dashes) != 4 or not (m[:, dashes] == 45).all():
+        return None
+    bounds = [0, *(dashes + 1).tolist()]
+    ends = [*dashes.tolist(), width]
+    out = np.empty((len(m), 5), dtype=np.int64)
+    for k, (a, e) in enumerate(zip(bounds, ends)):
+        digits = m[:, a:e] - np.uint8(48)  # wraps below "0": one test for both ends
+        if not 1 <= e - a <= 18 or (digits > 9).any():
+            return None
+        if e - a > 1 and (digits[:, 0] == 0).any():  # "007": refused on the slow path
+            return None
+        out[:, k] = digits.astype(np.int64) @ _POW10[e - a - 1 :: -1]
+    return out
 
 
 def _bulk(items: list[Any], panda_id: int) -> Intake | None:

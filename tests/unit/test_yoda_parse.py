@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from pilot.errors import PilotError
@@ -108,6 +109,7 @@ def test_range_ids_the_bulk_parser_leaves_to_the_slow_path(rid):
 
     ids = ("77-1001-5-1-1", rid, "77-1001-5-2-1")
     assert _id_numbers(ids) is None
+    assert _id_numbers((rid, rid)) is None  # ids of one length: the aligned byte matrix
     batch = [{**GOOD, "eventRangeID": r} for r in ids]
     intake = range_columns(batch, 1001)
     assert len(intake.cols) + len(intake.errors) + len(intake.foreign) == 3
@@ -119,3 +121,29 @@ def test_the_bulk_parser_reads_the_numbers():
 
     ids = ("77-1001-5-1-1", "4242-7000000001-30000000001-999-65535", "0-0-0-0-0")
     assert _id_numbers(ids).tolist() == [[int(p) for p in r.split("-")] for r in ids]
+
+
+def test_ids_of_one_length_are_read_as_a_byte_matrix_with_the_same_numbers():
+    import random
+
+    from yoda.intake import _aligned_numbers, _id_numbers
+
+    rng = random.Random(7)
+    for _ in range(200):
+        widths = [rng.randint(1, 18) for _ in range(5)]
+        ids = tuple(
+            "-".join(
+                str(rng.randint(10 ** (w - 1), 10**w - 1)) if w > 1 else str(rng.randint(0, 9))
+                for w in widths
+            )
+            for _ in range(rng.randint(1, 40))
+        )
+        want = [[int(p) for p in r.split("-")] for r in ids]
+        blob = np.frombuffer(("\n".join(ids) + "\n").encode(), np.uint8)
+        assert _aligned_numbers(blob.reshape(len(ids), -1)).tolist() == want
+        assert _id_numbers(ids).tolist() == want
+    # the same length, dashes elsewhere: not a matrix, still read right
+    ids = ("1-22-3-4-5", "11-2-3-4-5")
+    blob = np.frombuffer(("\n".join(ids) + "\n").encode(), np.uint8)
+    assert _aligned_numbers(blob.reshape(2, -1)) is None
+    assert _id_numbers(ids).tolist() == [[1, 22, 3, 4, 5], [11, 2, 3, 4, 5]]
