@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 TASK, PANDA = 4242, 7_000_000_001
 HIGH = 128  # ranges per slot a droid may hold: deep enough to hide the round trip
@@ -38,14 +41,19 @@ class FreeUpstream:
             b'{"eventRangeID": "%d-%d-1-%%d-1", "startEvent": %%d, "lastEvent": %%d,'
             b' "LFN": "EVNT.pool.root", "GUID": "G", "scope": "mc"}' % (TASK, PANDA)
         )
-        self.encoded = [one % (i + 1, i, i) for i in range(n)]
+        encoded = [one % (i + 1, i, i) for i in range(n)]
+        self.blob = b",".join(encoded)  # an answer is a slice of it, as read off a socket
+        self.ends = np.cumsum([len(e) + 1 for e in encoded]).tolist()
         self.given = 0
         self.reported = 0
 
     def get_event_ranges(self, panda_id, jobset_id, task_id, n_ranges):
         lo = self.given
-        self.given = min(len(self.encoded), lo + n_ranges)
-        return json.loads(b"[" + b",".join(self.encoded[lo : self.given]) + b"]")
+        self.given = min(len(self.ends), lo + n_ranges)
+        if self.given == lo:
+            return []
+        a, b = (self.ends[lo - 1] if lo else 0), self.ends[self.given - 1] - 1
+        return json.loads(b"[" + self.blob[a:b] + b"]")
 
     def update_event_ranges(self, entries, version=0):
         self.reported += len(entries)
@@ -70,6 +78,24 @@ def pingpong(round_trips: int) -> None:
         for i in range(round_trips):
             comm.send((3, i, 1, {"want": 8}), dest=0, tag=1)
             comm.recv(source=0, tag=2)
+
+
+def _cpu_of(pid: int | None) -> float:
+    """CPU seconds used so far by process ``pid`` (0 for none)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _before(method, hook):
+    """``method`` with ``hook`` called first."""
+
+    def wrapped(*args, **kwargs):
+        hook()
+        return method(*args, **kwargs)
+
+    return wrapped
 
 
 def lifecycle(n_ranges: int, slots: int, workdir: str, link_kind: str) -> None:
@@ -99,23 +125,39 @@ def lifecycle(n_ranges: int, slots: int, workdir: str, link_kind: str) -> None:
         sched = Scheduler(book, Policy(high_per_slot=HIGH, low_per_slot=HIGH / 2), epoch=1)
         opts = YodaOptions(update_batch=1000, fetch_max=5000, reserve=RESERVE)
         yoda = Yoda(t, None, sched, opts, link=link)
-        t0, c0 = time.perf_counter(), time.process_time()
+        link_pid = link._proc.pid if link_kind == "process" else None
+        t0, c0, l0 = time.perf_counter(), time.process_time(), _cpu_of(link_pid)
+        ends: list[float] = []  # the link's CPU when rank 0 closes it
+        link.close = _before(link.close, lambda: ends.append(_cpu_of(link_pid)))
         rc = yoda.run(max_seconds=600)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         book.journal.close()
         assert rc == 0 and book.ledger.count(State.FINISHED) == n_ranges, book.ledger.counts
         assert yoda.reported == n_ranges
-        rate = n_ranges / elapsed
-        print(
-            json.dumps({"ranges_per_s": rate, "elapsed": elapsed, "cpu_us": cpu / n_ranges * 1e6})
-        )
+        link_cpu = ends[0] - l0
     else:
 
         def factory(job, wd, s, lease_s):
             return NullExecutor(job, wd, s)
 
         opts = DroidOptions(slots=slots, update_batch=2000, update_interval=0.02)
+        c0 = time.process_time()
         Droid(t, Path(workdir) / f"droid{t.rank}", factory, opts).run()
+        cpu = time.process_time() - c0
+    cpus = t.comm.gather(cpu, root=0)
+    if t.rank == 0:
+        us = 1e6 / n_ranges
+        print(
+            json.dumps(
+                {
+                    "ranges_per_s": n_ranges / elapsed,
+                    "elapsed": elapsed,
+                    "cpu_us": cpu * us,
+                    "link_cpu_us": link_cpu * us,
+                    "droid_cpu_us": sum(cpus[1:]) * us,
+                }
+            )
+        )
     t.close()
 
 
@@ -167,7 +209,8 @@ def main() -> None:
             print(
                 f"  upstream link {link:7s}: {got['ranges_per_s']:,.0f} ranges/s through rank 0"
                 f" ({args.ranges:,} ranges, {args.slots} slots per droid, journal on),"
-                f" {ratio:.1f}x the baseline; rank 0 CPU {got['cpu_us']:.1f} us/range",
+                f" {ratio:.1f}x the baseline; CPU us/range: rank 0 {got['cpu_us']:.2f},"
+                f" link {got['link_cpu_us']:.2f}, droids {got['droid_cpu_us']:.2f}",
                 flush=True,
             )
 
