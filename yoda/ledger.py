@@ -15,6 +15,8 @@ before it started). The ledger only applies transitions; the journal
 Lookup by id (duplicate ranges from upstream, late messages) uses a 64-bit
 hash of the id's numbers kept in a few sorted runs merged like an LSM tree:
 adding a batch costs a sort of that batch, lookups a binary search per run.
+A bit per hash (8 bits per range) in front of the runs tells nearly every new
+range from a known one without a search.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class Ledger:
         self.files: list[tuple[str, str, str, str]] = []
         self._file_index: dict[tuple[str, str, str, str], int] = {}
         self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted keys, rows)
+        self._bits = np.zeros(1024, dtype=np.uint8)  # key filter: 8 bits per range
         self._cursor = 0  # rows below it are not READY unless in _released
         self._released: collections.deque[int] = collections.deque()
         self.counts = np.zeros(len(State), dtype=np.int64)
@@ -162,9 +165,12 @@ class Ledger:
         if need <= len(self.rows):
             return
         cap = max(need, 2 * len(self.rows))
-        bigger = np.zeros(cap, dtype=RANGE_DTYPE)  # zeros: pages are touched only when used
-        bigger[: self.n] = self.rows[: self.n]
-        self.rows = bigger
+        try:  # in place (realloc: the pages move, nothing is copied or touched again)
+            self.rows.resize(cap, refcheck=True)
+        except ValueError:  # a view of the table is alive somewhere: copy instead
+            bigger = np.zeros(cap, dtype=RANGE_DTYPE)
+            bigger[: self.n] = self.rows[: self.n]
+            self.rows = bigger
 
     def reserve(self, total: int) -> None:
         """Size the table for ``total`` ranges at once (no growth slack)."""
@@ -185,10 +191,15 @@ class Ledger:
         proc = np.asarray(proc, dtype=np.uint32)
         attempt = np.asarray(attempt, dtype=np.uint16)
         keys = range_key(np.full(len(file_id), self._panda[job]), file_id, proc, attempt)
-        # the first of each key in the batch, unless an earlier batch had it
-        uniq, first = np.unique(keys, return_index=True)
+        # one sort serves both checks and the new index run: the first of each key in
+        # the batch (stable: its earliest), unless an earlier batch had it
+        order = np.argsort(keys, kind="stable")
+        ks = keys[order]
+        new = np.ones(len(ks), dtype=bool)
+        new[1:] = ks[1:] != ks[:-1]
+        new &= ~self._contains(ks)
         keep = np.zeros(len(keys), dtype=bool)
-        keep[first[~self._contains(uniq)]] = True
+        keep[order[new]] = True
         m = int(keep.sum())
         self._grow(m)
         sl = slice(self.n, self.n + m)
@@ -206,7 +217,8 @@ class Ledger:
         block["droid"] = -1
         block["deadline"] = 0
         rows = np.arange(self.n, self.n + m, dtype=np.int64)
-        self._add_run(keys[keep], rows)
+        row_of = self.n + np.cumsum(keep) - 1  # where each kept range of the batch lands
+        self._add_run(ks[new], row_of[order[new]])
         self.n += m
         self.counts[State.READY] += m
         return rows
@@ -240,22 +252,48 @@ class Ledger:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def _add_run(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        order = np.argsort(keys, kind="stable")
-        self._runs.append((keys[order], rows[order].astype(np.uint32)))
+        """Index new ``keys`` (sorted) of ``rows``."""
+        self._runs.append((keys, rows.astype(np.uint32)))
         while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
             (k2, r2), (k1, r1) = self._runs.pop(), self._runs.pop()
             k = np.concatenate([k1, k2])
             r = np.concatenate([r1, r2])
-            order = np.argsort(k, kind="stable")
+            order = np.argsort(k, kind="stable")  # two sorted runs: a linear merge
             self._runs.append((k[order], r[order]))
+        total = sum(len(k) for k, _ in self._runs)
+        if total > len(self._bits):  # more than a key per 8 bits: a bigger filter
+            size = len(self._bits)
+            while total > size:
+                size *= 2
+            self._bits = np.zeros(size, dtype=np.uint8)
+            for k, _ in self._runs:
+                self._mark(k)
+        else:
+            self._mark(keys)
+
+    def _bit(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        at = (keys & np.uint64(8 * len(self._bits) - 1)).astype(np.intp)
+        return at >> 3, (at & 7).astype(np.uint8)
+
+    def _mark(self, keys: np.ndarray) -> None:
+        byte, bit = self._bit(keys)
+        np.bitwise_or.at(self._bits, byte, np.left_shift(np.uint8(1), bit))
 
     def _contains(self, keys: np.ndarray) -> np.ndarray:
-        """Which of ``keys`` are known. Sorted keys make the binary searches cache-friendly."""
+        """Which of ``keys`` (sorted) are known. A bit per key hash (8 bits per range)
+        answers "no" for nearly all new keys; only the rest are looked up in the runs."""
+        byte, bit = self._bit(keys)
+        maybe = np.flatnonzero((self._bits[byte] >> bit) & 1)
         found = np.zeros(len(keys), dtype=bool)
+        if not len(maybe):
+            return found
+        probe = keys[maybe]
+        hit = np.zeros(len(probe), dtype=bool)
         for run_keys, _ in self._runs:
-            pos = np.searchsorted(run_keys, keys)
+            pos = np.searchsorted(run_keys, probe)
             pos[pos >= len(run_keys)] = 0
-            found |= run_keys[pos] == keys if len(run_keys) else False
+            hit |= run_keys[pos] == probe if len(run_keys) else False
+        found[maybe] = hit
         return found
 
     def find(self, rid: str) -> int | None:
@@ -425,4 +463,5 @@ class Ledger:
 
     def nbytes(self) -> int:
         """Bytes held for the ranges themselves (table, id index), not the job/file tables."""
-        return int(self.rows.nbytes + sum(k.nbytes + r.nbytes for k, r in self._runs))
+        index = sum(k.nbytes + r.nbytes for k, r in self._runs) + self._bits.nbytes
+        return int(self.rows.nbytes + index)

@@ -47,6 +47,30 @@ def test_duplicates_are_skipped():
     assert led.n == 6
 
 
+def test_duplicates_are_found_past_the_filter_at_every_size():
+    from yoda.ledger import ADD_DTYPE
+
+    led = Ledger()
+    job_ = led.add_job(1001, 77)
+    rng = np.random.default_rng(3)
+    known: list[int] = []
+    for b in range(60):  # the filter is rebuilt several times on the way
+        cols = np.zeros(1000, dtype=ADD_DTYPE)
+        fresh = np.arange(b * 700, b * 700 + 700)
+        again = rng.choice(known, 300) if known else np.arange(300) + 10**6
+        cols["proc"] = np.concatenate([fresh, again])
+        cols["file_id"], cols["attempt"] = 5001, 1
+        rng.shuffle(cols)
+        rows = led.add_block(job_, cols)
+        want = 700 if known else len(np.unique(cols["proc"]))
+        assert len(rows) == want
+        known += led.rows["proc"][rows].tolist()
+    assert led.n == len(set(known)) == len(known)
+    for proc in rng.choice(known, 50).tolist():
+        row = led.find(f"77-1001-5001-{proc}-1")
+        assert row is not None and led.rows["proc"][row] == proc
+
+
 def test_transitions_and_counts():
     led = Ledger()
     led.add_ranges(ranges(n=6))
