@@ -104,7 +104,19 @@ def _array(value: Any, dtype: np.dtype, what: str) -> np.ndarray:
     return value
 
 
-def _texts(value: Any, n: int, what: str) -> list[str]:
+def pack_texts(texts: list[str]) -> str | list[str]:
+    """A string column as it travels and is journaled: one string when every entry is
+    that string (no output path, no checksum, no error: the common case), else the
+    list. A result then costs no Python object of its own on the wire."""
+    if texts and texts.count(texts[0]) == len(texts):
+        return texts[0]
+    return texts
+
+
+def unpack_texts(value: Any, n: int, what: str) -> list[str]:
+    """The column of ``n`` strings that :func:`pack_texts` gave ``value`` for."""
+    if isinstance(value, str):
+        return [value] * n
     if not isinstance(value, list) or len(value) != n or not set(map(type, value)) <= {str}:
         raise ValueError(f"{what}: expected {n} strings")
     return value
@@ -225,7 +237,16 @@ class ResultBatch:
         return cls(cols, [""] * n, [""] * n, [diag] * n)
 
     def body(self) -> dict[str, Any]:
-        return {"cols": self.cols, "path": self.path, "adler": self.adler32, "diag": self.diag}
+        return {
+            "cols": self.cols,
+            "path": pack_texts(self.path),
+            "adler": pack_texts(self.adler32),
+            "diag": pack_texts(self.diag),
+        }
+
+    def __reduce__(self) -> tuple[Any, ...]:  # to the link process: packed, as on the wire
+        texts = (pack_texts(self.path), pack_texts(self.adler32), pack_texts(self.diag))
+        return (_unpickle_results, (self.cols, *texts))
 
     @classmethod
     def from_body(cls, body: Any) -> ResultBatch:
@@ -240,9 +261,9 @@ class ResultBatch:
             raise ValueError("result with a state that is not terminal")
         return cls(
             cols,
-            _texts(body.get("path"), n, "result paths"),
-            _texts(body.get("adler"), n, "result checksums"),
-            _texts(body.get("diag"), n, "result diagnostics"),
+            unpack_texts(body.get("path"), n, "result paths"),
+            unpack_texts(body.get("adler"), n, "result checksums"),
+            unpack_texts(body.get("diag"), n, "result diagnostics"),
         )
 
     def select(self, which: np.ndarray) -> ResultBatch:
@@ -306,3 +327,13 @@ class ResultBatch:
         for i in np.flatnonzero(cpu != 0).tolist():
             out[i]["cpuConsumptionTime"] = round(float(cpu[i]), 3)
         return out
+
+
+def _unpickle_results(cols: np.ndarray, path: Any, adler: Any, diag: Any) -> ResultBatch:
+    n = len(cols)
+    return ResultBatch(
+        cols,
+        unpack_texts(path, n, "paths"),
+        unpack_texts(adler, n, "checksums"),
+        unpack_texts(diag, n, "diagnostics"),
+    )

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from hpc.wire import RESULT_DTYPE, ResultBatch
+from hpc.wire import RESULT_DTYPE, ResultBatch, pack_texts, unpack_texts
 from pilot.errors import ErrorCode, PilotError
 from pilot.eventservice.model import RangeResult
 from pilot.job import EventRange
@@ -338,7 +338,12 @@ class Book:
     def done(self, droid: int, batch: ResultBatch) -> None:
         if not len(batch):
             return
-        meta = {"d": droid, "p": batch.path, "a": batch.adler32, "e": batch.diag}
+        meta = {
+            "d": droid,
+            "p": pack_texts(batch.path),
+            "a": pack_texts(batch.adler32),
+            "e": pack_texts(batch.diag),
+        }
         self._log(Op.DONE, meta, batch.cols)
         _apply_done(self.ledger, batch)
         self.unsent.add(batch)
@@ -407,9 +412,13 @@ def _apply(out: Replayed, rec: Record, done: list[ResultBatch], sent: list[np.nd
     elif rec.op is Op.RELEASE:
         ledger.release(data, bool(meta["c"]))
     elif rec.op is Op.DONE:
-        batch = ResultBatch(data, meta["p"], meta["a"], meta["e"])
-        if not (len(batch.path) == len(batch.adler32) == len(batch.diag) == len(data)):
-            raise ValueError("result strings and rows differ in number")
+        n = len(data)
+        batch = ResultBatch(
+            data,
+            unpack_texts(meta["p"], n, "paths"),
+            unpack_texts(meta["a"], n, "checksums"),
+            unpack_texts(meta["e"], n, "diagnostics"),
+        )
         _apply_done(ledger, batch)
         done.append(batch)
         if out.done is not None:

@@ -223,3 +223,28 @@ def test_pilot_hpc_journal_summarises_a_journal(tmp_path):
     (tmp_path / "bad").write_bytes(b"not a journal")
     bad = subprocess.run([*cmd[:-1], str(tmp_path / "bad")], capture_output=True, text=True)
     assert bad.returncode == 1 and "not a Yoda journal" in bad.stderr
+
+
+def test_uniform_result_strings_travel_and_are_journaled_once(tmp_path):
+    import pickle
+
+    b = ResultBatch.failed(np.arange(3), np.zeros(3, dtype=np.uint64), 1224, "lost")
+    body = b.body()
+    assert body["diag"] == "lost" and body["path"] == ""  # one string, not a list of three
+    back = ResultBatch.from_body(body)
+    assert back.diag == ["lost"] * 3 and back.path == [""] * 3
+    mixed = ResultBatch(b.cols, ["a", "b", ""], [""] * 3, ["", "", "x"])
+    assert mixed.body()["path"] == ["a", "b", ""]
+    again = pickle.loads(pickle.dumps(mixed))
+    assert (again.path, again.adler32, again.diag) == (mixed.path, mixed.adler32, mixed.diag)
+    with pytest.raises(ValueError):
+        ResultBatch.from_body({**body, "path": ["x"]})  # a list must have one per result
+    led = Ledger()
+    book = Book(led, Journal(tmp_path / "j"))
+    rows = book.add_ranges(book.add_job(job()), ranges(n=3))
+    book.lease(rows, 1, 100.0)
+    book.done(1, mixed)
+    book.journal.close()
+    rep = replay(tmp_path / "j")
+    got = rep.unsent.peek()
+    assert (got.path, got.adler32, got.diag) == (mixed.path, mixed.adler32, mixed.diag)
