@@ -257,23 +257,24 @@ class Yoda:
         if panda_id not in self._dry:
             return None
         led = self.s.ledger
-        rows = led.rows[: led.n]
+        rows = led.rows[: led.n]  # columns are read one at a time: no copy of the table
+        state = rows["state"]
         mine = rows["job"] == job_index
-        states = np.bincount(rows["state"][mine], minlength=len(State))
-        if states[State.READY] or states[State.LEASED]:
+        if ((state[mine] == State.READY) | (state[mine] == State.LEASED)).any():
             return None
         pending = [self.book.unsent.rows(), *(b.rows for b in self._in_flight.values())]
         if (rows["job"][np.concatenate(pending)] == job_index).any():
             return None
-        finished = rows[mine & (rows["state"] == State.FINISHED)]
+        finished = mine & (state == State.FINISHED)
+        n_finished = int(np.count_nonzero(finished))
         fields: dict[str, Any] = {
             "jobId": panda_id,
-            "state": "finished" if len(finished) else "failed",
-            "nEvents": int(finished["nev"].sum()),
+            "state": "finished" if n_finished else "failed",
+            "nEvents": int(rows["nev"][finished].sum()),
         }
         if job.get("attemptNr") not in (None, ""):
             fields["attemptNr"] = job["attemptNr"]
-        if not len(finished):
+        if not n_finished:
             code = ErrorCode.ESNOEVENTS if not mine.any() else ErrorCode.ESRECOVERABLE
             fields["pilotErrorCode"] = int(code)
             fields["pilotErrorDiag"] = error_diag(code, f"{int(mine.sum())} ranges, none finished")
