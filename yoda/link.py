@@ -37,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -335,21 +335,42 @@ def main(argv: list[str] | None = None) -> int:
         outbox.send(("failed", f"{type(exc).__name__}: {exc}"))
         return 1
     outbox.send(("ready",))
+    # Results go out before more ranges come in: a droid's results wait in rank 0's
+    # memory and journal until the upstream has them, while ranges to come can wait
+    # upstream. Rank 0 keeps a few of each on their way; every request is read as it
+    # arrives and updates are served first.
+    updates: deque[tuple] = deque()
+    fetches: deque[tuple] = deque()
     try:
         while True:
-            try:
-                msg = inbox.recv()
-            except EOFError:  # rank 0 is gone
-                return 0
-            if msg[0] == "stop":
-                return 0
-            if msg[0] == "fetch":
-                outbox.send(fetch(up, *msg[1:], fetched=fetched))
-            elif msg[0] == "update":
-                outbox.send(update(up, *msg[1:]))
+            while not (updates or fetches) or inbox.poll(0):
+                try:
+                    msg = inbox.recv()
+                except EOFError:  # rank 0 is gone
+                    msg = ("stop",)
+                if msg[0] == "stop":
+                    _leave(fetched)
+                if msg[0] == "update":
+                    updates.append(msg)
+                elif msg[0] == "fetch":
+                    fetches.append(msg)
+            if updates:
+                outbox.send(update(up, *updates.popleft()[1:]))
+            else:
+                outbox.send(fetch(up, *fetches.popleft()[1:], fetched=fetched))
     except BaseException:
         log.exception("upstream link failed")  # rank 0 sees the pipe close and restarts it
         raise
+
+
+def _leave(fetched: Journal | None) -> NoReturn:
+    """Exit at once: rank 0 waits for this process, and tearing down an interpreter
+    that held a million ranges takes longer than anything left to do. The fetched
+    ranges are with the OS already; rank 0 journaled and synced them as well."""
+    if fetched is not None:
+        fetched.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":
