@@ -123,7 +123,7 @@ def lifecycle(n_ranges: int, slots: int, workdir: str, link_kind: str) -> None:
         book.epoch(1)
         book.add_job({"PandaID": PANDA, "taskID": TASK, "jobsetID": TASK, "transformation": "x"})
         sched = Scheduler(book, Policy(high_per_slot=HIGH, low_per_slot=HIGH / 2), epoch=1)
-        opts = YodaOptions(update_batch=1000, fetch_max=5000, reserve=RESERVE)
+        opts = YodaOptions(update_batch=1000, update_max=10_000, fetch_max=5000, reserve=RESERVE)
         yoda = Yoda(t, None, sched, opts, link=link)
         link_pid = link._proc.pid if link_kind == "process" else None
         t0, c0, l0 = time.perf_counter(), time.process_time(), _cpu_of(link_pid)

@@ -52,7 +52,8 @@ class RangeSource(Protocol):
 
 @dataclass
 class YodaOptions:
-    update_batch: int = 200  # results per updateEventRanges call
+    update_batch: int = 200  # results worth an updateEventRanges call before update_interval
+    update_max: int = 10_000  # results per call at most: a backlog goes out in a few calls
     update_interval: float = 1.0  # s: a partial batch waits at most this long
     fetch_min: int = 8  # never ask the upstream for fewer ranges than this
     fetch_max: int = 1000
@@ -203,7 +204,7 @@ class Yoda:
                 and now - self._last_update < self.o.update_interval
             ):
                 return
-            chunk = unsent.take(min(self.o.update_batch, budget))
+            chunk = unsent.take(min(self.o.update_max, budget))
             budget -= len(chunk)
             self._req += 1
             self._in_flight[self._req] = chunk

@@ -152,3 +152,31 @@ def test_drain_on_request_gives_back_unstarted_ranges_uncharged(tmp_path):
     assert yoda2.s.ledger.count(State.FINISHED) == 200
     rep = replay(tmp_path / "journal")
     assert rep.ledger.count(State.FINISHED) == 200 and not rep.unsent
+
+
+def test_a_backlog_of_results_goes_upstream_in_few_calls(tmp_path):
+    """update_batch is what makes a call worth it; a backlog goes in calls of update_max."""
+    from hpc.wire import ResultBatch
+    from pilot.job import EventRange
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def update_event_ranges(self, entries, version=0):
+            self.calls.append(len(entries))
+            return [True] * len(entries)
+
+    book = Book(Ledger(), Journal(tmp_path / "journal"))
+    job = book.add_job(JOBS[0])
+    ranges = [EventRange.from_panda(r) for r in make_ranges(9, 501, 2500)]
+    rows = book.add_ranges(job, ranges)
+    book.lease(rows, 1, 1e9)
+    results = ResultBatch.failed(rows, book.ledger.keys(rows), 0, "", state=State.FINISHED)
+    book.done(1, results)
+    up = Recorder()
+    opts = YodaOptions(update_batch=100, update_max=1000, update_depth=2)
+    yoda = Yoda(LocalHub(1).endpoint(0), up, Scheduler(book, epoch=1), opts)
+    yoda.push_updates(time.monotonic())
+    assert up.calls == [1000, 1000, 500]  # not 25 calls of 100
+    assert yoda.reported == 2500 and not yoda.unreported()
