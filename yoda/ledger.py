@@ -95,6 +95,15 @@ class JobEntry:
     task_id: int
 
 
+def _distinct(values: np.ndarray) -> list[int]:
+    """The distinct values, sorted; at once when all are one (the common case)."""
+    if not len(values):
+        return []
+    if (values == values[0]).all():
+        return [int(values[0])]
+    return np.unique(values).tolist()
+
+
 def parse_range_id(rid: str) -> tuple[int, int, int, int, int]:
     try:
         task, panda, file_id, proc, attempt = (int(p) for p in rid.split("-"))
@@ -328,13 +337,10 @@ class Ledger:
 
     def id_parts(self, rows: np.ndarray) -> tuple[dict[int, tuple[int, int]], np.ndarray]:
         """What the ids of ``rows`` are made of: (job index -> (taskID, PandaID), columns)."""
-        sel = self.rows[rows]
-        cols = np.zeros(len(sel), dtype=wire.ID_DTYPE)
-        for name in wire.ID_DTYPE.names:
-            cols[name] = sel[name]
-        jobs = {
-            j: (self.jobs[j].task_id, self.jobs[j].panda_id) for j in np.unique(sel["job"]).tolist()
-        }
+        cols = np.zeros(len(rows), dtype=wire.ID_DTYPE)
+        for name, col in zip(wire.ID_DTYPE.names, self._cols(rows, *wire.ID_DTYPE.names)):
+            cols[name] = col
+        jobs = {j: (self.jobs[j].task_id, self.jobs[j].panda_id) for j in _distinct(cols["job"])}
         return jobs, cols
 
     def range_ids(self, rows: np.ndarray) -> list[str]:
@@ -347,23 +353,36 @@ class Ledger:
         rid = f"{j.task_id}-{j.panda_id}-{file_id}-{proc}-{attempt}"
         return EventRange(rid, start, start + nev - 1, lfn, guid, scope, pfn)
 
+    def _cols(self, rows: np.ndarray, *names: str) -> list[np.ndarray]:
+        """Columns ``names`` of ``rows`` (valid row numbers): views when the rows are one
+        rising run, as leases and their results nearly always are, else a gather per
+        column. Gathering whole records of this table costs several times more."""
+        n = len(rows)
+        if n and int(rows[-1]) - int(rows[0]) == n - 1 and (n < 3 or (rows[1:] > rows[:-1]).all()):
+            run = slice(int(rows[0]), int(rows[0]) + n)
+            return [self.rows[name][run] for name in names]
+        return [self.rows[name][rows] for name in names]
+
+    def _keys_of(
+        self, job: np.ndarray, file_id: np.ndarray, proc: np.ndarray, attempt: np.ndarray
+    ) -> np.ndarray:
+        return range_key(self._panda[job], file_id, proc, attempt)
+
     def keys(self, rows: np.ndarray) -> np.ndarray:
         """The 64-bit keys of ``rows`` (what a WORK batch carries and a result echoes)."""
-        sel = self.rows[rows]
-        return range_key(self._panda[sel["job"]], sel["file_id"], sel["proc"], sel["attempt"])
+        return self._keys_of(*self._cols(rows, "job", "file_id", "proc", "attempt"))
 
     def work_batch(self, rows: np.ndarray) -> WorkBatch:
         """``rows`` as a WORK body: their columns, keys, and the jobs and files they use."""
-        sel = self.rows[rows]
+        names = ("job", "file_id", "proc", "attempt", "start", "nev", "fref")
+        got = dict(zip(names, self._cols(rows, *names)))
         cols = np.zeros(len(rows), dtype=wire.WORK_DTYPE)
         cols["row"] = rows
-        cols["key"] = self.keys(rows)
-        for name in ("job", "file_id", "proc", "attempt", "start", "nev", "fref"):
-            cols[name] = sel[name]
-        jobs = {
-            j: (self.jobs[j].task_id, self.jobs[j].panda_id) for j in np.unique(sel["job"]).tolist()
-        }
-        files = {f: self.files[f] for f in np.unique(sel["fref"]).tolist()}
+        for name in names:
+            cols[name] = got[name]
+        cols["key"] = self._keys_of(got["job"], got["file_id"], got["proc"], got["attempt"])
+        jobs = {j: (self.jobs[j].task_id, self.jobs[j].panda_id) for j in _distinct(got["job"])}
+        files = {f: self.files[f] for f in _distinct(got["fref"])}
         return WorkBatch(cols, jobs, files)
 
     def held_by(self, rows: np.ndarray, keys: np.ndarray, droid: int) -> np.ndarray:
@@ -378,9 +397,11 @@ class Ledger:
             ok &= once
         idx = np.flatnonzero(ok)
         r = rows[idx]
-        sel = self.rows[r]
-        good = (sel["state"] == State.LEASED) & (sel["droid"] == droid)
-        good &= self.keys(r) == keys[idx]
+        state, holder, *id_cols = self._cols(
+            r, "state", "droid", "job", "file_id", "proc", "attempt"
+        )
+        good = (state == State.LEASED) & (holder == droid)
+        good &= self._keys_of(*id_cols) == keys[idx]
         ok[idx[~good]] = False
         return ok
 
