@@ -236,10 +236,11 @@ class Droid:
         self.rows.difference_update(mine)
         self.released.extend(mine)
 
-    def _took(self, res: ResultBatch) -> None:
-        """Results from an executor: kept for the next UPDATE if the range is still held."""
+    def _took(self, res: ResultBatch) -> bool:
+        """Results from an executor: kept for the next UPDATE if the range is still held.
+        True if there were any (the loop made progress)."""
         if not len(res):
-            return
+            return False
         listed = res.rows.tolist()
         if not self.rows.issuperset(listed):  # e.g. given back at a drain deadline
             held = np.fromiter((r in self.rows for r in listed), bool, len(listed))
@@ -248,6 +249,7 @@ class Droid:
             listed = res.rows.tolist()
         self.rows.difference_update(listed)
         self.results.append(res)
+        return True
 
     def _drain(self, by: float | None) -> None:
         log.warning("DRAIN: finishing running ranges by %s", by)
@@ -298,7 +300,8 @@ class Droid:
             for ex in self.executors.values():
                 ex.no_more_ranges()
 
-    def _collect(self, timeout: float) -> None:
+    def _collect(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for Yoda or the payloads; True if anything came."""
         executors = list(self.executors.values())
         ending = self.no_more or self.draining  # payloads must be polled to see them exit
         # ranges held beyond the local queue sit in an executor: its payload may be
@@ -310,10 +313,13 @@ class Droid:
                 got = self.t.recv(timeout)
                 if got is not None:
                     self._handle(got)
-            return
+                    return True
+            return False
         each = timeout / len(executors)
+        took = False
         for ex in executors:
-            self._took(ex.poll(each))
+            took |= self._took(ex.poll(each))
+        return took
 
     def _all_done(self) -> bool:
         if self.draining:
@@ -350,8 +356,9 @@ class Droid:
             log.error("no CONFIG from Yoda")
             return 1
         quiet = 0.0
+        progress = False  # the last wait brought something: no longer one next time
         while not self.stopped and not self.yoda_dead:
-            busy = False
+            busy = progress
             got = self.t.recv(0.0)
             while got is not None:
                 busy = True
@@ -369,14 +376,14 @@ class Droid:
             self._flush_results()
             if self.draining and self.drain_by is not None and time.time() > self.drain_by:
                 self._give_back_running()
-            if self._all_done() and not self.results:
+            if self._all_done():  # the last results go with the goodbye
                 return self._goodbye()
             if time.monotonic() - self._last_heard > self.o.yoda_timeout:
                 log.error("no word from Yoda for %.0f s: stopping", self.o.yoda_timeout)
                 break
             # wait: short after activity, longer when idle (never a spin)
             quiet = 0.0 if busy else min(self.o.poll_max, max(0.005, quiet * 2 or 0.005))
-            self._collect(quiet)
+            progress = self._collect(quiet)
         self._shutdown()
         return 0
 

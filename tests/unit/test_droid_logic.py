@@ -115,3 +115,41 @@ def test_stop_ends_the_droid_and_yoda_death_too(tmp_path):
     hub.kill(0)
     t.join(10)
     assert not t.is_alive() and droid.yoda_dead
+
+
+def test_after_results_the_droid_looks_again_at_once(tmp_path):
+    """Progress resets the wait: the turn after results came does not sleep, so the last
+    results of a job and its BYE are not held back by a wait that grew while idle."""
+    polls: list[tuple[float, int]] = []
+
+    class Recording(NullExecutor):
+        def poll(self, timeout):
+            got = super().poll(timeout)
+            polls.append((timeout, len(got)))
+            return got
+
+    hub = LocalHub(2)
+    yoda = hub.endpoint(0)
+    droid = Droid(
+        hub.endpoint(1),
+        tmp_path,
+        lambda job, wd, s, lease_s: Recording(job, wd, s, delay=0.05),
+        DroidOptions(slots=2, update_interval=0),
+    )
+    t = threading.Thread(target=droid.run, daemon=True)
+    t.start()
+    assert yoda.recv(10).kind is Kind.HELLO
+    cfg = {"jobs": [JOB], "lease_s": 60, "hb_interval": 60, "low_per_slot": 1, "high_per_slot": 6}
+    yoda.send(1, Envelope(Kind.CONFIG, 1, 5, cfg))
+    expect(yoda, Kind.WORK_REQ)
+    yoda.send(1, Envelope(Kind.WORK, 2, 5, work(range(6), no_more=True)))
+    upd = expect(yoda, Kind.UPDATE)
+    yoda.send(1, Envelope(Kind.ACK, 3, 5, {"upto": upd.seq}))
+    while (got := yoda.recv(10)) is not None and got.kind is not Kind.BYE:
+        if got.kind is Kind.UPDATE:
+            yoda.send(1, Envelope(Kind.ACK, 4, 5, {"upto": got.seq}))
+    assert got is not None and got.kind is Kind.BYE
+    yoda.send(1, Envelope(Kind.STOP, 5, 5, {}))
+    t.join(10)
+    after = [polls[i + 1][0] for i in range(len(polls) - 1) if polls[i][1]]
+    assert after and all(timeout == 0 for timeout in after), polls
