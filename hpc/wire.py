@@ -73,12 +73,17 @@ _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 def format_range_ids(jobs: dict[int, tuple[int, int]], cols: np.ndarray) -> list[str]:
     """``<taskID>-<PandaID>-<fileID>-<jobProcessID>-<attemptNr>`` from :data:`ID_DTYPE`
     columns and ``jobs`` (job index -> (taskID, PandaID))."""
-    job = cols["job"]
-    rest = zip(cols["file_id"].tolist(), cols["proc"].tolist(), cols["attempt"].tolist())
+    job, file_id, attempt = cols["job"], cols["file_id"], cols["attempt"]
     if len(job) and (job == job[0]).all():  # one job: its prefix once
         task, panda = jobs[int(job[0])]
         pre = f"{task}-{panda}-"
+        if (file_id == file_id[0]).all() and (attempt == attempt[0]).all():
+            # and one file and attempt, the common case: one number to format per id
+            pre, post = f"{pre}{file_id[0]}-", f"-{attempt[0]}"
+            return [f"{pre}{p}{post}" for p in cols["proc"].tolist()]
+        rest = zip(file_id.tolist(), cols["proc"].tolist(), attempt.tolist())
         return [f"{pre}{f}-{p}-{a}" for f, p, a in rest]
+    rest = zip(file_id.tolist(), cols["proc"].tolist(), attempt.tolist())
     return [f"{jobs[j][0]}-{jobs[j][1]}-{f}-{p}-{a}" for j, (f, p, a) in zip(job.tolist(), rest)]
 
 
@@ -318,10 +323,14 @@ class ResultBatch:
     def panda_entries(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """``updateEventRanges`` v0 entries, the same as ``RangeResult.to_panda_v0``."""
         text = _STATUS_TEXT
-        out = [
-            {"eventRangeID": rid, "eventStatus": text[s]}
-            for rid, s in zip(ids, self.cols["state"].tolist())
-        ]
+        state = self.cols["state"]
+        if len(state) and (state == state[0]).all():  # all finished, say: one status
+            status = text[int(state[0])]
+            out = [{"eventRangeID": rid, "eventStatus": status} for rid in ids]
+        else:
+            out = [
+                {"eventRangeID": rid, "eventStatus": text[s]} for rid, s in zip(ids, state.tolist())
+            ]
         codes = self.cols["error_code"]
         for i in np.flatnonzero(self.cols["state"] != FINISHED).tolist():
             out[i]["errorCode"] = int(codes[i])

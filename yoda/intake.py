@@ -203,7 +203,7 @@ def _bulk(items: list[Any], panda_id: int) -> Intake | None:
         rids, starts, lasts, lfns, guids, scopes = zip(*map(_FIELDS, items))
     except KeyError:
         return None
-    raw = list(zip(lfns, guids, scopes, map(dict.get, items, repeat("PFN"))))
+    pfns = list(map(dict.get, items, repeat("PFN")))
     if set(map(type, rids)) != {str} or set(map(type, starts)) | set(map(type, lasts)) != {int}:
         return None
     n = len(items)
@@ -223,8 +223,15 @@ def _bulk(items: list[Any], panda_id: int) -> Intake | None:
         or (nums[:, 4] > _ATTEMPT_MAX).any()
     ):
         return None
+    raw: list[tuple[Any, ...]] = []
     try:
-        distinct = dict.fromkeys(raw)
+        if all(col.count(col[0]) == n for col in (lfns, guids, scopes, pfns)):
+            # one input file, the common case: no tuple per range (the one file's
+            # values are checked below, and a non-string never equals a string)
+            distinct = {(lfns[0], guids[0], scopes[0], pfns[0]): None}
+        else:
+            raw = list(zip(lfns, guids, scopes, pfns))
+            distinct = dict.fromkeys(raw)
     except TypeError:  # an unhashable value: not a plain string
         return None
     files: list[tuple[str, ...]] = []

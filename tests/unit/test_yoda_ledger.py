@@ -248,3 +248,24 @@ def test_uniform_result_strings_travel_and_are_journaled_once(tmp_path):
     rep = replay(tmp_path / "j")
     got = rep.unsent.peek()
     assert (got.path, got.adler32, got.diag) == (mixed.path, mixed.adler32, mixed.diag)
+
+
+def test_range_ids_in_bulk_are_the_ids_one_by_one():
+    led = Ledger()
+    ranges_ = ranges(n=6) + ranges(panda=1002, n=3)
+    ranges_ += [EventRange("77-1001-5002-9-2", 1, 2, "other.root", "G-2", "mc")]
+    rows = led.add_ranges(ranges_)
+    for pick in (rows[:6], rows[2:4], rows, rows[[0, 9]], rows[6:9]):
+        assert led.range_ids(pick) == [led.range_id(int(r)) for r in pick]
+    assert sorted(led.range_ids(rows)) == sorted(r.event_range_id for r in ranges_)
+
+
+def test_panda_entries_match_the_model_whether_states_are_one_or_mixed():
+    rid = [f"77-1001-5001-{i}-1" for i in range(3)]
+    for statuses in ([RangeStatus.FINISHED] * 3, [RangeStatus.FINISHED, RangeStatus.FAILED] * 2):
+        results = [
+            RangeResult(r, s, error_code=0 if s is RangeStatus.FINISHED else 1220, error_diag="x")
+            for r, s in zip(rid, statuses)
+        ]
+        batch = ResultBatch.from_results([(i, 0, r) for i, r in enumerate(results)])
+        assert batch.panda_entries(rid) == [r.to_panda_v0() for r in results]
