@@ -33,8 +33,8 @@ RESERVE = 8192  # ranges rank 0 keeps READY beyond that, read ahead from the ups
 
 class FreeUpstream:
     """An upstream that answers at once: each range's JSON is ready before the clock
-    starts, and a getEventRanges answer is decoded (json.loads) as the PanDA client
-    would. Every update is accepted."""
+    starts, and a getEventRanges answer is decoded as the PanDA client decodes it.
+    Every update is accepted (the entries are built, not sent)."""
 
     def __init__(self, n: int) -> None:
         one = (
@@ -48,12 +48,14 @@ class FreeUpstream:
         self.reported = 0
 
     def get_event_ranges(self, panda_id, jobset_id, task_id, n_ranges):
+        from pilot.comm import rangejson
+
         lo = self.given
         self.given = min(len(self.ends), lo + n_ranges)
         if self.given == lo:
             return []
         a, b = (self.ends[lo - 1] if lo else 0), self.ends[self.given - 1] - 1
-        return json.loads(b"[" + self.blob[a:b] + b"]")
+        return rangejson.loads(b"[" + self.blob[a:b] + b"]")  # as PandaClient decodes it
 
     def update_event_ranges(self, entries, version=0):
         self.reported += len(entries)

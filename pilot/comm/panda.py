@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl
 
 import requests
 
+from pilot.comm import rangejson
 from pilot.comm.spool import Spool
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import Job
@@ -188,7 +189,9 @@ class PandaClient:
         """Full jitter: uniform in [0, min(max_backoff, backoff * 2**attempt)]."""
         return self._rng.uniform(0, min(self.max_backoff, self.backoff * (2**attempt)))
 
-    def post(self, method: str, data: dict[str, Any]) -> ServerReply:
+    def post(
+        self, method: str, data: dict[str, Any], *, loads: Callable[[bytes], Any] = json.loads
+    ) -> ServerReply:
         """POST one call; retried on transport failures and 5xx.
 
         Returns the server's answer whatever its StatusCode; raises
@@ -225,16 +228,18 @@ class PandaClient:
             if response.status_code in _RETRY_HTTP:
                 last = f"HTTP {response.status_code}"
                 continue
-            return ServerReply(response.status_code, self._decode(method, response))
+            return ServerReply(response.status_code, self._decode(method, response, loads))
         raise PilotError(
             ErrorCode.COMMUNICATIONFAILURE,
             f"{method} to {self.url} failed after {self.retries + 1} tries: {last}",
         )
 
     @staticmethod
-    def _decode(method: str, response: requests.Response) -> dict[str, Any]:
+    def _decode(
+        method: str, response: requests.Response, loads: Callable[[bytes], Any] = json.loads
+    ) -> dict[str, Any]:
         try:
-            body = response.json()
+            body = loads(response.content)
         except ValueError:
             # older PanDA servers answer some calls urlencoded whatever Accept says
             text = response.text.strip()
@@ -256,9 +261,11 @@ class PandaClient:
         body["StatusCode"] = _status_code(body)
         return body
 
-    def call(self, method: str, data: dict[str, Any]) -> dict[str, Any]:
+    def call(
+        self, method: str, data: dict[str, Any], *, loads: Callable[[bytes], Any] = json.loads
+    ) -> dict[str, Any]:
         """POST and insist on StatusCode 0; anything else is a PilotError."""
-        reply = self.post(method, data)
+        reply = self.post(method, data, loads=loads)
         if not reply.ok:
             raise PilotError(
                 ErrorCode.COMMUNICATIONFAILURE,
@@ -298,11 +305,12 @@ class PandaClient:
         body = self.call(
             "getEventRanges",
             {"pandaID": panda_id, "jobsetID": jobset_id, "taskID": task_id, "nRanges": n_ranges},
+            loads=rangejson.loads,
         )
         ranges = body.get("eventRanges", [])
         if isinstance(ranges, str):  # PanDA may send the list as a JSON string
             try:
-                ranges = json.loads(ranges) if ranges.strip() else []
+                ranges = rangejson.loads(ranges) if ranges.strip() else []
             except json.JSONDecodeError:
                 raise PilotError(
                     ErrorCode.COMMUNICATIONFAILURE, "getEventRanges: eventRanges is not JSON"
