@@ -262,6 +262,8 @@ class Ledger:
 
     def _add_run(self, keys: np.ndarray, rows: np.ndarray) -> None:
         """Index new ``keys`` (sorted) of ``rows``."""
+        if not len(keys):  # a batch of duplicates only
+            return
         self._runs.append((keys, rows.astype(np.uint32)))
         while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
             (k2, r2), (k1, r1) = self._runs.pop(), self._runs.pop()
