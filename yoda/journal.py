@@ -443,6 +443,13 @@ def journal_results(path: str | Path) -> list[tuple[int, RangeResult]]:
     return out
 
 
+def cut_torn_tail(path: str | Path, end: int) -> None:
+    """Drop what follows the last whole record (``end``), so that new records follow
+    whole ones: a writer killed mid-record leaves a torn tail."""
+    with open(path, "r+b") as fh:
+        fh.truncate(end)
+
+
 def resume_book(
     path: str | Path, *, sync_every: int = 256, group: bool = False
 ) -> tuple[Book, int]:
@@ -450,9 +457,8 @@ def resume_book(
     to READY without charging an attempt (the droids were killed with Yoda). Returns the
     book and the new epoch."""
     rep = replay(path)
-    if rep.torn:  # cut the torn tail so that new records follow whole ones
-        with open(path, "r+b") as fh:
-            fh.truncate(rep.end)
+    if rep.torn:
+        cut_torn_tail(path, rep.end)
     book = Book(rep.ledger, Journal(path, sync_every=sync_every, group=group))
     book.jobs = rep.jobs
     book.unsent = rep.unsent

@@ -45,7 +45,7 @@ from hpc.tuning import tune_gc
 from hpc.wire import ResultBatch, format_range_ids
 from pilot.errors import ErrorCode, PilotError
 from yoda.intake import Intake, range_columns
-from yoda.journal import MAGIC, Book, Journal, Op, read_records
+from yoda.journal import MAGIC, Book, Journal, Op, cut_torn_tail, read_records
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,7 @@ def recover_fetched(book: Book, path: str | Path) -> int:
             added += len(book.add_columns(int(rec.meta["j"]), rec.data, files))
         end = rec.end
     if end < len(blob):
-        with open(path, "r+b") as fh:
-            fh.truncate(end)
+        cut_torn_tail(path, end)
     return added
 
 
