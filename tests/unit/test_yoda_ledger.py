@@ -7,10 +7,10 @@ import pytest
 
 from hpc import wire
 from hpc.wire import ResultBatch
-from pilot.errors import PilotError
+from pilot.errors import ErrorCode, PilotError
 from pilot.eventservice.model import RangeResult, RangeStatus
 from pilot.job import EventRange
-from yoda.journal import MAGIC, Book, Journal, replay, resume_book
+from yoda.journal import MAGIC, Book, Journal, Op, replay, resume_book
 from yoda.ledger import TERMINAL, Ledger, State
 
 
@@ -269,3 +269,77 @@ def test_panda_entries_match_the_model_whether_states_are_one_or_mixed():
         ]
         batch = ResultBatch.from_results([(i, 0, r) for i, r in enumerate(results)])
         assert batch.panda_entries(rid) == [r.to_panda_v0() for r in results]
+
+
+def test_replay_ends_each_row_as_the_live_ledger_left_it(tmp_path):
+    """Replay applies leases, releases and results in one pass at the end; the ledger
+    must come out as the live one, whatever the order of transitions was."""
+    rng = np.random.default_rng(11)
+    for trial in range(20):
+        path = tmp_path / f"j{trial}"
+        book = Book(Ledger(t0=1000.0), Journal(path))
+        book.epoch(1)
+        job_ = book.add_job(job())
+        rows = np.zeros(0, dtype=np.int64)
+        for step in range(120):
+            op = rng.integers(0, 5)
+            st = book.ledger.rows["state"][: book.ledger.n]
+            if op == 0 or not len(rows):
+                lo = len(rows)
+                batch = [
+                    EventRange(f"77-1001-5001-{i}-1", i, i, "f.root", "G", "mc")
+                    for i in range(lo, lo + int(rng.integers(1, 20)))
+                ]
+                rows = np.arange(book.add_ranges(job_, batch)[-1] + 1)
+            elif op == 1:
+                ready = np.flatnonzero(st == State.READY)
+                pick = rng.permutation(ready)[: rng.integers(0, 12)]
+                book.lease(pick, int(rng.integers(1, 4)), 2000.0 + step)
+            elif op == 2:
+                leased = np.flatnonzero(st == State.LEASED)
+                pick = rng.permutation(leased)[: rng.integers(0, 12)]
+                book.release(pick, charge=bool(rng.integers(0, 2)))
+            elif op == 3:
+                leased = np.flatnonzero(st == State.LEASED)
+                pick = np.sort(rng.permutation(leased)[: rng.integers(0, 12)])
+                state = rng.choice([State.FINISHED, State.FAILED, State.FATAL], len(pick))
+                cols = np.zeros(len(pick), dtype=wire.RESULT_DTYPE)
+                cols["row"], cols["key"], cols["state"] = pick, book.ledger.keys(pick), state
+                n = len(pick)
+                book.done(int(rng.integers(1, 4)), ResultBatch(cols, [""] * n, [""] * n, [""] * n))
+            else:
+                unsent = book.unsent.rows()
+                book.sent(rng.permutation(unsent)[: rng.integers(0, 12)])
+        book.journal.close()
+        live, rep = book.ledger, replay(path).ledger
+        rep.t0 = live.t0
+        n = live.n
+        assert rep.n == n
+        for col in ("state", "droid", "tries", "job", "file_id", "proc"):
+            assert np.array_equal(rep.rows[col][:n], live.rows[col][:n]), col
+        leased = live.rows["state"][:n] == State.LEASED
+        # replay knows deadlines to the journal's 1 ms; float32 columns, same offset
+        got = rep.rows["deadline"][:n][leased].astype(float) + (0.0 - 1000.0)
+        assert np.allclose(got, live.rows["deadline"][:n][leased], atol=1e-2)
+        assert np.array_equal(rep.counts, live.counts)
+        # rows given back and still READY are handed out first (in the order of their
+        # last release after a replay; live, of their first)
+        ready_back = {r for r in live._released if live.rows["state"][r] == State.READY}
+        assert set(rep._released) == ready_back and len(rep._released) == len(ready_back)
+
+
+@pytest.mark.parametrize("bad", ["lease", "state"])
+def test_a_transition_the_ledger_cannot_take_is_a_named_journal_error(tmp_path, bad):
+    book = Book(Ledger(), Journal(tmp_path / "j"))
+    rows = book.add_ranges(book.add_job(job()), ranges(n=3))
+    if bad == "lease":
+        book.journal.append(Op.LEASE, {"d": 1, "t": 5.0}, np.asarray([1, 99], dtype=np.int64))
+    else:
+        cols = np.zeros(1, dtype=wire.RESULT_DTYPE)
+        cols["row"], cols["state"] = rows[0], State.LEASED  # not a terminal state
+        book.journal.append(Op.DONE, {"d": 1, "p": "", "a": "", "e": ""}, cols)
+    book.journal.close()
+    with pytest.raises(PilotError) as err:
+        replay(tmp_path / "j")
+    assert err.value.code == ErrorCode.FILEHANDLINGFAILURE
+    assert ("LEASE" if bad == "lease" else "DONE") in str(err.value)
