@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hpc.wire import ResultBatch, WorkBatch
+from pilot.eventservice.loop import stored
 from pilot.eventservice.model import RangeResult
 from pilot.job import EventRange, Job
 
@@ -60,10 +61,17 @@ class RangeExecutor(Protocol):
 
 
 class PerRange:
-    """A per-range executor behind the batch interface."""
+    """A per-range executor behind the batch interface. With ``stage_out``, a finished
+    range's output is stored before its result is handed over, as in the single-node
+    event service (:func:`pilot.eventservice.loop.stored`)."""
 
-    def __init__(self, inner: RangeExecutor) -> None:
+    def __init__(
+        self,
+        inner: RangeExecutor,
+        stage_out: Callable[[RangeResult], RangeResult] | None = None,
+    ) -> None:
         self.inner = inner
+        self.stage_out = stage_out
         self._held: dict[str, tuple[int, int]] = {}  # range id -> (row, key)
 
     @property
@@ -97,6 +105,8 @@ class PerRange:
             if held is None:
                 log.warning("result for unknown range %s dropped", res.event_range_id)
                 continue
+            if self.stage_out is not None:
+                res = stored(res, self.stage_out)
             items.append((*held, res))
         return ResultBatch.from_results(items)
 
@@ -108,9 +118,16 @@ class PerRange:
         return [self._held.pop(r.event_range_id)[0] for r in left if r.event_range_id in self._held]
 
 
-def event_executor(job: Job, workdir: Path, slots: int, lease_s: float) -> Executor:
-    """The real executor: the shared event-service code, outputs under ``workdir``."""
+def event_executor(
+    job: Job, workdir: Path, slots: int, lease_s: float, *, storage: Any = None
+) -> Executor:
+    """The real executor: the shared event-service code, outputs under ``workdir``.
+    ``storage`` (``copytool``, ``copytool_options``, ``output_url``, ``workdir``,
+    ``stageout_timeout``, as in the pilot's config) stores each finished range's
+    output the way ``pilot run`` does (:func:`range_stage_out`); Harvester's copytool
+    leaves it where it is."""
     from pilot.eventservice.executor import EventExecutor
+    from pilot.eventservice.jobrunner import range_stage_out
 
     inner = EventExecutor(
         job,
@@ -120,4 +137,4 @@ def event_executor(job: Job, workdir: Path, slots: int, lease_s: float) -> Execu
         range_timeout=lease_s,
         prefetch=max(1, slots),
     )
-    return PerRange(inner)
+    return PerRange(inner, range_stage_out(job, storage) if storage is not None else None)

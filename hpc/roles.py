@@ -12,6 +12,12 @@ Options mean what they mean for ``pilot run`` where both have them
     value); Yoda drains ``--drain-lead`` seconds before it.
 ``--jobs N``
     How many jobs rank 0 pulls from a PanDA server for the allocation.
+``--copytool NAME``, ``--output-url URL``
+    Where a droid stores each finished range's output before its result goes
+    to Yoda, as ``pilot run`` does (default with ``--url``: ``copy`` into
+    ``WORKDIR/storage``). A range whose output cannot be stored fails with the
+    stage-out's error code (PanDA hands failed ranges to a later job). With
+    ``--harvester`` outputs stay where they are: Harvester stages them out.
 
 Layout under the work directory: ``yoda.journal``, ``logs/rank<N>.log``,
 ``droid<N>/<PandaID>/`` (payload work directories) with the outputs renamed
@@ -32,6 +38,7 @@ import signal
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -41,6 +48,7 @@ from droid.executors import event_executor
 from droid.nullexec import NullExecutor
 from hpc.transport import Envelope, Kind, MPITransport
 from hpc.tuning import tune_gc
+from pilot.data.copytools import make_copytool
 from pilot.errors import ErrorCode, PilotError
 from yoda.journal import Book, Journal, resume_book
 from yoda.ledger import Ledger
@@ -66,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--walltime-end", type=float, default=None, metavar="EPOCH")
     p.add_argument("--drain-lead", type=float, default=300.0, metavar="S")
     p.add_argument("--jobs", type=int, default=1, help="jobs to pull with --url (default 1)")
+    p.add_argument(
+        "--output-url",
+        default="",
+        help="where each finished range's output is stored (default: WORKDIR/storage)",
+    )
+    p.add_argument(
+        "--copytool",
+        default="",
+        help="copytool for the outputs: copy (default), http; Harvester mode: harvester",
+    )
     p.add_argument("--slots", type=int, default=1, help="payload slots per droid")
     p.add_argument("--lease", type=float, default=600.0, metavar="S", help="range lease")
     p.add_argument("--hb-interval", type=float, default=10.0, metavar="S")
@@ -232,6 +250,19 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
     return rc
 
 
+def output_storage(args: argparse.Namespace) -> SimpleNamespace:
+    """Where the droids store finished ranges' outputs, with ``pilot run``'s defaults:
+    the ``copy`` copytool into ``WORKDIR/storage`` with ``--url``; with ``--harvester``
+    the outputs stay where they are and Harvester stages them out."""
+    return SimpleNamespace(
+        copytool=args.copytool or ("harvester" if args.harvester else "copy"),
+        copytool_options={},
+        output_url=args.output_url,
+        workdir=str(Path(args.workdir).resolve()),
+        stageout_timeout=3600.0,
+    )
+
+
 def run_droid(args: argparse.Namespace, transport: MPITransport) -> int:
     workdir = Path(args.workdir) / f"droid{transport.rank}"
     if args.executor == "null":
@@ -240,7 +271,7 @@ def run_droid(args: argparse.Namespace, transport: MPITransport) -> int:
             return NullExecutor(job, wd, slots, write_outputs=True)
 
     else:
-        factory = event_executor
+        factory = partial(event_executor, storage=output_storage(args))
     droid = Droid(transport, workdir, factory, DroidOptions(slots=max(1, args.slots)))
 
     # The batch system signals every rank; Yoda's DRAIN follows. Until then the
@@ -271,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("pilot hpc needs at least 2 ranks (Yoda and one Droid)")
         return 2
     try:
+        make_copytool(output_storage(args).copytool)  # a wrong name stops every rank at once
         if transport.rank == 0:
             rc = run_yoda(args, transport)
         else:

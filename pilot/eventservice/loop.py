@@ -127,6 +127,26 @@ def flush_spool(
     return spool.flush(reporter, batch_size, version=version, objstore_id=objstore_id)
 
 
+def stored(r: RangeResult, stage_out: Callable[[RangeResult], RangeResult]) -> RangeResult:
+    """A finished range once ``stage_out`` stored its output. If that fails the range
+    fails with the stage-out's error code (PanDA hands it to a later job): it is never
+    reported finished with its output left on a worker node."""
+    if r.status is not RangeStatus.FINISHED:
+        return r
+    try:
+        return stage_out(r)
+    except PilotError as exc:
+        log.warning("range %s: stage-out failed: %s", r.event_range_id, exc)
+        return RangeResult(
+            r.event_range_id,
+            RangeStatus.FAILED,
+            cpu=r.cpu,
+            wall=r.wall,
+            error_code=int(exc.code),
+            error_diag=exc.diag,
+        )
+
+
 def run_event_service(
     job: Job,
     workdir: str | Path,
@@ -173,20 +193,8 @@ def run_event_service(
     empty_fetches = 0
 
     def take(results: list[RangeResult]) -> None:
-        for i, r in enumerate(results):
-            if stage_out is not None and r.status is RangeStatus.FINISHED:
-                try:
-                    results[i] = stage_out(r)
-                except PilotError as exc:
-                    log.warning("range %s: stage-out failed: %s", r.event_range_id, exc)
-                    results[i] = RangeResult(
-                        r.event_range_id,
-                        RangeStatus.FAILED,
-                        cpu=r.cpu,
-                        wall=r.wall,
-                        error_code=int(exc.code),
-                        error_diag=exc.diag,
-                    )
+        if stage_out is not None:
+            results = [stored(r, stage_out) for r in results]
         spool.add(results)
 
     zipping = zip_outputs and not callable(getattr(reporter, "report_results", None))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.mpi.harness import Launched, invariant, load_task, mpiexec, wait
+from tests.mpi.invariants import journal_outputs
 
 pytestmark = [pytest.mark.mpi, pytest.mark.skipif(mpiexec() is None, reason="no mpiexec")]
 
@@ -41,3 +42,7 @@ def test_two_jobs_on_three_droids_every_range_once(server, launched, tmp_path):
     assert len(jobs) == 2 and {j["status"] for j in jobs} == {"finished"}
     finals = [j["final"] if isinstance(j["final"], dict) else json.loads(j["final"]) for j in jobs]
     assert sorted(int(f["nEvents"]) for f in finals) == [60, 60]  # 30 ranges x 2 events
+    # each output was stored (copy copytool, WORKDIR/storage) before its range was reported
+    stored = journal_outputs(work / "yoda.journal")
+    assert len(stored) == 60
+    assert all(Path(path).is_relative_to(work / "storage") for path, _, _ in stored.values())
