@@ -73,6 +73,9 @@ class Op(IntEnum):
     SENT = 7
 
 
+_JSON_IN = json.JSONDecoder()
+_OPS = {int(o): o for o in Op}
+
 DATA_DTYPE = {
     Op.ADD: ADD_DTYPE,
     Op.LEASE: ROWS_DTYPE,
@@ -190,6 +193,7 @@ def read_records(blob: bytes, name: str = "journal") -> Iterator[Record]:
     if not blob.startswith(MAGIC):
         raise PilotError(ErrorCode.FILEHANDLINGFAILURE, f"{name} is not a Yoda journal")
     pos, size = len(MAGIC), len(blob)
+    view = memoryview(blob)  # slices of it copy nothing
     while pos < size:
         if pos + _HEAD.size > size:
             return  # torn header
@@ -198,13 +202,15 @@ def read_records(blob: bytes, name: str = "journal") -> Iterator[Record]:
         end = start + ml + dl
         if end > size:
             return  # torn body
-        meta_b, data_b = blob[start : start + ml], blob[start + ml : end]
+        meta_b, data_b = view[start : start + ml], view[start + ml : end]
         bad = _crc(_CHECKED.pack(op, ml, dl), meta_b, data_b) != crc
         try:
             if bad:
                 raise ValueError("checksum mismatch")
-            kind = Op(op)
-            meta = json.loads(meta_b) if ml else None
+            kind = _OPS.get(op)
+            if kind is None:
+                raise ValueError(f"{op} is not a record kind")
+            meta = _JSON_IN.decode(str(meta_b, "utf-8")) if ml else None
             dtype = DATA_DTYPE.get(kind)
             if dtype is None:
                 data = None
@@ -212,7 +218,7 @@ def read_records(blob: bytes, name: str = "journal") -> Iterator[Record]:
                 raise ValueError(f"{dl} bytes is not a whole number of rows")
             else:
                 data = np.frombuffer(data_b, dtype=dtype).copy()
-        except ValueError as exc:
+        except ValueError as exc:  # UnicodeDecodeError included
             if end == size:  # the last write, damaged by the crash
                 return
             raise PilotError(
