@@ -101,6 +101,13 @@ def pilot_argv(req: BatchRequest) -> list[str]:
         argv += ["--workdir", req.workdir]
     if req.resume:
         argv.append("--resume")
+    slots = req.slots or req.cores_per_rank  # a range in flight per core of the rank
+    if slots > 1:
+        argv += ["--slots", str(slots)]
+    if req.copytool:
+        argv += ["--copytool", req.copytool]
+    if req.output_url:
+        argv += ["--output-url", req.output_url]
     return argv
 
 
@@ -312,6 +319,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-dir", default=".", help="batch stdout/stderr and the script")
     parser.add_argument("--workdir", help="the pilot's work directory (pilot hpc --workdir)")
     parser.add_argument("--resume", action="store_true", help="pilot hpc --resume")
+    parser.add_argument(
+        "--slots", type=int, default=0, help="pilot hpc --slots (default: --cores-per-rank)"
+    )
+    parser.add_argument("--copytool", default="", help="pilot hpc --copytool")
+    parser.add_argument("--output-url", default="", help="pilot hpc --output-url")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--pilot-command", default="pilot", help="how ranks start the pilot")
     parser.add_argument(
@@ -364,6 +376,9 @@ def request_from_args(args: argparse.Namespace) -> BatchRequest:
         pilot_command=args.pilot_command,
         path_prepend=args.path_prepend or None,
         resume=args.resume,
+        slots=args.slots,
+        copytool=args.copytool,
+        output_url=args.output_url,
         oversubscribe=args.oversubscribe,
         ulfm=args.ulfm,
         allow_run_as_root=hasattr(os, "geteuid") and os.geteuid() == 0,

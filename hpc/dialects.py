@@ -44,6 +44,9 @@ class BatchRequest:
     pilot_command: str = "pilot"
     path_prepend: str | None = None
     resume: bool = False
+    slots: int = 0  # payload slots per droid; 0: one per core of the rank
+    copytool: str = ""  # how droids store outputs (pilot hpc --copytool), "" its default
+    output_url: str = ""  # where (pilot hpc --output-url)
     oversubscribe: bool = False
     ulfm: bool = False
     allow_run_as_root: bool = False
@@ -61,6 +64,8 @@ class BatchRequest:
         for name in ("nodes", "walltime", "ranks_per_node", "cores_per_rank"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if self.slots < 0:
+            problems.append("slots must be at least 1")
         if bool(self.url) == bool(self.harvester):
             problems.append("give exactly one upstream: --url URL --queue Q, or --harvester DIR")
         if self.url and not self.queue:

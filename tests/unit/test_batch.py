@@ -74,7 +74,7 @@ def test_slurm_script(tmp_path: Path) -> None:
     assert launch_line(script) == [
         "mpiexec", "-n", "8", "--map-by", "ppr:4:node:pe=2",
         "pilot", "hpc", "--url", "https://panda.example:25443", "--queue", "CERN_HPC",
-        "--walltime-end", "END",
+        "--slots", "2", "--walltime-end", "END",
     ]  # fmt: skip
     assert "PILOT_WALLTIME_END=$((PILOT_START + 5400))" in script
     assert "python3 -m hpc.resources --end-time" in script
@@ -148,7 +148,7 @@ def test_flux_script(tmp_path: Path) -> None:
     ]
     assert launch_line(script) == [
         "flux", "run", "-N", "2", "-n", "8", "-c", "2",
-        "pilot", "hpc", "--harvester", "/ap", "--walltime-end", "END",
+        "pilot", "hpc", "--harvester", "/ap", "--slots", "2", "--walltime-end", "END",
     ]  # fmt: skip
     assert "cd /ap || exit 1" in script
     bash_syntax_ok(script, tmp_path)
@@ -161,6 +161,18 @@ def test_mpiexec_options() -> None:
     assert argv == [
         "mpiexec", "--allow-run-as-root", "-n", "8", "--map-by", "ppr:4:node",
         "--oversubscribe", "--with-ft", "ulfm",
+    ]  # fmt: skip
+
+
+def test_slots_and_output_storage_pass_through() -> None:
+    words = launch_line(render_script(req(cores_per_rank=1)))
+    assert "--slots" not in words  # pilot hpc's own default: one
+    words = launch_line(
+        render_script(req(slots=16, copytool="http", output_url="https://se.example/es"))
+    )
+    at = words.index("--slots")
+    assert words[at : at + 6] == [
+        "--slots", "16", "--copytool", "http", "--output-url", "https://se.example/es",
     ]  # fmt: skip
 
 
@@ -178,7 +190,7 @@ def test_pilot_options_pass_through() -> None:
     words = launch_line(script)
     assert words[words.index("python") :] == [
         "python", "-m", "pilot.cli", "hpc", "--harvester", "/ap dir",
-        "--workdir", "/w", "--resume", "--walltime-end", "END",
+        "--workdir", "/w", "--resume", "--slots", "2", "--walltime-end", "END",
     ]  # fmt: skip
     assert "cd '/ap dir' || exit 1" in script
 
@@ -188,6 +200,7 @@ def test_pilot_options_pass_through() -> None:
     [
         ({"scheduler": "sge"}, "unknown scheduler"),
         ({"nodes": 0}, "nodes must be at least 1"),
+        ({"slots": -1}, "slots must be at least 1"),
         ({"queue": None}, "--url needs --queue"),
         ({"harvester": "/ap"}, "exactly one upstream"),
         ({"url": None, "queue": None}, "exactly one upstream"),
@@ -236,7 +249,9 @@ def test_harvester_template_is_filled(tmp_path: Path) -> None:
     assert "# site NERSC queue  harvester h1 total 16" in script
     assert 'if [ -n "${SLURM_JOB_ID:-}" ]; then echo in {slurm}; fi' in script
     assert "cd /ap/42\n" in script
-    assert launch_line(script)[-4:] == ["--harvester", "/ap/42", "--walltime-end", "END"]
+    assert launch_line(script)[-6:] == [
+        "--harvester", "/ap/42", "--slots", "2", "--walltime-end", "END",
+    ]  # fmt: skip
     bash_syntax_ok(script, tmp_path)
 
 
