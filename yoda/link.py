@@ -365,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
 def _leave(fetched: Journal | None) -> NoReturn:
     """Exit at once: rank 0 waits for this process, and tearing down an interpreter
     that held a million ranges takes longer than anything left to do. The fetched
-    ranges are with the OS already; rank 0 journaled and synced them as well."""
+    ranges are with the OS already (each was written as it came), which is what
+    ``--resume`` needs if rank 0 died; after a normal stop rank 0 has journaled and
+    synced them itself."""
     if fetched is not None:
         fetched.flush()
     logging.shutdown()
