@@ -48,3 +48,11 @@ def test_a_range_number_beyond_64_bits_is_refused_however_it_decoded():
         intake = range_columns(items, 501)
         assert len(intake.cols) == 1 and len(intake.errors) == 1
         assert intake.cols["proc"].tolist() == [1]
+
+
+def test_without_orjson_the_standard_library_decodes(monkeypatch):
+    monkeypatch.setattr(rangejson, "orjson", None)
+    doc = b'[{"eventRangeID": "9-501-77-1-1", "startEvent": 0, "lastEvent": 1}]'
+    assert rangejson.loads(doc) == json.loads(doc)
+    with pytest.raises(ValueError):
+        rangejson.loads(b"[")
