@@ -386,7 +386,7 @@ def replay(path: str | Path, *, capacity: int = 1024, keep_done: bool = False) -
         raise PilotError(ErrorCode.FILEHANDLINGFAILURE, f"cannot read {path}: {exc}") from None
     ledger = Ledger(capacity=capacity)
     out = Replayed(ledger, end=len(MAGIC), done=[] if keep_done else None)
-    done: list[ResultBatch] = []
+    done: list[tuple[np.ndarray, dict[str, Any]]] = []  # DONE records: columns, meta
     sent: list[np.ndarray] = []
     moves = _Transitions()
     for rec in read_records(blob, f"journal {path}"):
@@ -403,11 +403,40 @@ def replay(path: str | Path, *, capacity: int = 1024, keep_done: bool = False) -
         moves.apply(ledger)
     except PilotError as exc:
         raise PilotError(exc.code, f"journal {path}: {exc.diag}") from None
-    every = ResultBatch.concat(done)
-    if len(every):
-        gone = np.concatenate(sent) if sent else np.zeros(0, dtype=np.int64)
-        out.unsent.add(every.select(~np.isin(every.rows, gone)))
+    if done:
+        try:
+            out.unsent.add(_unsent(done, sent))
+        except ValueError as exc:
+            raise PilotError(
+                ErrorCode.FILEHANDLINGFAILURE, f"journal {path}: bad DONE record: {exc}"
+            ) from None
     return out
+
+
+def _done_batch(data: np.ndarray, meta: dict[str, Any]) -> ResultBatch:
+    n = len(data)
+    return ResultBatch(
+        data,
+        unpack_texts(meta["p"], n, "paths"),
+        unpack_texts(meta["a"], n, "checksums"),
+        unpack_texts(meta["e"], n, "diagnostics"),
+    )
+
+
+def _unsent(done: list[tuple[np.ndarray, dict[str, Any]]], sent: list[np.ndarray]) -> ResultBatch:
+    """The results no SENT record names. Only their records' strings are rebuilt: at the
+    end of an allocation that is a few records out of a hundred thousand."""
+    rows = np.concatenate([data["row"] for data, _ in done])
+    gone = np.concatenate(sent) if sent else np.zeros(0, dtype=np.int64)
+    waiting = ~np.isin(rows, gone)
+    ends = np.cumsum([len(data) for data, _ in done])
+    records = np.unique(np.searchsorted(ends, np.flatnonzero(waiting), side="right"))
+    kept = []
+    for i in records.tolist():
+        data, meta = done[i]
+        lo = int(ends[i]) - len(data)
+        kept.append(_done_batch(data, meta).select(waiting[lo : int(ends[i])]))
+    return ResultBatch.concat(kept)
 
 
 class _Transitions:
@@ -450,9 +479,9 @@ class _Transitions:
             self.charged.append(len(self.rows))
         self._add(Op.RELEASE, rows, n, int(State.READY), -1, 0.0)
 
-    def done(self, batch: ResultBatch, n: int) -> None:
-        self.results.append(batch.cols["state"])
-        self._add(Op.DONE, batch.rows, n, self._DONE, -1, 0.0)
+    def done(self, cols: np.ndarray, n: int) -> None:
+        self.results.append(cols["state"])
+        self._add(Op.DONE, cols["row"], n, self._DONE, -1, 0.0)
 
     def _check(self, rows: np.ndarray, lens: list[int], results: np.ndarray | None) -> None:
         """What applying record by record would have refused, named by its record."""
@@ -510,7 +539,7 @@ class _Transitions:
 def _apply(
     out: Replayed,
     rec: Record,
-    done: list[ResultBatch],
+    done: list[tuple[np.ndarray, dict[str, Any]]],
     sent: list[np.ndarray],
     moves: _Transitions,
 ) -> None:
@@ -527,16 +556,14 @@ def _apply(
         moves.release(data, ledger.n, bool(meta["c"]))
     elif rec.op is Op.DONE:
         n = len(data)
-        batch = ResultBatch(
-            data,
-            unpack_texts(meta["p"], n, "paths"),
-            unpack_texts(meta["a"], n, "checksums"),
-            unpack_texts(meta["e"], n, "diagnostics"),
-        )
-        moves.done(batch, ledger.n)
-        done.append(batch)
+        for key in ("p", "a", "e"):  # the strings themselves are read where needed
+            texts = meta[key]
+            if not isinstance(texts, str) and not (isinstance(texts, list) and len(texts) == n):
+                raise ValueError(f"{key!r} is not {n} strings")
+        moves.done(data, ledger.n)
+        done.append((data, meta))
         if out.done is not None:
-            out.done.append((int(meta["d"]), batch))
+            out.done.append((int(meta["d"]), _done_batch(data, meta)))
     elif rec.op is Op.SENT:
         sent.append(data)
     elif rec.op is Op.JOB:

@@ -281,6 +281,8 @@ def test_replay_ends_each_row_as_the_live_ledger_left_it(tmp_path):
         book.epoch(1)
         job_ = book.add_job(job())
         rows = np.zeros(0, dtype=np.int64)
+        done_rows: set[int] = set()
+        sent_rows: set[int] = set()
         for step in range(120):
             op = rng.integers(0, 5)
             st = book.ledger.rows["state"][: book.ledger.n]
@@ -306,12 +308,21 @@ def test_replay_ends_each_row_as_the_live_ledger_left_it(tmp_path):
                 cols = np.zeros(len(pick), dtype=wire.RESULT_DTYPE)
                 cols["row"], cols["key"], cols["state"] = pick, book.ledger.keys(pick), state
                 n = len(pick)
-                book.done(int(rng.integers(1, 4)), ResultBatch(cols, [""] * n, [""] * n, [""] * n))
+                paths = [f"/out/{r}" for r in pick.tolist()]
+                book.done(int(rng.integers(1, 4)), ResultBatch(cols, paths, [""] * n, ["x"] * n))
+                done_rows.update(pick.tolist())
             else:
                 unsent = book.unsent.rows()
-                book.sent(rng.permutation(unsent)[: rng.integers(0, 12)])
+                pick = rng.permutation(unsent)[: rng.integers(0, 12)]
+                book.sent(pick)
+                sent_rows.update(pick.tolist())
         book.journal.close()
-        live, rep = book.ledger, replay(path).ledger
+        replayed = replay(path)
+        waiting = replayed.unsent.peek()
+        assert sorted(waiting.rows.tolist()) == sorted(done_rows - sent_rows)
+        assert waiting.path == [f"/out/{r}" for r in waiting.rows.tolist()]
+        assert set(waiting.diag) <= {"x"}
+        live, rep = book.ledger, replayed.ledger
         rep.t0 = live.t0
         n = live.n
         assert rep.n == n
@@ -343,3 +354,15 @@ def test_a_transition_the_ledger_cannot_take_is_a_named_journal_error(tmp_path, 
         replay(tmp_path / "j")
     assert err.value.code == ErrorCode.FILEHANDLINGFAILURE
     assert ("LEASE" if bad == "lease" else "DONE") in str(err.value)
+
+
+def test_a_done_record_whose_strings_are_not_strings_is_a_journal_error(tmp_path):
+    book = Book(Ledger(), Journal(tmp_path / "j"))
+    rows = book.add_ranges(book.add_job(job()), ranges(n=2))
+    cols = np.zeros(2, dtype=wire.RESULT_DTYPE)
+    cols["row"], cols["state"] = rows, State.FINISHED
+    book.journal.append(Op.DONE, {"d": 1, "p": ["a", 7], "a": "", "e": ""}, cols)
+    book.journal.close()
+    with pytest.raises(PilotError) as err:
+        replay(tmp_path / "j")
+    assert err.value.code == ErrorCode.FILEHANDLINGFAILURE and "DONE" in str(err.value)
