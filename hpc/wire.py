@@ -242,17 +242,28 @@ class ResultBatch:
         n = len(rows)
         return cls(cols, [""] * n, [""] * n, [diag] * n)
 
+    def packed_texts(self) -> tuple[str | list[str], str | list[str], str | list[str]]:
+        """Paths, checksums and diagnostics as they travel and are journaled
+        (:func:`pack_texts`); :meth:`unpacked` takes them back."""
+        return pack_texts(self.path), pack_texts(self.adler32), pack_texts(self.diag)
+
+    @classmethod
+    def unpacked(cls, cols: np.ndarray, path: Any, adler: Any, diag: Any) -> ResultBatch:
+        """From columns and packed string columns; ``ValueError`` if they do not fit."""
+        n = len(cols)
+        return cls(
+            cols,
+            unpack_texts(path, n, "result paths"),
+            unpack_texts(adler, n, "result checksums"),
+            unpack_texts(diag, n, "result diagnostics"),
+        )
+
     def body(self) -> dict[str, Any]:
-        return {
-            "cols": self.cols,
-            "path": pack_texts(self.path),
-            "adler": pack_texts(self.adler32),
-            "diag": pack_texts(self.diag),
-        }
+        path, adler, diag = self.packed_texts()
+        return {"cols": self.cols, "path": path, "adler": adler, "diag": diag}
 
     def __reduce__(self) -> tuple[Any, ...]:  # to the link process: packed, as on the wire
-        texts = (pack_texts(self.path), pack_texts(self.adler32), pack_texts(self.diag))
-        return (_unpickle_results, (self.cols, *texts))
+        return (ResultBatch.unpacked, (self.cols, *self.packed_texts()))
 
     @classmethod
     def from_body(cls, body: Any) -> ResultBatch:
@@ -261,16 +272,10 @@ class ResultBatch:
         if body.get("cols") is None:
             return cls.empty()
         cols = _array(body["cols"], RESULT_DTYPE, "result cols")
-        n = len(cols)
         state = cols["state"]
-        if n and not ((state >= FINISHED) & (state <= FATAL)).all():
+        if len(cols) and not ((state >= FINISHED) & (state <= FATAL)).all():
             raise ValueError("result with a state that is not terminal")
-        return cls(
-            cols,
-            unpack_texts(body.get("path"), n, "result paths"),
-            unpack_texts(body.get("adler"), n, "result checksums"),
-            unpack_texts(body.get("diag"), n, "result diagnostics"),
-        )
+        return cls.unpacked(cols, body.get("path"), body.get("adler"), body.get("diag"))
 
     def select(self, which: np.ndarray) -> ResultBatch:
         """The results at ``which`` (a boolean mask or indices)."""
@@ -339,13 +344,3 @@ class ResultBatch:
         for i in np.flatnonzero(cpu != 0).tolist():
             out[i]["cpuConsumptionTime"] = round(float(cpu[i]), 3)
         return out
-
-
-def _unpickle_results(cols: np.ndarray, path: Any, adler: Any, diag: Any) -> ResultBatch:
-    n = len(cols)
-    return ResultBatch(
-        cols,
-        unpack_texts(path, n, "paths"),
-        unpack_texts(adler, n, "checksums"),
-        unpack_texts(diag, n, "diagnostics"),
-    )

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from hpc.wire import RESULT_DTYPE, ResultBatch, pack_texts, unpack_texts
+from hpc.wire import RESULT_DTYPE, ResultBatch
 from pilot.errors import ErrorCode, PilotError
 from pilot.eventservice.model import RangeResult
 from pilot.job import EventRange
@@ -314,7 +314,7 @@ class Book:
             return known
         self._log(Op.JOB, {"job": job})
         self.jobs.append(job)
-        return self.ledger.add_job(panda_id, int(job.get("taskID") or job.get("jediTaskID") or 0))
+        return self.ledger.add_job(panda_id, _task_id(job))
 
     def add_columns(
         self, job: int, cols: np.ndarray, files: Sequence[tuple[str, ...]]
@@ -344,13 +344,8 @@ class Book:
     def done(self, droid: int, batch: ResultBatch) -> None:
         if not len(batch):
             return
-        meta = {
-            "d": droid,
-            "p": pack_texts(batch.path),
-            "a": pack_texts(batch.adler32),
-            "e": pack_texts(batch.diag),
-        }
-        self._log(Op.DONE, meta, batch.cols)
+        path, adler, diag = batch.packed_texts()
+        self._log(Op.DONE, {"d": droid, "p": path, "a": adler, "e": diag}, batch.cols)
         _apply_done(self.ledger, batch)
         self.unsent.add(batch)
 
@@ -362,6 +357,11 @@ class Book:
         self._log(Op.EPOCH, {"n": n})
         if self.journal is not None:
             self.journal.sync()
+
+
+def _task_id(job: dict[str, Any]) -> int:
+    """The job's task, under either of PanDA's names for it (0 if it has none)."""
+    return int(job.get("taskID") or job.get("jediTaskID") or 0)
 
 
 def _rows(rows: Any) -> np.ndarray:
@@ -414,13 +414,7 @@ def replay(path: str | Path, *, capacity: int = 1024, keep_done: bool = False) -
 
 
 def _done_batch(data: np.ndarray, meta: dict[str, Any]) -> ResultBatch:
-    n = len(data)
-    return ResultBatch(
-        data,
-        unpack_texts(meta["p"], n, "paths"),
-        unpack_texts(meta["a"], n, "checksums"),
-        unpack_texts(meta["e"], n, "diagnostics"),
-    )
+    return ResultBatch.unpacked(data, meta["p"], meta["a"], meta["e"])
 
 
 def _unsent(done: list[tuple[np.ndarray, dict[str, Any]]], sent: list[np.ndarray]) -> ResultBatch:
@@ -569,7 +563,7 @@ def _apply(
     elif rec.op is Op.JOB:
         job = meta["job"]
         out.jobs.append(job)
-        ledger.add_job(int(job["PandaID"]), int(job.get("taskID") or job.get("jediTaskID") or 0))
+        ledger.add_job(int(job["PandaID"]), _task_id(job))
     elif rec.op is Op.EPOCH:
         out.epoch = int(meta["n"])
 
@@ -621,15 +615,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        rep = replay(args.path, keep_done=args.results)
+        if args.results:
+            for droid, r in journal_results(args.path):
+                print(json.dumps({"droid": droid, **r.to_dict()}))
+            return 0
+        rep = replay(args.path)
     except PilotError as exc:
         print(f"pilot hpc journal: {exc}", file=sys.stderr)
         return 1
-    if args.results:
-        for droid, batch in rep.done or []:
-            for r in batch.results(rep.ledger.range_ids(batch.rows)):
-                print(json.dumps({"droid": droid, **r.to_dict()}))
-        return 0
     led = rep.ledger
     summary = {
         "epoch": rep.epoch,
