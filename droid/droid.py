@@ -215,8 +215,7 @@ class Droid:
         rows = batch.cols["row"]
         listed = rows.tolist()
         if not self.rows.isdisjoint(listed):  # sent twice: keep the copy already held
-            fresh = np.fromiter((r not in self.rows for r in listed), bool, len(listed))
-            batch = batch.select(fresh)
+            batch = batch.select(~self._held(listed))
             listed = batch.cols["row"].tolist()
         if self.draining:
             self.released.extend(listed)
@@ -226,6 +225,10 @@ class Droid:
             part = batch if len(batch.jobs) == 1 else batch.select(batch.cols["job"] == job)
             if len(part):
                 self.queue.setdefault(panda_id, deque()).append(part)
+
+    def _held(self, rows: list[int]) -> np.ndarray:
+        """Mask of ``rows`` this droid holds."""
+        return np.fromiter((r in self.rows for r in rows), bool, len(rows))
 
     def queued(self) -> int:
         return sum(len(w) for q in self.queue.values() for w in q)
@@ -243,7 +246,7 @@ class Droid:
             return False
         listed = res.rows.tolist()
         if not self.rows.issuperset(listed):  # e.g. given back at a drain deadline
-            held = np.fromiter((r in self.rows for r in listed), bool, len(listed))
+            held = self._held(listed)
             log.warning("%d results for ranges not held dropped", len(listed) - int(held.sum()))
             res = res.select(held)
             listed = res.rows.tolist()

@@ -95,6 +95,11 @@ class JobEntry:
     task_id: int
 
 
+def _rising(rows: np.ndarray) -> bool:
+    """Strictly rising, so sorted and without repeats (as rows handed out in order are)."""
+    return len(rows) < 2 or bool((rows[1:] > rows[:-1]).all())
+
+
 def _distinct(values: np.ndarray) -> list[int]:
     """The distinct values, sorted; at once when all are one (the common case)."""
     if not len(values):
@@ -342,8 +347,11 @@ class Ledger:
         cols = np.zeros(len(rows), dtype=wire.ID_DTYPE)
         for name, col in zip(wire.ID_DTYPE.names, self._cols(rows, *wire.ID_DTYPE.names)):
             cols[name] = col
-        jobs = {j: (self.jobs[j].task_id, self.jobs[j].panda_id) for j in _distinct(cols["job"])}
-        return jobs, cols
+        return self._job_ids(cols["job"]), cols
+
+    def _job_ids(self, job: np.ndarray) -> dict[int, tuple[int, int]]:
+        """Job index -> (taskID, PandaID) for the jobs in column ``job``."""
+        return {j: (self.jobs[j].task_id, self.jobs[j].panda_id) for j in _distinct(job)}
 
     def range_ids(self, rows: np.ndarray) -> list[str]:
         return wire.format_range_ids(*self.id_parts(rows))
@@ -360,7 +368,7 @@ class Ledger:
         rising run, as leases and their results nearly always are, else a gather per
         column. Gathering whole records of this table costs several times more."""
         n = len(rows)
-        if n and int(rows[-1]) - int(rows[0]) == n - 1 and (n < 3 or (rows[1:] > rows[:-1]).all()):
+        if n and int(rows[-1]) - int(rows[0]) == n - 1 and _rising(rows):
             run = slice(int(rows[0]), int(rows[0]) + n)
             return [self.rows[name][run] for name in names]
         return [self.rows[name][rows] for name in names]
@@ -383,16 +391,15 @@ class Ledger:
         for name in names:
             cols[name] = got[name]
         cols["key"] = self._keys_of(got["job"], got["file_id"], got["proc"], got["attempt"])
-        jobs = {j: (self.jobs[j].task_id, self.jobs[j].panda_id) for j in _distinct(got["job"])}
         files = {f: self.files[f] for f in _distinct(got["fref"])}
-        return WorkBatch(cols, jobs, files)
+        return WorkBatch(cols, self._job_ids(got["job"]), files)
 
     def held_by(self, rows: np.ndarray, keys: np.ndarray, droid: int) -> np.ndarray:
         """Mask of ``rows`` that exist, are leased to ``droid`` and have these ``keys``.
 
         A row named twice counts once (its first time)."""
         ok = (rows >= 0) & (rows < self.n)
-        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():  # not strictly rising: dups?
+        if not _rising(rows):  # perhaps a row named twice
             _, first = np.unique(rows, return_index=True)
             once = np.zeros(len(rows), dtype=bool)
             once[first] = True
@@ -438,7 +445,7 @@ class Ledger:
 
     def _set(self, rows: np.ndarray, state: State) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
-        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():  # sorted and distinct already?
+        if not _rising(rows):
             rows = np.unique(rows)
         if len(rows):
             st = self.rows["state"]
