@@ -23,13 +23,13 @@ _CHECKSUM = re.compile(r"^(ad|adler32|md5):([0-9a-fA-F]+)$")
 _RANGE_ID = re.compile(r"^[0-9]+-[0-9]+-[0-9]+-[0-9]+-[0-9]+$")
 
 
-def _is_null(value: Any) -> bool:
+def is_null(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip() in _NULLS)
 
 
 def _int(d: dict, key: str, default: int | None = None, *, minimum: int = 0) -> int:
     value = d.get(key)
-    if _is_null(value):
+    if is_null(value):
         if default is None:
             raise PilotError(ErrorCode.NOTDEFINED, f"job definition has no '{key}'")
         return default
@@ -56,7 +56,7 @@ def _int(d: dict, key: str, default: int | None = None, *, minimum: int = 0) -> 
 
 def _str(d: dict, key: str, default: str | None = None) -> str:
     value = d.get(key)
-    if _is_null(value):
+    if is_null(value):
         if default is None:
             raise PilotError(ErrorCode.NOTDEFINED, f"job definition has no '{key}'")
         return default
@@ -69,7 +69,7 @@ def _str(d: dict, key: str, default: str | None = None) -> str:
 
 def _bool(d: dict, key: str) -> bool:
     value = d.get(key)
-    if _is_null(value):
+    if is_null(value):
         return False
     if isinstance(value, bool):
         return value
@@ -83,10 +83,10 @@ def _bool(d: dict, key: str) -> bool:
 
 def _list(d: dict, key: str) -> list[str]:
     value = d.get(key)
-    if _is_null(value):
+    if is_null(value):
         return []
     if isinstance(value, list):
-        return ["" if _is_null(v) else str(v).strip() for v in value]
+        return ["" if is_null(v) else str(v).strip() for v in value]
     if not isinstance(value, str):
         raise PilotError(ErrorCode.CONVERSIONFAILURE, f"'{key}' must be a comma-separated list")
     return [v.strip() for v in value.split(",")]
@@ -109,7 +109,7 @@ def check_lfn(name: str, key: str = "file name") -> str:
 
 def parse_checksum(value: str) -> tuple[str, str] | None:
     """``ad:0a1b2c3d`` -> ``("adler32", "0a1b2c3d")``; bare 8 hex digits count as adler32."""
-    if _is_null(value):
+    if is_null(value):
         return None
     m = _CHECKSUM.match(value.strip())
     if not m:

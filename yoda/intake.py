@@ -22,35 +22,34 @@ from typing import Any
 import numpy as np
 
 from pilot.errors import ErrorCode, PilotError
-from pilot.job import MAX_LFN, EventRange
+from pilot.job import EventRange, check_lfn, is_null
 from yoda.ledger import ADD_DTYPE, columns_of
 
 _RANGE_ID = re.compile(r"[0-9]+-[0-9]+-[0-9]+-[0-9]+-[0-9]+")
-_NULLS = frozenset({"", "NULL", "None", "null"})
 _FIELDS = operator.itemgetter("eventRangeID", "startEvent", "lastEvent", "LFN", "GUID", "scope")
 # the ledger's column widths: proc u32, attempt u16, events per range u32
 _PROC_MAX, _ATTEMPT_MAX, _NEV_MAX = 2**32 - 1, 2**16 - 1, 2**32 - 1
 
 
 def _text(value: Any) -> str | None:
+    """A GUID, scope or PFN as :meth:`EventRange.from_panda` keeps it ("" for the null
+    spellings); None if it is not a string at all."""
     if value is None:
         return ""
     if type(value) is not str:
         return None
-    return "" if value.strip() in _NULLS else value
+    return "" if is_null(value) else value
 
 
 def _plain_lfn(lfn: Any) -> bool:
-    return (
-        type(lfn) is str
-        and 0 < len(lfn) <= MAX_LFN
-        and lfn.isprintable()
-        and lfn.strip() not in _NULLS
-        and lfn not in (".", "..")
-        and not lfn.startswith("..")
-        and "/" not in lfn
-        and "\\" not in lfn
-    )
+    """An LFN :func:`check_lfn` accepts, printable, and not a null spelling."""
+    if type(lfn) is not str or not lfn.isprintable() or is_null(lfn):
+        return False
+    try:
+        check_lfn(lfn, "LFN")
+    except PilotError:
+        return False
+    return True
 
 
 def parse_ranges(items: list[Any]) -> list[EventRange | PilotError]:

@@ -190,7 +190,9 @@ class Yoda:
         return len(self.book.unsent) + sum(len(b) for b in self._in_flight.values())
 
     def push_updates(self, now: float, force: bool = False) -> None:
-        """Send journaled results upstream, one batch on its way at a time."""
+        """Send journaled results upstream: up to ``update_depth`` calls on their way, each
+        taking what waits (at most ``update_max``) once ``update_batch`` results or
+        ``update_interval`` make it worth it."""
         unsent = self.book.unsent
         budget = len(unsent)  # each result tried at most once per push
         while (
@@ -261,7 +263,7 @@ class Yoda:
         rows = led.rows[: led.n]  # columns are read one at a time: no copy of the table
         state = rows["state"]
         mine = rows["job"] == job_index
-        if ((state[mine] == State.READY) | (state[mine] == State.LEASED)).any():
+        if (state[mine] <= State.LEASED).any():  # READY or LEASED: not done yet
             return None
         pending = [self.book.unsent.rows(), *(b.rows for b in self._in_flight.values())]
         if (rows["job"][np.concatenate(pending)] == job_index).any():
