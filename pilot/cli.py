@@ -121,6 +121,24 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default="",
         help="outbound connections of the payload: report (default), deny-all, or allow:HOST/NET[:PORT],...",
     )
+    p.add_argument(
+        "--es-ready-timeout",
+        type=float,
+        default=1800.0,
+        help="event service: seconds a payload may take to ask for its first range",
+    )
+    p.add_argument(
+        "--es-range-timeout",
+        type=float,
+        default=None,
+        help="event service: seconds a range may stay out before it fails (1375)",
+    )
+    p.add_argument(
+        "--es-final-wait",
+        type=float,
+        default=1800.0,
+        help="event service: seconds to wait for the last reports after No more events",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -136,6 +154,9 @@ def _config(args: argparse.Namespace, **overrides: object) -> PilotConfig:
         kill_grace=args.kill_grace,
         connection_policy=args.connection_policy,
         trace_url=args.trace_url,
+        es_ready_timeout=args.es_ready_timeout,
+        es_range_timeout=args.es_range_timeout,
+        es_final_wait=args.es_final_wait,
     )
     values.update(overrides)
     return PilotConfig(**values)  # type: ignore[arg-type]

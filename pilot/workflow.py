@@ -214,9 +214,11 @@ def _run_steps(
             summary = es_runner(job, workdir, config, stop)
             result.n_events = int(summary.get("nEvents", 0))
             result.metrics.update(summary.get("metrics", {}))
-            result.extra["eventService"] = {
-                k: v for k, v in summary.items() if k not in ("metrics", "results")
-            }
+            # The summary's error is an object: the job report (JSON) gets its code and text.
+            extra = {k: v for k, v in summary.items() if k not in ("metrics", "results", "error")}
+            if summary.get("error") is not None:
+                extra["error"] = {"code": summary["error"].code, "diag": summary["error"].diag}
+            result.extra["eventService"] = extra
             if summary.get("error"):
                 raise summary["error"]
         else:

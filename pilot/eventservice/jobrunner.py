@@ -84,7 +84,10 @@ def make_es_runner(
             source,
             reporter,
             env=dict(config.extra_env) or None,
-            range_timeout=range_timeout,
+            range_timeout=range_timeout if range_timeout is not None else config.es_range_timeout,
+            ready_timeout=config.es_ready_timeout,
+            final_wait=config.es_final_wait,
+            container=config.container,
             report_interval=report_interval,
             deadline=deadline,
             stop_event=stop,  # type: ignore[arg-type]
