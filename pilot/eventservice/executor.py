@@ -157,6 +157,7 @@ class EventExecutor:
         self.error: PilotError | None = None  # set when the payload cannot go on
         self.exit_diagnosis: PayloadDiagnosis | None = None  # of the payload's last exit
         self.bad_messages = 0  # messages refused or dropped, for the job's record
+        self.payload_command = ""  # the last command started, channel name written in
         self._queue: deque[EventRange] = deque()
         self._in_flight: dict[str, tuple[EventRange, float]] = {}
         self._known: set[str] = set()
@@ -267,6 +268,7 @@ class EventExecutor:
         self._close_channel()
         self._channel = RangeChannel(unique_channel_name())
         command = with_channel(self._command_text(), self._channel.name)
+        self.payload_command = command
         if self.container is not None:
             # yampl fixes the socket under /tmp: the container must see that very file.
             spec = replace(self.container, binds=(*self.container.binds, str(self._channel.path)))

@@ -222,3 +222,23 @@ def test_payload_that_exits_at_once_is_restarted_then_given_up(tmp_path):
     results = drive(ex, make_ranges(2))
     assert results == [] and ex.error is not None and ex.restarts == 2
     assert len(ex.stop(grace=0.1)) == 2
+
+
+def test_toysim_as_athenamt_gets_pfn_and_reports_na_times(tmp_path):
+    (tmp_path / "EVNT.root").write_text("input")
+    ex = EventExecutor(make_job(f"{TOYSIM} --CA --multithreaded=true"), tmp_path)
+    results = by_id(drive(ex, make_ranges(3)))
+    assert ex.finished and ex.error is None
+    assert "--athenaopts=' --mtes --mtes-channel=" in ex.payload_command
+    assert all(r.status is RangeStatus.FINISHED for r in results.values())
+    assert all(r.cpu == 0.0 and r.wall == 0.0 for r in results.values())  # CPU:N/A,WALL:N/A
+
+
+def test_a_range_athenamp_would_split_fails_alone_with_a_clear_error(tmp_path):
+    ranges = make_ranges(3)
+    ranges[1] = EventRange("3-7-1-1-0", 11, 20, "EVNT.root", "guid,with,commas")
+    results = by_id(drive(EventExecutor(make_job(TOYSIM), tmp_path), ranges))
+    bad = results.pop("3-7-1-1-0")
+    assert bad.status is RangeStatus.FAILED and bad.error_code == ErrorCode.ESRECOVERABLE
+    assert "GUID" in bad.error_diag and "commas" in bad.error_diag
+    assert all(r.status is RangeStatus.FINISHED for r in results.values())
