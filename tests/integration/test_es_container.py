@@ -11,6 +11,7 @@ from pilot.eventservice.executor import EventExecutor
 from pilot.eventservice.model import RangeStatus
 from pilot.job import EventRange, Job
 from pilot.payload.container import ContainerSpec
+from tests.conftest import REPO
 from tests.tools.debian import ensure_tool
 
 
@@ -45,7 +46,12 @@ def run(ex: EventExecutor, n: int) -> dict:
 # socket the pilot binds in makes the channel reachable
 @pytest.mark.parametrize("image", ["", "/"])
 def test_toysim_in_bubblewrap_reaches_the_channel(bwrap, tmp_path: Path, image: str):
-    ex = EventExecutor(toysim_job(), tmp_path / "w", container=ContainerSpec("bwrap", image=image))
+    # a Python or a checkout that lives under /tmp must stay visible over the private /tmp
+    keep = {str(REPO), sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parent)}
+    spec = ContainerSpec(
+        "bwrap", image=image, ro_binds=tuple(p for p in keep if p.startswith("/tmp"))
+    )
+    ex = EventExecutor(toysim_job(), tmp_path / "w", container=spec)
     results = run(ex, 5)
     assert ex.finished and ex.error is None, (tmp_path / "w" / "payload.stderr").read_text()
     assert len(results) == 5 and all(r.status is RangeStatus.FINISHED for r in results.values())
