@@ -59,6 +59,9 @@ class PilotConfig:
     es_ready_timeout: float = 1800.0
     es_range_timeout: float | None = None
     es_final_wait: float = 1800.0
+    # a proxy meant for payloads (copied into each job's work directory); the pilot's
+    # own credentials never reach a payload (pilot.payload.secrets)
+    payload_proxy: str | None = None
 
     def job_workdir(self, panda_id: int) -> Path:
         return self.workdir / f"PandaJob_{panda_id}"

@@ -21,7 +21,8 @@ from pilot.errors import ErrorCode, PilotError, signal_code
 from pilot.eventservice.loop import RangeSource, run_event_service
 from pilot.eventservice.model import RangeResult
 from pilot.job import Job
-from pilot.workflow import wall_limit
+from pilot.payload.command import payload_environment
+from pilot.workflow import payload_container, wall_limit
 
 
 class _Stop(Protocol):
@@ -83,11 +84,13 @@ def make_es_runner(
             workdir,
             source,
             reporter,
-            env=dict(config.extra_env) or None,
+            env=payload_environment(
+                job, workdir, extra=config.extra_env, payload_proxy=config.payload_proxy
+            ),
             range_timeout=range_timeout if range_timeout is not None else config.es_range_timeout,
             ready_timeout=config.es_ready_timeout,
             final_wait=config.es_final_wait,
-            container=config.container,
+            container=payload_container(job, config),
             report_interval=report_interval,
             deadline=deadline,
             stop_event=stop,  # type: ignore[arg-type]
