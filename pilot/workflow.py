@@ -34,7 +34,7 @@ from pilot.monitor.pytracer import TRACER_DIR
 from pilot.payload.command import build_command
 from pilot.payload.container import ContainerSpec, wrap
 from pilot.payload.runner import PayloadProcess
-from pilot.payload.secrets import secret_paths
+from pilot.payload.secrets import job_secrets, secret_paths
 from pilot.report import (
     JOB_REPORT,
     PAYLOAD_STDERR,
@@ -327,10 +327,25 @@ def _run_payload(
     if spec is not None:
         argv = wrap(command.shell, workdir, spec)
         log.info("container: %s", " ".join(argv[:-1]))
+    with job_secrets(workdir, job.raw):
+        _watch_payload(job, config, upstream, result, stop, monitor_factory, command.env, argv)
+
+
+def _watch_payload(
+    job: Job,
+    config: PilotConfig,
+    upstream: Upstream,
+    result: JobResult,
+    stop: StopSignal | None,
+    monitor_factory: MonitorFactory | None,
+    env: dict[str, str],
+    argv: list[str] | str,
+) -> None:
+    workdir = result.workdir
     payload = PayloadProcess(
         argv,
         cwd=workdir,
-        env=command.env,
+        env=env,
         stdout=workdir / PAYLOAD_STDOUT,
         stderr=workdir / PAYLOAD_STDERR,
         shell=isinstance(argv, str),

@@ -11,15 +11,22 @@ knew the path of; with the variables gone it no longer learns those paths.
 A job gets the credentials meant for it, and only on purpose: a proxy for
 payloads given with ``--payload-proxy`` is copied into the job's work
 directory (mode 0600) and named in ``X509_USER_PROXY``
-(:func:`job_credentials`).
+(:func:`job_credentials`); a user's secrets that PanDA hands with the job
+(its ``secrets`` field, from ``prun --useSecrets``) become
+``panda_secrets.json`` in the work directory, where the payload looks for
+them, mode 0600, never logged, and removed before the log tarball is made
+(:func:`job_secrets`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from pilot.errors import ErrorCode, PilotError
 
@@ -42,6 +49,7 @@ CREDENTIAL_VARIABLES = (
     "X509_USER_KEY",
 )
 PAYLOAD_PROXY_NAME = ".payload_x509_proxy"
+SECRETS_FILE = "panda_secrets.json"
 
 
 def scrub(env: Mapping[str, str]) -> dict[str, str]:
@@ -89,3 +97,27 @@ def job_credentials(workdir: Path, payload_proxy: str | None) -> dict[str, str]:
     except OSError as exc:
         raise PilotError(ErrorCode.NOPROXY, f"payload proxy {payload_proxy}: {exc}") from None
     return {"X509_USER_PROXY": str(target)}
+
+
+@contextlib.contextmanager
+def job_secrets(workdir: Path, raw: Mapping[str, Any]) -> Iterator[Path | None]:
+    """``panda_secrets.json`` for the payload while it runs, when the job carries secrets."""
+    value = raw.get("secrets")
+    if value in (None, "", "NULL", "None", {}, []):
+        yield None
+        return
+    text = value if isinstance(value, str) else json.dumps(value)
+    path = Path(workdir) / SECRETS_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise PilotError(
+            ErrorCode.FILEHANDLINGFAILURE, f"cannot write {path.name}: {exc}"
+        ) from None
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import tarfile
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -243,3 +244,25 @@ def test_options_that_cannot_apply_are_refused(tmp_path):
         assert "pilot run: " in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "w").exists()
     assert os.path.exists(job)
+
+
+def test_user_secrets_reach_the_payload_only(config, tmp_path):
+    script = tmp_path / "use.py"
+    script.write_text(
+        "import json, os\n"
+        "s = json.load(open('panda_secrets.json'))\n"
+        "print('got', sorted(s), oct(os.stat('panda_secrets.json').st_mode & 0o777))\n"
+    )
+    secret = {"MY_SECRET": "user-secret-value"}
+    job = Job.from_panda(
+        job_dict(3006, jobpars=str(script), secrets=json.dumps(secret), logFile="log.3006.tgz")
+    )
+    result, record = run(job, config)
+    assert result.state == "finished", result.pilot_error_diag
+    assert "got ['MY_SECRET'] 0o600" in record["pilotLog"]
+    workdir = config.job_workdir(3006)
+    assert not (workdir / "panda_secrets.json").exists()
+    with tarfile.open(next(Path(config.output_url).rglob("log.3006.tgz"))) as tar:
+        assert not [n for n in tar.getnames() if "panda_secrets" in n]
+    everything = (workdir / "pilot.log").read_text() + json.dumps(record)
+    assert "user-secret-value" not in everything
