@@ -26,7 +26,6 @@ from pilot.monitor.watch import make_monitor
 from pilot.payload.container import ContainerSpec
 from pilot.workflow import run_job
 from tests.conftest import PYTHON, job_dict, write_job
-from tests.tools.debian import ensure_tool
 
 
 class Server:
@@ -83,14 +82,6 @@ def server(request) -> Iterator[Server]:
     s = Server(*request.param)
     yield s
     s.close()
-
-
-@pytest.fixture(scope="module")
-def bwrap() -> None:
-    reason = ensure_tool("bwrap", "bubblewrap")
-    if reason:
-        print(f"SKIP bubblewrap: {reason}")
-        pytest.skip(reason)
 
 
 def connecting_job(server: Server, where: Path, hold: float = 0.01) -> Job:

@@ -12,15 +12,6 @@ from pilot.eventservice.model import RangeStatus
 from pilot.job import EventRange, Job
 from pilot.payload.container import ContainerSpec
 from tests.conftest import REPO
-from tests.tools.debian import ensure_tool
-
-
-@pytest.fixture(scope="module")
-def bwrap() -> None:
-    reason = ensure_tool("bwrap", "bubblewrap")
-    if reason:
-        print(f"SKIP bubblewrap: {reason}")
-        pytest.skip(reason)
 
 
 def toysim_job() -> Job:
