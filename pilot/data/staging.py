@@ -20,6 +20,7 @@ from pathlib import Path
 from pilot.credentials import redact_url
 from pilot.data.checksum import file_checksum
 from pilot.data.copytools import Copytool, TransferResult, remove_quietly, url_to_path
+from pilot.data.names import storage_url
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import FileSpec, Job
 
@@ -59,13 +60,14 @@ TransferSink = Callable[[TransferEvent], None]
 
 
 def _file_url(base: str, spec: FileSpec) -> str:
-    base = base.rstrip("/")
-    return f"{base}/{spec.scope}/{spec.lfn}" if spec.scope else f"{base}/{spec.lfn}"
+    """``<base>/<scope>/<lfn>``; scope and name are checked again here, because a
+    FileSpec need not come from a validated job."""
+    return storage_url(base, spec.scope, spec.lfn, spec.kind)
 
 
 def _candidates(base: str, spec: FileSpec) -> list[str]:
     urls = [_file_url(base, spec)]
-    flat = f"{base.rstrip('/')}/{spec.lfn}"
+    flat = storage_url(base, "", spec.lfn, spec.kind)
     if flat not in urls:
         urls.append(flat)
     return urls

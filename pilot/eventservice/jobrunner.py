@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pilot.data.copytools import make_copytool
+from pilot.data.names import check_scope, storage_url
 from pilot.errors import ErrorCode, PilotError, signal_code
 from pilot.eventservice.loop import RangeSource, run_event_service
 from pilot.eventservice.model import RangeResult
@@ -41,17 +42,18 @@ def range_stage_out(job: Job, config: Any) -> Callable[[RangeResult], RangeResul
     copytool = make_copytool(config.copytool, **config.copytool_options)
     if copytool.name == "harvester":
         return None  # the output was measured when collected; reading it again tells nothing
-    base = (config.output_url or str(Path(config.workdir) / "storage")).rstrip("/")
-    scope = (
-        job.out_files[0].scope if job.out_files else (job.log_file.scope if job.log_file else "")
+    base = config.output_url or str(Path(config.workdir) / "storage")
+    scope = check_scope(
+        job.out_files[0].scope if job.out_files else (job.log_file.scope if job.log_file else ""),
+        "output scope",
     )
-    prefix = f"{base}/{scope}" if scope else base
 
     def put(result: RangeResult) -> RangeResult:
         if not result.output_path:
             return result
         src = Path(result.output_path)
-        moved = copytool.put(src, f"{prefix}/{src.name}", timeout=config.stageout_timeout)
+        url = storage_url(base, scope, src.name)
+        moved = copytool.put(src, url, timeout=config.stageout_timeout)
         if moved.adler32 != result.adler32 or moved.size != result.fsize:
             raise PilotError(
                 ErrorCode.PUTADMISMATCH,
