@@ -29,6 +29,7 @@ class TransferResult:
     md5: str = ""
     seconds: float = 0.0
     url: str = ""
+    rse: str = ""  # the storage endpoint that served or took the file, when known
 
 
 class Copytool(Protocol):
@@ -144,7 +145,7 @@ class InPlaceTool:
 
 
 def make_copytool(name: str, **options: object) -> Copytool:
-    """Copytool by its schedconfig name (``copy``, ``http``)."""
+    """Copytool by its schedconfig name (``copy``, ``http``, ``rucio``)."""
     if name in ("copy", "cp", "mv", "copy_local"):
         return CopyTool(symlink_inputs=bool(options.get("symlink_inputs", False)))
     if name == "harvester":
@@ -157,6 +158,10 @@ def make_copytool(name: str, **options: object) -> Copytool:
                 ErrorCode.UNKNOWNCOPYTOOL, f"copytool {name!r} is not available"
             ) from None
         return HttpCopyTool(**options)  # type: ignore[arg-type]
+    if name == "rucio":
+        from pilot.data.rucio import RucioCopyTool  # noqa: PLC0415 - optional part
+
+        return RucioCopyTool(options.get("rucio"))  # type: ignore[arg-type]
     raise PilotError(ErrorCode.UNKNOWNCOPYTOOL, f"copytool {name!r} is unknown")
 
 

@@ -136,6 +136,7 @@ class Trace:
             event.spec,
             event.direction,
             local_site=local_site,
+            remote_site=getattr(event, "remote_site", ""),
             protocol=event.protocol,
             pq=pq,
         )
