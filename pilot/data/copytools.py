@@ -19,6 +19,8 @@ from urllib.parse import unquote, urlparse
 from pilot.data.checksum import CHUNK, StreamChecksum
 from pilot.errors import ErrorCode, PilotError
 
+DEFAULT_NAME = "copy"
+
 
 @dataclass
 class TransferResult:
@@ -159,6 +161,13 @@ def make_copytool(name: str, **options: object) -> Copytool:
             ) from None
         return HttpCopyTool(**options)  # type: ignore[arg-type]
     if name == "rucio":
+        import importlib.util  # noqa: PLC0415
+
+        if importlib.util.find_spec("rucio") is None:
+            raise PilotError(
+                ErrorCode.MIDDLEWAREIMPORTFAILURE,
+                "copytool 'rucio' needs rucio-clients: pip install 'panda-hpc-pilot[rucio]'",
+            )
         from pilot.data.rucio import RucioCopyTool  # noqa: PLC0415 - optional part
 
         return RucioCopyTool(options.get("rucio"))  # type: ignore[arg-type]

@@ -141,6 +141,17 @@ class RucioSettings:
     def trace_url(self) -> str:
         return f"{self.host}/traces/"
 
+    def trace_auth(self) -> Any:
+        """Credentials for a trace server that is not local: this account's Rucio token,
+        the X.509 proxy as client certificate, the CA path."""
+        from pilot.data.traces import TraceAuth  # noqa: PLC0415
+
+        client = self.client(30.0, "put")
+        headers = {"X-Rucio-Auth-Token": client.auth_token}
+        if client.account:
+            headers["X-Rucio-Account"] = client.account
+        return TraceAuth(headers, self.x509_proxy or None, self.ca_cert or None)
+
     def creds(self) -> dict[str, Any]:
         if self.auth_type == "userpass":
             return {"username": self.username, "password": self.password}

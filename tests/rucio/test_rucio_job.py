@@ -11,7 +11,7 @@ from typing import Any
 
 from pilot.data.checksum import adler32_file
 from tests.conftest import PYTHON, REPO, adler32_of, job_dict
-from tests.rucio.conftest import seed
+from tests.rucio.conftest import seed, wait_for_traces
 from tests.tools.rucio_server import SCOPE, RucioServer
 
 COPY = "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2])\n"
@@ -82,6 +82,33 @@ def test_a_job_with_a_did_input_runs_and_its_output_is_registered(
     assert rucio_client.get_metadata(SCOPE, "log.7001.tgz")["guid"] == job["logGUID"].replace(
         "-", ""
     )
+    # one trace per transfer, the pilot's own (Rucio's format), none from the client
+    names = {name_in, name_out, "log.7001.tgz"}
+    traces = wait_for_traces(
+        rucio_server,
+        lambda ts: {t.get("filename") for t in ts if t.get("appid") == "7001"} >= names,
+    )
+    ours = [t for t in traces if t.get("filename") in names]
+    assert sorted((t["eventType"], t["filename"], t["clientState"]) for t in ours) == sorted(
+        [
+            ("get_sm", name_in, "DONE"),
+            ("put_sm", name_out, "DONE"),
+            ("put_sm", "log.7001.tgz", "DONE"),
+        ]
+    )
+    assert all(t["eventVersion"].startswith("pandapilot") and t["scope"] == SCOPE for t in ours)
+    by_name = {t["filename"]: t for t in ours}
+    assert by_name[name_in]["remoteSite"] == "LOCAL_DISK"
+    assert by_name[name_out]["remoteSite"] == "LOCAL_DISK2"
+    assert by_name[name_out]["dataset"] == dataset and by_name[name_out]["url"].startswith(
+        "file://"
+    )
+    problems = [
+        line
+        for line in rucio_server.trace_file.read_text().splitlines()
+        if not line.startswith("{") and any(n in line for n in names)
+    ]
+    assert not problems  # the server's schema check took them
 
 
 def test_a_job_with_a_missing_did_fails_with_missinginputfile(
