@@ -497,27 +497,30 @@ class RucioCopyTool:
                 raise map_error(exc, "put", f"attach to {dataset}") from None
         return pfn
 
-    def _pfn(self, spec: FileSpec, rse: str) -> str | None:
+    def _replica(self, spec: FileSpec, rse: str) -> tuple[str | None, str]:
+        """The PFN on ``rse`` (None when there is none) and the catalogue's adler32."""
         try:
             reps = list(self.client.list_replicas([{"scope": spec.scope, "name": spec.lfn}]))
         except Exception as exc:  # noqa: BLE001
             raise map_error(exc, "put", f"{spec.scope}:{spec.lfn}") from None
-        pfns = (reps[0].get("rses") or {}).get(rse) if reps else None
-        return pfns[0] if pfns else None
+        if not reps:
+            return None, ""
+        pfns = (reps[0].get("rses") or {}).get(rse)
+        return (pfns[0] if pfns else None), str(reps[0].get("adler32") or "")
+
+    def _pfn(self, spec: FileSpec, rse: str) -> str | None:
+        return self._replica(spec, rse)[0]
 
     def _registered(self, spec: FileSpec, rse: str, local: StreamChecksum) -> str:
-        """After the upload: the catalogue must have this file, on ``rse``, with our checksum."""
-        try:
-            meta = self.client.get_metadata(spec.scope, spec.lfn)
-        except Exception as exc:  # noqa: BLE001
-            raise map_error(exc, "put", f"{spec.scope}:{spec.lfn} after upload") from None
-        if str(meta.get("adler32") or "").lstrip("0") != local.adler32.lstrip("0"):
+        """After the upload: the catalogue must have this file, on ``rse``, with our checksum
+        (one replica lookup answers both)."""
+        pfn, theirs = self._replica(spec, rse)
+        if theirs.lstrip("0") != local.adler32.lstrip("0"):
             raise PilotError(
                 ErrorCode.PUTADMISMATCH,
-                f"{spec.scope}:{spec.lfn}: Rucio has adler32 {meta.get('adler32')}, "
+                f"{spec.scope}:{spec.lfn}: Rucio has adler32 {theirs or None}, "
                 f"the file {local.adler32}",
             )
-        pfn = self._pfn(spec, rse)
         if pfn is None:
             raise PilotError(
                 ErrorCode.STAGEOUTFAILED,
