@@ -187,6 +187,8 @@ class RucioSettings:
                 vo=self.vo or None,
                 timeout=max(1, int(timeout)),
                 user_agent="panda-pilot",
+                # its messages go to the pilot's log, not to a coloured handler of its own
+                logger=logging.getLogger("pilot.data.rucio.client"),
             )
         except Exception as exc:  # noqa: BLE001 - every client failure gets a code
             raise map_error(exc, direction, f"Rucio at {self.host}") from None

@@ -195,7 +195,30 @@ def test_a_server_that_does_not_answer_is_a_timeout(rucio_server, variant, tmp_p
             attempts=1,
             timeout=2,
         )
-    assert err.code == ErrorCode.STAGEINTIMEOUT, err.diag
+        assert err.code == ErrorCode.STAGEINTIMEOUT, err.diag
+        (tmp_path / "t_out.dat").write_bytes(b"x")
+        err = fails(
+            stage_out,
+            [output_spec("t_out.dat")],
+            tmp_path,
+            RucioCopyTool(settings),
+            "",
+            attempts=1,
+            timeout=2,
+        )
+    assert err.code == ErrorCode.STAGEOUTTIMEOUT, err.diag
+
+
+def test_an_rse_unavailable_for_reads(rucio_server, rucio_client, tmp_path, unique) -> None:
+    data = b"unreadable for now"
+    seed(rucio_server, rucio_client, f"r_{unique}.dat", data, tmp=tmp_path / "seed")
+    rucio_client.update_rse("LOCAL_DISK", {"availability_read": False})
+    try:
+        job = input_job(f"r_{unique}.dat", data, "LOCAL_DISK")
+        err = fails(stage_in, job, tmp_path, RucioCopyTool(), "")
+    finally:
+        rucio_client.update_rse("LOCAL_DISK", {"availability_read": True})
+    assert err.code == ErrorCode.SERVICENOTAVAILABLE and "LOCAL_DISK" in err.diag
 
 
 def test_a_server_that_went_down(rucio_server, variant, tmp_path, unique) -> None:
