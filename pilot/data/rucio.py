@@ -34,7 +34,8 @@ Account and credentials come from the usual Rucio client configuration,
 read once into :class:`RucioSettings`: ``RUCIO_CONFIG`` (else
 ``$RUCIO_HOME/etc/rucio.cfg``, else ``/opt/rucio/etc/rucio.cfg``), with
 ``RUCIO_ACCOUNT`` and ``RUCIO_AUTH_TYPE`` overriding the file, an X.509
-proxy from ``X509_USER_PROXY`` and a token from the WLCG token discovery.
+proxy from ``X509_USER_PROXY``, and for ``oidc`` a bearer token that the client
+finds by WLCG token discovery (``BEARER_TOKEN``, ``BEARER_TOKEN_FILE`` ...).
 """
 
 from __future__ import annotations
@@ -88,7 +89,6 @@ class RucioSettings:
     client_cert: str = ""
     client_key: str = ""
     x509_proxy: str = ""
-    token: str = ""  # a bearer token, sent as X-Rucio-Auth-Token
     ca_cert: str = ""
     vo: str = ""
 
@@ -115,12 +115,9 @@ class RucioSettings:
             raise PilotError(
                 ErrorCode.MIDDLEWAREIMPORTFAILURE, f"Rucio configuration {path} has no rucio_host"
             )
-        from pilot.credentials import find_token  # noqa: PLC0415
-
+        # oidc: the client finds the bearer token itself, by WLCG token discovery
+        # (BEARER_TOKEN, BEARER_TOKEN_FILE, $XDG_RUNTIME_DIR/bt_u<uid>, /tmp/bt_u<uid>)
         auth_type = env.get("RUCIO_AUTH_TYPE") or client.get("auth_type", "userpass")
-        token = ""
-        if auth_type == "oidc":
-            token = find_token(environ=dict(env)) or ""
         return cls(
             config_path=str(path),
             host=host.rstrip("/"),
@@ -132,7 +129,6 @@ class RucioSettings:
             client_cert=env.get("RUCIO_CLIENT_CERT") or client.get("client_cert", ""),
             client_key=env.get("RUCIO_CLIENT_KEY") or client.get("client_key", ""),
             x509_proxy=env.get("X509_USER_PROXY") or client.get("client_x509_proxy", ""),
-            token=token,
             ca_cert=env.get("X509_CERT_DIR") or client.get("ca_cert", ""),
             vo=env.get("RUCIO_VO") or client.get("vo", ""),
         )
@@ -181,7 +177,7 @@ class RucioSettings:
                 rucio_host=self.host,
                 auth_host=self.auth_host,
                 account=self.account or None,
-                auth_type=self.auth_type if not self.token else "oidc",
+                auth_type=self.auth_type,
                 creds=self.creds() or None,
                 ca_cert=self.ca_cert or None,
                 vo=self.vo or None,
@@ -192,9 +188,6 @@ class RucioSettings:
             )
         except Exception as exc:  # noqa: BLE001 - every client failure gets a code
             raise map_error(exc, direction, f"Rucio at {self.host}") from None
-        if self.token:
-            client.auth_token = self.token
-            client.headers["X-Rucio-Auth-Token"] = self.token
         return client
 
 
@@ -205,6 +198,7 @@ class _Log:
         self._logger = logger
 
     def __call__(self, level: int, msg: str, *args: Any, **kwargs: Any) -> None:
+        # one level down: the pilot reports a failed transfer itself, with its code
         kwargs.pop("exc_info", None)
         self._logger.log(
             min(level, logging.INFO) if level < logging.ERROR else logging.WARNING, msg, *args

@@ -180,6 +180,34 @@ def test_auth_failures(rucio_server, variant, tmp_path, unique) -> None:
     assert err.code == ErrorCode.NOPROXY, err.diag
 
 
+def test_a_bearer_token_found_by_wlcg_discovery(
+    rucio_server, rucio_client, variant, tmp_path, unique, monkeypatch
+) -> None:
+    """auth_type oidc with no password: the client takes the token from BEARER_TOKEN_FILE
+    (here a token the server issued to root, as an identity provider's would be)."""
+    token_file = tmp_path / "bt"
+    token_file.write_text(rucio_client.auth_token)
+    monkeypatch.setenv("BEARER_TOKEN_FILE", str(token_file))
+    monkeypatch.delenv("BEARER_TOKEN", raising=False)
+    settings = variant(auth_type="oidc", password="")
+    assert settings.auth_type == "oidc"
+    data = b"by token"
+    seed(rucio_server, rucio_client, f"tok_{unique}.dat", data, tmp=tmp_path / "seed")
+    work = tmp_path / "work"
+    work.mkdir()
+    stage_in(input_job(f"tok_{unique}.dat", data), work, RucioCopyTool(settings), "")
+    assert (work / f"tok_{unique}.dat").read_bytes() == data
+    token_file.write_text("not-a-token")
+    err = fails(
+        stage_in,
+        input_job(f"tok_{unique}.dat", data),
+        tmp_path / "x",
+        RucioCopyTool(variant(auth_type="oidc", password="")),
+        "",
+    )
+    assert err.code == ErrorCode.STAGEINAUTHENTICATIONFAILURE, err.diag
+
+
 def test_a_server_that_does_not_answer_is_a_timeout(rucio_server, variant, tmp_path) -> None:
     with socket.socket() as silent:  # accepts connections (backlog), never answers
         silent.bind(("127.0.0.1", 0))

@@ -80,7 +80,7 @@ def test_rucio_settings_from_the_usual_client_configuration(tmp_path: Path) -> N
     env = {"RUCIO_CONFIG": str(cfg), "RUCIO_ACCOUNT": "prod", "RUCIO_AUTH_TYPE": "oidc"}
     env["BEARER_TOKEN"] = "eyJ.a.b"
     s = RucioSettings.from_environ(env)
-    assert (s.account, s.auth_type, s.token) == ("prod", "oidc", "eyJ.a.b")
+    assert (s.account, s.auth_type, s.creds()) == ("prod", "oidc", {})
     home = tmp_path / "home"
     (home / "etc").mkdir(parents=True)
     (home / "etc" / "rucio.cfg").write_text(cfg.read_text())
