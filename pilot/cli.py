@@ -101,7 +101,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--copytool",
         default=None,
-        help="copytool for stage-in/out: copy (default), http; Harvester mode: harvester",
+        help="copytool for all transfers: copy, http, rucio; Harvester mode: harvester "
+        "(default: the queue's acopytools per activity, else copy)",
     )
     p.add_argument(
         "--queuedata-url", default="", help="queue description (schedconfig JSON): URL or file"
@@ -154,7 +155,7 @@ def _config(args: argparse.Namespace, **overrides: object) -> PilotConfig:
         site_name=args.site,
         input_url=args.input_url,
         output_url=args.output_url,
-        copytool=args.copytool or "copy",
+        copytool=args.copytool or "",
         heartbeat_interval=args.heartbeat,
         monitor_interval=args.monitor_interval,
         kill_grace=args.kill_grace,
@@ -166,7 +167,24 @@ def _config(args: argparse.Namespace, **overrides: object) -> PilotConfig:
         payload_proxy=args.payload_proxy or None,
     )
     values.update(overrides)
-    return PilotConfig(**values)  # type: ignore[arg-type]
+    config = PilotConfig(**values)  # type: ignore[arg-type]
+    return _with_rucio(config)
+
+
+def _with_rucio(config: PilotConfig) -> PilotConfig:
+    """Read the Rucio client configuration once, when a copytool of this pilot is rucio.
+    Without one the rucio copytool fails each job with its clear error (1342)."""
+    from pilot.data.choice import uses_rucio  # noqa: PLC0415
+
+    if config.rucio is not None or not uses_rucio(config):
+        return config
+    from pilot.data.rucio import RucioSettings  # noqa: PLC0415
+
+    try:
+        return dataclasses.replace(config, rucio=RucioSettings.from_environ())
+    except PilotError as exc:
+        log.warning("rucio copytool: %s", exc.detail)
+        return config
 
 
 # Options of `pilot run` that only one way of getting jobs uses: given with another
