@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pilot.comm.pandaapi import epoch_of
 from pilot.commission.templates import Template, load_templates
 from pilot.errors import PilotError
 from pilot.queue import QueueConfig, schedconfig_url
@@ -57,7 +58,7 @@ def outcome_from_record(template: str, panda_id: int, fields: dict[str, Any] | N
     if not fields:
         return Outcome(template, panda_id)
     try:
-        wall = float(fields.get("endTime", 0)) - float(fields.get("startTime", 0))
+        wall = epoch_of(fields.get("endTime", 0)) - epoch_of(fields.get("startTime", 0))
     except (TypeError, ValueError):
         wall = 0.0
     return Outcome(
