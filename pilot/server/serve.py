@@ -28,6 +28,7 @@ from pilot.credentials import is_loopback
 from pilot.server import loading
 from pilot.server.app import DispatcherApp
 from pilot.server.db import Store
+from pilot.server.v1 import QUIRKS
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class EmbeddedServer:
         *,
         threads: int = 8,
         require_pilot_token: bool | None = None,
+        quirks: frozenset[str] | set[str] = frozenset(),
+        legacy_only: bool = False,
     ) -> None:
         self.db_path = str(db_path)
         self.host = host
@@ -60,6 +63,8 @@ class EmbeddedServer:
         self.require_pilot_token = (
             (not is_loopback(host)) if require_pilot_token is None else require_pilot_token
         )
+        self.quirks = frozenset(quirks)
+        self.legacy_only = legacy_only
         self.store: Store | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -76,7 +81,11 @@ class EmbeddedServer:
         """Open the database, bind, and serve in a thread; returns once listening."""
         self.store = Store(self.db_path)
         app = DispatcherApp(
-            self.store, token=self.token, require_pilot_token=self.require_pilot_token
+            self.store,
+            token=self.token,
+            require_pilot_token=self.require_pilot_token,
+            quirks=self.quirks,
+            legacy_only=self.legacy_only,
         )
         try:
             self._server = create_server(
@@ -160,6 +169,19 @@ def serve_main(argv: list[str] | None = None) -> int:
         "--token-file", default=None, help="write the token here (mode 0600) for `pilot submit`"
     )
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument(
+        "--quirk",
+        action="append",
+        default=[],
+        choices=sorted(QUIRKS),
+        help="answer as panda-server 1.0.4 does where it is wrong (update_event_ranges_500:"
+        " HTTP 500 after the ranges were written); repeatable",
+    )
+    parser.add_argument(
+        "--legacy-only",
+        action="store_true",
+        help="serve only /server/panda/<method>, /api/v1 answers 403 as an older server does",
+    )
     parser.add_argument("--url-file", default=None, help="write the server URL here once listening")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -171,7 +193,15 @@ def serve_main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    server = EmbeddedServer(args.db, args.host, args.port, token, threads=args.threads)
+    server = EmbeddedServer(
+        args.db,
+        args.host,
+        args.port,
+        token,
+        threads=args.threads,
+        quirks=frozenset(args.quirk),
+        legacy_only=args.legacy_only,
+    )
     try:
         server.start()
     except OSError as exc:

@@ -67,10 +67,14 @@ def test_final_update_direct_and_spool_order(tmp_path: Path) -> None:
                 second,
             ]
         )
-        # refused for good (unknown job): kept aside, never lost, never retried forever
-        spool.put("updateJob", {"jobId": 5555, "state": "failed"})
+        # refused for good (a state PanDA does not know): kept aside, never lost, never
+        # retried forever; on /api/v1 that is success false, on the legacy API a 4xx
+        spool.put("updateJob", {"jobId": second, "state": "lost"})
         assert flush_spool(spool.directory, client) == 0
-        assert [e.fields["jobId"] for e in spool.rejected()] == [5555]
+        legacy = PandaClient(server.url, retries=0, api="legacy")
+        spool.put("updateJob", {"jobId": 5555, "state": "failed"})  # legacy: unknown job
+        assert flush_spool(spool.directory, legacy) == 0
+        assert [e.fields["jobId"] for e in spool.rejected()] == [second, 5555]
 
 
 def test_server_command_reaches_heartbeat(tmp_path: Path) -> None:
