@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -101,14 +102,19 @@ def run_pilot(
             "queue": queue,
             "workdir": shlex.quote(str(workdir / "pilot")),
             "queuedata_url": schedconfig_url(server.url, queue),
+            "token_file": shlex.quote(str(server.token_file)),
         }
         argv = command.format(**values)
         start = time.monotonic()
         with open(workdir / "pilot.out", "wb") as out:
             try:
+                # the dispatcher's token, where PanDA pilots look for one
+                env = {**os.environ, "OIDC_AUTH_TOKEN": str(server.token_file.resolve())}
+                env.setdefault("OIDC_AUTH_ORIGIN", "atlas.pilot")
                 subprocess.run(
                     argv,
                     shell=True,
+                    env=env,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     timeout=timeout,

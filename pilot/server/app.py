@@ -4,9 +4,10 @@ Paths and names are PanDA's: ``/server/panda/<method>`` for the pilot's calls,
 ``/cache/schedconfig/<queue>.all.json`` for the queue description, and a
 Rucio-like ``/traces/`` that records file-transfer traces. ``/admin/...``
 loads jobs and tasks, cancels and retries jobs and reports status; it always
-needs the bearer token. The pilot's calls need it too when the server listens
-beyond loopback (``require_pilot_token``), sent as PanDA's token
-authentication sends it: ``Authorization: Bearer <token>``.
+needs the bearer token. The pilot's calls need it too (``require_pilot_token``,
+on loopback as well), sent as PanDA's token authentication sends it:
+``Authorization: Bearer <token>``; a call without it gets 403 and changes
+nothing. Traces need it only from beyond loopback.
 
 Every failure is an answer: a refused request gets a 4xx with the reason in
 ``errorDialog`` (and PanDA's ``StatusCode``), a database failure a 500; no
@@ -22,6 +23,7 @@ import sqlite3
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from pilot.credentials import is_loopback
 from pilot.queue import QueueConfig
 from pilot.server import loading
 from pilot.server.db import MAX_RANGES_PER_CALL, RANGE_STATES, REPORTED_STATES, Store, StoreError
@@ -69,7 +71,7 @@ class DispatcherApp:
         store: Store,
         *,
         token: str,
-        require_pilot_token: bool = False,
+        require_pilot_token: bool = True,
         max_body: int = MAX_BODY,
         default_queues: bool = True,
         quirks: frozenset[str] = frozenset(),
@@ -153,7 +155,7 @@ class DispatcherApp:
         if path.rstrip("/") == "/traces":
             if verb != "POST":
                 raise BadRequest(405, "traces are sent with POST")
-            if self.require_pilot_token:  # beyond loopback, nobody writes without the token
+            if self.require_pilot_token and not is_loopback(environ.get("REMOTE_ADDR") or ""):
                 self._check_token(environ)
             return self._traces(read_json(environ, self.max_body))
         if path.startswith("/admin/"):
@@ -167,7 +169,7 @@ class DispatcherApp:
         header = environ.get("HTTP_AUTHORIZATION") or ""
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
-            raise BadRequest(401, "a bearer token is required", status_code=50)
+            raise BadRequest(403, "a bearer token is required", status_code=50)
         if not hmac.compare_digest(value.strip().encode(), self._token.encode()):
             raise BadRequest(403, "invalid token", status_code=50)
 

@@ -55,7 +55,7 @@ def test_auto_falls_back_to_legacy_once_and_says_so(
 ) -> None:
     with EmbeddedServer(tmp_path / "s.db", legacy_only=True) as server:
         pid = _task(server)
-        client = PandaClient(server.url, retries=0)
+        client = PandaClient(server.url, token=server.token, retries=0)
         assert client.api is Api.AUTO and client.api_in_use is Api.V1
         with caplog.at_level(logging.WARNING, logger="pilot.comm.panda"):
             entries, answers = _finish_all(client, pid)
@@ -71,7 +71,7 @@ def test_explicit_v1_against_an_old_server_is_a_clear_error(tmp_path: Path) -> N
     with EmbeddedServer(tmp_path / "s.db", legacy_only=True) as server:
         server.load_jobs({"transformation": "x"})
         with pytest.raises(PilotError) as err:
-            PandaClient(server.url, retries=0, api="v1").get_job("Q")
+            PandaClient(server.url, token=server.token, retries=0, api="v1").get_job("Q")
         assert err.value.code == ErrorCode.COMMUNICATIONFAILURE
         assert "legacy" in err.value.detail and "forbidden" in err.value.detail
     with pytest.raises(PilotError) as err:
@@ -83,7 +83,7 @@ def test_update_event_ranges_500_after_the_write_is_not_resent(tmp_path: Path) -
     quirk = {"update_event_ranges_500"}
     with EmbeddedServer(tmp_path / "s.db", quirks=quirk) as server:
         pid = _task(server)
-        client = PandaClient(server.url, retries=3, backoff=0.01)
+        client = PandaClient(server.url, token=server.token, retries=3, backoff=0.01)
         entries, answers = _finish_all(client, pid)
         assert answers == [True] * 8
         assert _accepted_updates(server) == [1] * 8  # each range sent once, not 4 times
@@ -138,7 +138,7 @@ def test_legacy_extra_false_answer_is_checked_not_resent(
 ) -> None:
     server, url = extra_false_server
     pid = _task(server)
-    client = PandaClient(url, retries=0, api="legacy")
+    client = PandaClient(url, token=server.token, retries=0, api="legacy")
     entries, answers = _finish_all(client, pid)
     assert answers == [True] * 8  # not "8 refused", not a length error
     assert _accepted_updates(server) == [1] * 8
@@ -150,7 +150,7 @@ def test_legacy_extra_false_answer_is_checked_not_resent(
 def test_running_updates_answered_none_count_as_taken(tmp_path: Path) -> None:
     with EmbeddedServer(tmp_path / "s.db") as server:
         pid = _task(server, 2)
-        client = PandaClient(server.url, retries=0, api="v1")
+        client = PandaClient(server.url, token=server.token, retries=0, api="v1")
         client.get_job("Q")
         ranges = client.get_event_ranges(pid, 0, 5, 2)
         running = [{"eventRangeID": r["eventRangeID"], "eventStatus": "running"} for r in ranges]

@@ -17,6 +17,8 @@ from pilot.queue import QueueConfig, load_queue, schedconfig_url
 from pilot.server.serve import EmbeddedServer
 
 JSON = {"Accept": "application/json"}
+AUTH_ONLY = {"Authorization": "Bearer admintoken"}
+AUTH = {**JSON, **AUTH_ONLY}
 
 
 @pytest.fixture
@@ -28,7 +30,7 @@ def server(tmp_path: Path) -> EmbeddedServer:
 
 @pytest.fixture(params=["v1", "legacy"])
 def client(server: EmbeddedServer, request: pytest.FixtureRequest) -> PandaClient:
-    return PandaClient(server.url, retries=0, api=request.param)
+    return PandaClient(server.url, token=server.token, retries=0, api=request.param)
 
 
 def test_get_job_round_trip(server: EmbeddedServer, client: PandaClient) -> None:
@@ -109,20 +111,22 @@ def test_event_ranges_round_trip(server: EmbeddedServer, client: PandaClient) ->
 
 def test_single_range_update_and_json_gzip_body(server: EmbeddedServer) -> None:
     (pid,) = server.load_task({"job": {"transformation": "x"}, "nRanges": 2})["PandaIDs"]
-    PandaClient(server.url).get_job("Q")
+    PandaClient(server.url, token=server.token).get_job("Q")
     body = gzip.compress(json.dumps({"pandaID": pid, "nRanges": 2}).encode())
     r = requests.post(
         server.url + "/server/panda/getEventRanges",
         data=body,
-        headers={**JSON, "Content-Type": "application/json", "Content-Encoding": "gzip"},
+        headers={**AUTH, "Content-Type": "application/json", "Content-Encoding": "gzip"},
         timeout=10,
     )
     assert r.status_code == 200
     rid = r.json()["eventRanges"][0]["eventRangeID"]
     one = {"eventRangeID": rid, "eventStatus": "finished"}
-    r = requests.post(server.url + "/server/panda/updateEventRange", data=one, timeout=10)
+    r = requests.post(
+        server.url + "/server/panda/updateEventRange", data=one, headers=AUTH_ONLY, timeout=10
+    )
     assert r.status_code == 200 and r.text.startswith("StatusCode=0")  # urlencoded answer
-    r = requests.post(server.url + "/server/panda/updateEventRange", data=one, headers=JSON)
+    r = requests.post(server.url + "/server/panda/updateEventRange", data=one, headers=AUTH)
     assert r.json()["StatusCode"] == 30
 
 
