@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 f" server CPU {noop_cpu * 1e3:.3f} ms/call"
             )
 
-            client = PandaClient(url, retries=0)
+            client = PandaClient(url, token="bench", retries=0)
             assert client.get_job("Q") is not None
             ids: list[str] = []
             calls = 0

@@ -49,7 +49,8 @@ def run_pilot(job: dict, base: Path) -> tuple[float, float, str]:
         (panda_id,) = server.load_jobs([job])
         wall, cpu, _ = _timed(
             [sys.executable, "-m", "pilot.cli", "run", "--url", server.url, "--queue", "BENCH",
-             "--max-jobs", "1", "--workdir", str(base / "work")]
+             "--max-jobs", "1", "--workdir", str(base / "work"),
+             "--token-file", str(server.token_file)]
         )  # fmt: skip
         (record,) = server.final_records(panda_id)
     return wall, cpu, f"{record['fields']['state']}/{record['fields']['pilotErrorCode']}"

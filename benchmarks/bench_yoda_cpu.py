@@ -88,6 +88,8 @@ def main() -> None:
                 "hpc.roles",
                 "--url",
                 server.url,
+                "--token-file",
+                str(server.token_file),
                 "--queue",
                 "CPUQ",
                 "--workdir",

@@ -96,7 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="after SIGTERM, how long running ranges may take before they are given back",
     )
     p.add_argument("--retry-max", type=float, default=30.0, metavar="S", help=argparse.SUPPRESS)
-    p.add_argument("--token", default=os.environ.get("PANDA_AUTH_TOKEN"), help=argparse.SUPPRESS)
+    p.add_argument("--token", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--token-file",
+        default=None,
+        help="bearer token for --url (default: $OIDC_AUTH_TOKEN in $OIDC_AUTH_DIR)",
+    )
+    p.add_argument(
+        "--panda-api",
+        choices=("v1", "legacy", "auto"),
+        default="auto",
+        help="PanDA server API with --url (default auto: v1, legacy if the server forbids v1)",
+    )
     p.add_argument(
         "--executor",
         choices=("es", "null"),
@@ -121,23 +132,43 @@ def _setup_logging(workdir: Path, rank: int, level: str) -> None:
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
-def range_source(url: str = "", token: str | None = None, harvester: str = "") -> Any:
+def range_source(
+    url: str = "", token: str | None = None, harvester: str = "", api: str = "auto"
+) -> Any:
     """What hands out ranges and takes their results: the PanDA client for ``--url``, the
     Harvester files for ``--harvester``. Built in rank 0 and again in its upstream link."""
     if url:
-        from pilot.comm.panda import PandaClient
+        from pilot.comm.panda import PandaClient, token_from_env
 
-        return PandaClient(url, token=token, retries=2, timeout=(5.0, 30.0))
+        token = token or token_from_env()
+        return PandaClient(url, token=token, retries=2, timeout=(5.0, 30.0), api=api)
     from pilot.comm.harvester import HarvesterAccessPoint, HarvesterEventSource
 
     return HarvesterEventSource(HarvesterAccessPoint(harvester, many_jobs=True), wait_timeout=2.0)
+
+
+def hpc_token(args: argparse.Namespace) -> str | None:
+    """``--token``, else the file ``--token-file`` names (PilotError when unreadable)."""
+    if args.token or not getattr(args, "token_file", None):
+        return args.token
+    from pilot.comm.panda import read_token_file
+
+    token = read_token_file(args.token_file)
+    if token is None:
+        raise PilotError(ErrorCode.NOPROXY, f"no token in --token-file {args.token_file}")
+    return token
 
 
 def make_link(args: argparse.Namespace, upstream: Any) -> Link:
     """The upstream in a process of its own (see :mod:`yoda.link`); in this one if that fails."""
     spec = {
         "factory": "hpc.roles:range_source",
-        "kwargs": {"url": args.url or "", "token": args.token, "harvester": args.harvester or ""},
+        "kwargs": {
+            "url": args.url or "",
+            "token": hpc_token(args),
+            "harvester": args.harvester or "",
+            "api": args.panda_api,
+        },
         "log": str(Path(args.workdir) / "logs" / "link.log"),
         "fetched": str(Path(args.workdir) / FETCHED),
     }
@@ -153,7 +184,7 @@ def make_upstream(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.url:
         if not args.queue:
             raise PilotError(ErrorCode.NOTDEFINED, "--url needs --queue")
-        client = range_source(url=args.url, token=args.token)
+        client = range_source(url=args.url, token=hpc_token(args), api=args.panda_api)
 
         def jobs() -> list[dict[str, Any]]:
             out = []

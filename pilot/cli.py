@@ -22,7 +22,7 @@ from typing import Any
 from pilot import __version__
 from pilot.comm.base import LocalUpstream, Upstream
 from pilot.config import PilotConfig
-from pilot.errors import PilotError, error_diag
+from pilot.errors import ErrorCode, PilotError, error_diag
 from pilot.fileio import atomic_write_json
 from pilot.job import Job, load_job_file
 from pilot.monitor.watch import make_monitor
@@ -190,7 +190,7 @@ def _with_rucio(config: PilotConfig) -> PilotConfig:
 # Options of `pilot run` that only one way of getting jobs uses: given with another
 # they would be ignored, so they are refused instead.
 _MODE_OPTIONS = {
-    "url": ("max_jobs", "job_label", "ca_path"),
+    "url": ("max_jobs", "job_label", "ca_path", "panda_api", "token_file"),
     "harvester": ("harvester_many_jobs", "pull", "wait"),
     "job_file": (),
 }
@@ -223,6 +223,19 @@ def _queue_settings(args: argparse.Namespace, server_url: str | None = None) -> 
     )
     queue_dict = queue.to_dict()
     return {"queue": queue_dict, "container": ContainerSpec.from_queue(queue_dict)}
+
+
+def server_token(token_file: str | None) -> str | None:
+    """The bearer token of ``--token-file`` (PilotError when it cannot be read); None without
+    the option, and then the client takes PanDA's token variables (``$OIDC_AUTH_TOKEN``)."""
+    if not token_file:
+        return None
+    from pilot.comm.panda import read_token_file  # noqa: PLC0415
+
+    token = read_token_file(token_file)
+    if token is None:
+        raise PilotError(ErrorCode.NOPROXY, f"no token in --token-file {token_file}")
+    return token
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -279,7 +292,12 @@ def _run_pull(args: argparse.Namespace) -> int:
     from pilot.queue import resolve_queue  # noqa: PLC0415
 
     try:
-        client = PandaClient.from_env(args.url, ca_path=args.ca_path or None)
+        client = PandaClient.from_env(
+            args.url,
+            ca_path=args.ca_path or None,
+            token=server_token(args.token_file),
+            api=args.panda_api or "auto",
+        )
         queue = resolve_queue(
             args.site, queuedata_url=args.queuedata_url or None, server_url=args.url
         )
@@ -504,6 +522,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--job-label", default="managed", help="prodSourceLabel asked for in getJob")
     run.add_argument("--ca-path", default="", help="CA certificates directory or bundle for HTTPS")
+    run.add_argument(
+        "--panda-api",
+        choices=("v1", "legacy", "auto"),
+        default=None,
+        help="PanDA server API: v1 (/api/v1, panda-server >= 1.0), legacy (/server/panda),"
+        " auto (default: v1, and legacy for the run if the server forbids v1)",
+    )
+    run.add_argument(
+        "--token-file",
+        default=None,
+        help="file holding the bearer token for the server (default: $OIDC_AUTH_TOKEN in"
+        " $OIDC_AUTH_DIR, as PanDA pilots take it); `pilot serve` writes DB.token",
+    )
     run.add_argument("--harvester", metavar="DIR", help="Harvester access point (shared-file mode)")
     run.add_argument(
         "--harvester-many-jobs",

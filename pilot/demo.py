@@ -126,15 +126,19 @@ def mpiexec_argv(ranks: int) -> list[str]:
     return argv
 
 
-def pilot_command(mode: str, url: str, workdir: Path, ranks: int) -> list[str]:
+def pilot_command(
+    mode: str, url: str, workdir: Path, ranks: int, token_file: Path | None = None
+) -> list[str]:
+    """The pilot's command line; ``token_file`` is the dispatcher's bearer token."""
     me = [sys.executable, "-m", "pilot.cli"]
+    auth = ["--token-file", str(token_file)] if token_file else []
     if mode == "mpi":
         return mpiexec_argv(ranks) + me + [
-            "hpc", "--url", url, "--queue", QUEUE, "--workdir", str(workdir / "hpc"),
+            "hpc", "--url", url, "--queue", QUEUE, "--workdir", str(workdir / "hpc"), *auth,
         ]  # fmt: skip
     return me + [
         "run", "--url", url, "--queue", QUEUE, "--workdir", str(workdir / "pilot"),
-        "--max-jobs", "1",
+        "--max-jobs", "1", *auth,
     ]  # fmt: skip
 
 
@@ -376,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 },
             }
         )
-        argv_run = pilot_command(mode, server.url, workdir, args.ranks)
+        argv_run = pilot_command(mode, server.url, workdir, args.ranks, server.token_file)
         print(f"dispatcher  {server.url}  (SQLite {workdir / 'dispatcher.db'})")
         print(
             f"task        {task['jediTaskID']}: {args.ranges} ranges x {args.events_per_range}"

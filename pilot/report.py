@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pilot.comm.pandaapi import panda_time
 from pilot.errors import ErrorCode, PilotError, error_diag
 from pilot.fileio import tail
 from pilot.job import FileSpec, Job
@@ -150,7 +151,12 @@ def job_metrics(result: JobResult) -> str:
 def final_update_fields(
     result: JobResult, config_site: str, node: str, pilot_id: str
 ) -> dict[str, Any]:
-    """The updateJob fields of the final update, with PanDA's names."""
+    """The updateJob fields of the final update, with PanDA's names.
+
+    ``startTime``/``endTime`` are in PanDA's ``%Y-%m-%d %H:%M:%S`` (UTC): the
+    server parses them with exactly that format and drops anything else, and
+    Harvester passes the worker attributes on to it unchanged.
+    """
     job = result.job
     timing = result.timings
     fields: dict[str, Any] = {
@@ -164,8 +170,8 @@ def final_update_fields(
         "attemptNr": job.attempt_nr,
         "pilotID": pilot_id,
         "workdir": str(result.workdir),
-        "startTime": round(result.start_time, 3),
-        "endTime": round(result.end_time or time.time(), 3),
+        "startTime": panda_time(result.start_time),
+        "endTime": panda_time(result.end_time or time.time()),
         "coreCount": job.core_count,
         "cpuConsumptionTime": int(round(float(result.metrics.get("cpuConsumptionTime", 0)))),
         "cpuConsumptionUnit": "s",

@@ -1,22 +1,34 @@
-"""PanDA server client (``/server/panda/<method>``) and the PanDA upstream.
+"""PanDA server client and the PanDA upstream (docs/DESIGN.md).
 
-Wire conventions are PanDA's: form-encoded POSTs with lists and dicts as JSON
-strings, ``Accept: application/json``, a ``StatusCode`` that may come as an
-int or a string. Transport failures (refused connection, timeout, HTTP 5xx)
-are retried a bounded number of times with exponential backoff and full
-jitter, so a thousand pilots that lost the server do not come back in step.
+Two APIs, one client. A current server (panda-server >= 1.0) speaks only
+``/api/v1/<module>/<function>``: JSON bodies with strictly typed parameters
+and ``{success, message, data}`` answers (:mod:`pilot.comm.pandaapi` maps
+each call). An older one speaks ``/server/panda/<method>``: form-encoded
+POSTs with lists and dicts as JSON strings, and a ``StatusCode`` that may
+come as an int or a string. ``api="auto"`` (the default) starts with v1 and
+falls back to the legacy calls once, for the rest of the run, when the
+server answers 403 "is forbidden" for v1, which is how an old server
+refuses a method it does not have. Callers always use the legacy names;
+answers always come back in the legacy form, so the spool and the workflow
+do not care which API carried them.
+
+Transport failures (refused connection, timeout, HTTP 5xx) are retried a
+bounded number of times with exponential backoff and full jitter, so a
+thousand pilots that lost the server do not come back in step. One
+exception: v1 ``update_event_ranges`` answers HTTP 500 *after* it has
+written the ranges (the server builds a set where it meant a dict). A blind
+resend would report them twice, so the client asks the ranges' statuses
+first and resends only what the server does not have. The legacy call has
+its own quirk: an exception after its loop appends one ``False`` to the
+answers (9 for 8 ranges), and the statuses are asked then too.
 
 Credentials: an X.509 proxy (client certificate, ``proxy=``) and/or an OIDC
 bearer token (``token=``), with a CA directory or bundle (``ca_path=``) for
 HTTPS. Neither credential is ever logged: log lines name the method and the
 server only.
 
-Retries and idempotency: a retried getJob or updateEventRanges whose first
-try did reach the server is answered as a repeat (no job, or ``False`` for a
-range already terminal); the server keeps each range's first terminal status,
-so a retry never doubles an update, and ``False`` after a retry can mean
-"already recorded". Final job updates that cannot be delivered go to the
-spool (:mod:`pilot.comm.spool`), which the server deduplicates.
+Final job updates that cannot be delivered go to the spool
+(:mod:`pilot.comm.spool`), which the server deduplicates.
 """
 
 from __future__ import annotations
@@ -36,6 +48,15 @@ from urllib.parse import parse_qsl
 import requests
 
 from pilot.comm import rangejson
+from pilot.comm.pandaapi import (
+    ENDPOINTS,
+    Api,
+    ConversionError,
+    from_v1,
+    is_envelope,
+    is_forbidden,
+    to_v1,
+)
 from pilot.comm.spool import Spool
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import Job
@@ -46,14 +67,26 @@ STATUS_OK = 0
 STATUS_NO_JOBS = 20
 MAX_RANGES_PER_CALL = 100_000
 _RETRY_HTTP = frozenset({429, 500, 502, 503, 504})
+_FINAL_RANGE = frozenset({"finished", "failed", "fatal"})
+#: server range statuses that show a final update of the pilot was recorded
+_RECORDED = {
+    "finished": frozenset({"finished", "done", "merged"}),
+    "failed": frozenset({"failed", "fatal"}),
+    "fatal": frozenset({"failed", "fatal"}),
+}
 
 
 @dataclass(frozen=True)
 class ServerReply:
-    """One answer of the server: HTTP status and the decoded body (``StatusCode`` an int)."""
+    """One answer of the server: HTTP status and the decoded body (``StatusCode`` an int).
+
+    ``body`` has the legacy form whatever API carried the call; ``envelope``
+    is the v1 answer as it came (None for a legacy call).
+    """
 
     http_status: int
     body: dict[str, Any]
+    envelope: dict[str, Any] | None = None
 
     @property
     def status_code(self) -> int:
@@ -70,6 +103,10 @@ class ServerReply:
         Authentication failures (401/403, StatusCode 50/60/70) are not
         permanent: a renewed token or proxy fixes them.
         """
+        if self.envelope is not None:
+            # v1: a refusal is success false (bad status, type error, unknown parameter);
+            # success true with a StatusCode (database error, timeout) may pass
+            return self.envelope.get("success") is False and self.status_code != 10
         if self.http_status in (401, 403) or self.status_code in (40, 50, 60, 70, 90):
             return False
         return self.http_status in (400, 404, 409, 413, 415) or (
@@ -114,13 +151,39 @@ def token_from_env(environ: dict[str, str] | None = None) -> str | None:
         return None
     directory = env.get("OIDC_AUTH_DIR") or env.get("PANDA_AUTH_DIR") or ""
     path = name if os.path.isabs(name) else os.path.join(directory, name)
+    return read_token_file(path)
+
+
+def read_token_file(path: str | os.PathLike[str]) -> str | None:
+    """The token a file holds (surrounding blanks stripped); None when unreadable or empty."""
     try:
         with open(path, encoding="utf-8") as fh:
             token = fh.read().strip()
     except OSError as exc:
-        log.warning("bearer token file named by the environment is unreadable: %s", exc.strerror)
+        log.warning("bearer token file %s is unreadable: %s", path, exc.strerror)
         return None
     return token or None
+
+
+def range_keys(range_id: str) -> tuple[int, int] | None:
+    """``(jediTaskID, PandaID)`` of ``<task>-<panda>-<file>-<proc>-<attempt>``."""
+    parts = str(range_id).split("-")
+    if len(parts) < 5:
+        return None
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+
+
+def flat_ranges(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """v0 entries as they are; v1 ``{zipFile|esOutput, eventRanges: [...]}`` groups unrolled
+    (the server answers one result per inner range)."""
+    out: list[dict[str, Any]] = []
+    for item in entries:
+        inner = item.get("eventRanges") if isinstance(item, dict) else None
+        out.extend(inner if isinstance(inner, list) else [item])
+    return out
 
 
 class PandaClient:
@@ -140,10 +203,19 @@ class PandaClient:
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
         auth_origin: str | None = None,
+        api: Api | str = Api.AUTO,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise PilotError(ErrorCode.COMMUNICATIONFAILURE, f"server URL {url!r} is not http(s)")
+        try:
+            self.api = Api(api)
+        except ValueError:
+            raise PilotError(
+                ErrorCode.NOTDEFINED, f"unknown PanDA API {api!r}: v1, legacy or auto"
+            ) from None
         self.url = url.rstrip("/")
+        for suffix in ("/server/panda", "/api/v1"):  # a URL written with the API path
+            self.url = self.url.removesuffix(suffix)
         self.timeout = timeout
         self.retries = max(0, int(retries))
         self.backoff = backoff
@@ -159,12 +231,15 @@ class PandaClient:
         self._ca_path = ca_path
         self._given_session = session
         self._local = threading.local()
+        self._active = Api.LEGACY if self.api is Api.LEGACY else Api.V1
+        self._fallback_lock = threading.Lock()
 
     @classmethod
     def from_env(cls, url: str, **kwargs: Any) -> PandaClient:
         """A client with the credentials of the environment, as the PanDA pilot takes them:
         bearer token (:func:`token_from_env`), ``$X509_USER_PROXY``, ``$X509_CERT_DIR``."""
-        kwargs.setdefault("token", token_from_env())
+        if not kwargs.get("token"):
+            kwargs["token"] = token_from_env()
         proxy = os.environ.get("X509_USER_PROXY")
         kwargs.setdefault("proxy", proxy if proxy and os.path.isfile(proxy) else None)
         ca_path = os.environ.get("X509_CERT_DIR")
@@ -174,7 +249,12 @@ class PandaClient:
 
     def __repr__(self) -> str:
         # Never show the credentials.
-        return f"PandaClient({self.url!r})"
+        return f"PandaClient({self.url!r}, api={self.api.value})"
+
+    @property
+    def api_in_use(self) -> Api:
+        """V1 or LEGACY: what the next call speaks (auto has chosen once it fell back)."""
+        return self._active
 
     def _session(self) -> requests.Session:
         if self._given_session is not None:
@@ -189,50 +269,140 @@ class PandaClient:
         """Full jitter: uniform in [0, min(max_backoff, backoff * 2**attempt)]."""
         return self._rng.uniform(0, min(self.max_backoff, self.backoff * (2**attempt)))
 
-    def post(
-        self, method: str, data: dict[str, Any], *, loads: Callable[[bytes], Any] = json.loads
-    ) -> ServerReply:
-        """POST one call; retried on transport failures and 5xx.
+    def _send(
+        self, label: str, verb: str, url: str, retry_http: frozenset[int], **kwargs: Any
+    ) -> requests.Response:
+        """One request, retried on transport failures and on ``retry_http`` answers.
 
-        Returns the server's answer whatever its StatusCode; raises
-        PilotError(COMMUNICATIONFAILURE) when no usable answer came back.
+        PilotError(COMMUNICATIONFAILURE) when every try failed.
         """
-        url = f"{self.url}/server/panda/{method}"
-        form = {k: _form_value(v) for k, v in data.items()}
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 delay = self._delay(attempt - 1)
                 log.info(
-                    "%s: retry %d/%d in %.1f s (%s)", method, attempt, self.retries, delay, last
+                    "%s: retry %d/%d in %.1f s (%s)", label, attempt, self.retries, delay, last
                 )
                 self._sleep(delay)
             try:
                 # verify/cert per request: requests lets $REQUESTS_CA_BUNDLE override a
                 # session's own CA setting, never a request's
-                response = self._session().post(
+                response = self._session().request(
+                    verb,
                     url,
-                    data=form,
-                    headers=self._headers,
                     timeout=self.timeout,
                     verify=self._ca_path or True,
                     cert=self._proxy,
+                    **kwargs,
                 )
             except requests.exceptions.SSLError as exc:
                 raise PilotError(
-                    ErrorCode.COMMUNICATIONFAILURE, f"{method}: TLS failure with {self.url}: {exc}"
+                    ErrorCode.COMMUNICATIONFAILURE, f"{label}: TLS failure with {self.url}: {exc}"
                 ) from None
             except requests.RequestException as exc:
                 last = f"{type(exc).__name__}"
                 continue
-            if response.status_code in _RETRY_HTTP:
+            if response.status_code in retry_http:
                 last = f"HTTP {response.status_code}"
                 continue
-            return ServerReply(response.status_code, self._decode(method, response, loads))
+            return response
         raise PilotError(
             ErrorCode.COMMUNICATIONFAILURE,
-            f"{method} to {self.url} failed after {self.retries + 1} tries: {last}",
+            f"{label} to {self.url} failed after {self.retries + 1} tries: {last}",
         )
+
+    def post(
+        self, method: str, data: dict[str, Any], *, loads: Callable[[bytes], Any] = json.loads
+    ) -> ServerReply:
+        """One call by its legacy name and fields, over the API in use.
+
+        Returns the server's answer (legacy form) whatever its StatusCode;
+        raises PilotError(COMMUNICATIONFAILURE) when no usable answer came back.
+        """
+        if self._active is Api.V1 and method in ENDPOINTS:
+            reply = self._post_v1(method, data, loads)
+            if reply is not None:
+                return reply
+        return self._post_legacy(method, data, loads)
+
+    def _fall_back(self, method: str, text: str) -> None:
+        with self._fallback_lock:
+            if self._active is Api.LEGACY:
+                return
+            self._active = Api.LEGACY
+        log.warning(
+            "%s answers /api/v1 %s with %r: an older PanDA server, using its legacy API"
+            " (/server/panda) for the rest of this run",
+            self.url,
+            ENDPOINTS[method].path,
+            text[:80],
+        )
+
+    def _post_v1(
+        self, method: str, data: dict[str, Any], loads: Callable[[bytes], Any]
+    ) -> ServerReply | None:
+        """The v1 call of ``method``; None when an auto client has just fallen back."""
+        try:
+            endpoint, params, dropped = to_v1(method, data)
+        except ConversionError as exc:
+            raise PilotError(ErrorCode.INTERNALPILOTPROBLEM, f"{method}: {exc}") from None
+        if dropped:
+            log.debug("%s: not in %s, left out: %s", method, endpoint.path, ", ".join(dropped))
+        url = f"{self.url}/api/v1/{endpoint.path}"
+        headers = dict(self._headers)
+        # the server's body of a 500 from update_event_ranges says nothing that a
+        # resend could fix, and the ranges are written already: confirm instead
+        retry = _RETRY_HTTP - {500} if method == "updateEventRanges" else _RETRY_HTTP
+        if endpoint.verb == "GET":
+            response = self._send(method, "GET", url, retry, params=params, headers=headers)
+        else:
+            headers["Content-Type"] = "application/json"
+            body = json.dumps(params).encode("utf-8")
+            response = self._send(method, "POST", url, retry, data=body, headers=headers)
+        text = response.text
+        if is_forbidden(response.status_code, text):
+            if self.api is Api.AUTO:
+                self._fall_back(method, text.strip())
+                return None
+            raise PilotError(
+                ErrorCode.COMMUNICATIONFAILURE,
+                f"{method}: {self.url} does not have {endpoint.path} ({text.strip()[:80]}):"
+                " an older PanDA server, use --panda-api legacy or auto",
+            )
+        if response.status_code != 200:
+            # 401/403 here is the token or the proxy (PanDA's StatusCode 50): may pass
+            code = 50 if response.status_code in (401, 403) else 30
+            return ServerReply(
+                response.status_code, {"StatusCode": code, "errorDialog": text[:200]}
+            )
+        try:
+            # the server says text/plain whatever it sends: parse the body, not the header
+            envelope = loads(response.content)
+        except ValueError:
+            raise PilotError(
+                ErrorCode.COMMUNICATIONFAILURE,
+                f"{method}: {endpoint.path} answer is not JSON: {text[:80]!r}",
+            ) from None
+        if not is_envelope(envelope):
+            raise PilotError(
+                ErrorCode.COMMUNICATIONFAILURE,
+                f"{method}: {endpoint.path} answer is not a {{success, message, data}} object",
+            )
+        return ServerReply(200, from_v1(method, envelope), envelope)
+
+    def _post_legacy(
+        self, method: str, data: dict[str, Any], loads: Callable[[bytes], Any]
+    ) -> ServerReply:
+        url = f"{self.url}/server/panda/{method}"
+        form = {k: _form_value(v) for k, v in data.items()}
+        response = self._send(method, "POST", url, _RETRY_HTTP, data=form, headers=self._headers)
+        if is_forbidden(response.status_code, response.text):
+            raise PilotError(
+                ErrorCode.COMMUNICATIONFAILURE,
+                f"{method}: {self.url} no longer has the legacy API ({response.text.strip()[:80]}):"
+                " use --panda-api v1 or auto",
+            )
+        return ServerReply(response.status_code, self._decode(method, response, loads))
 
     @staticmethod
     def _decode(
@@ -249,6 +419,8 @@ class PandaClient:
                 else []
             )
             if not pairs:
+                if response.status_code in (401, 403):
+                    return {"StatusCode": 70, "errorDialog": text[:200]}
                 raise PilotError(
                     ErrorCode.COMMUNICATIONFAILURE,
                     f"{method}: HTTP {response.status_code}, answer is not JSON: {text[:80]!r}",
@@ -319,27 +491,150 @@ class PandaClient:
             raise PilotError(ErrorCode.COMMUNICATIONFAILURE, "getEventRanges: bad eventRanges")
         return ranges
 
-    def update_event_ranges(self, entries: list[dict[str, Any]], version: int = 0) -> list[bool]:
-        """One bool per entry (v0 entries; v1 groups count their inner ranges).
+    def event_range_statuses(self, pairs: list[tuple[int, int]]) -> dict[str, str]:
+        """Status of every range of the ``(jediTaskID, PandaID)`` pairs, by eventRangeID."""
+        ids = [{"task_id": t, "panda_id": p} for t, p in sorted(set(pairs))]
+        if self._active is Api.V1:
+            reply = self.post("get_events_status", {"ids": ids})
+            if reply.http_status != 200 or reply.status_code != STATUS_OK:
+                raise PilotError(
+                    ErrorCode.COMMUNICATIONFAILURE,
+                    f"get_event_range_statuses: HTTP {reply.http_status}: {reply.error}",
+                )
+            by_job = reply.body.get("statuses") or {}
+        else:  # the legacy method answers the bare dict, with no StatusCode
+            url = f"{self.url}/server/panda/get_events_status"
+            response = self._send(
+                "get_events_status",
+                "POST",
+                url,
+                _RETRY_HTTP,
+                data={"ids": json.dumps(ids)},
+                headers=self._headers,
+            )
+            try:
+                by_job = json.loads(response.content) if response.status_code == 200 else None
+            except ValueError:
+                by_job = None
+            if not isinstance(by_job, dict):
+                raise PilotError(
+                    ErrorCode.COMMUNICATIONFAILURE,
+                    f"get_events_status: HTTP {response.status_code}: {response.text[:80]!r}",
+                )
+        out: dict[str, str] = {}
+        for ranges in by_job.values():
+            if isinstance(ranges, dict):
+                for rid, info in ranges.items():
+                    if isinstance(info, dict):
+                        out[str(rid)] = str(info.get("status"))
+        return out
 
-        Sent in calls of at most 100,000 ranges, PanDA's limit.
+    def _confirm(self, ranges: list[dict[str, Any]]) -> list[bool]:
+        """Per range: does the server hold the final status the pilot sent?
+
+        Non-final updates (``running``) change nothing on the server and
+        count as taken. A ``fatal`` range gets a new attempt number on the
+        server, so it is matched by its id without the attempt.
+        """
+        pairs = [k for k in (range_keys(r.get("eventRangeID", "")) for r in ranges) if k]
+        statuses = self.event_range_statuses(pairs) if pairs else {}
+        by_prefix: dict[str, set[str]] = {}
+        for rid, status in statuses.items():
+            by_prefix.setdefault(rid.rsplit("-", 1)[0], set()).add(status)
+        out = []
+        for r in ranges:
+            rid, sent = str(r.get("eventRangeID", "")), r.get("eventStatus")
+            if sent not in _FINAL_RANGE:
+                out.append(True)
+                continue
+            seen = {statuses[rid]} if rid in statuses else set()
+            if sent == "fatal" or not seen:
+                seen |= by_prefix.get(rid.rsplit("-", 1)[0], set())
+            out.append(bool(seen & _RECORDED[sent]))
+        return out
+
+    def update_event_ranges(self, entries: list[dict[str, Any]], version: int = 0) -> list[bool]:
+        """One bool per range (v0 entries; v1 groups count their inner ranges).
+
+        Sent in calls of at most 100,000 ranges, PanDA's limit. When the
+        answer cannot be trusted (v1's HTTP 500 after the write, the legacy
+        extra ``False``), the ranges' statuses on the server decide, and only
+        ranges the server does not have are sent again, once.
         """
         out: list[bool] = []
         for start in range(0, len(entries), MAX_RANGES_PER_CALL):
             chunk = entries[start : start + MAX_RANGES_PER_CALL]
-            body = self.call("updateEventRanges", {"eventRanges": chunk, "version": version})
-            returns = body.get("Returns")
-            if isinstance(returns, str):
-                try:
-                    returns = json.loads(returns)
-                except json.JSONDecodeError:
-                    returns = None
-            if not isinstance(returns, list):
-                raise PilotError(
-                    ErrorCode.COMMUNICATIONFAILURE, "updateEventRanges: answer has no Returns list"
-                )
-            out.extend(bool(r) for r in returns)
+            out.extend(self._update_chunk(chunk, version, resend=True))
         return out
+
+    def _update_chunk(
+        self, chunk: list[dict[str, Any]], version: int, *, resend: bool
+    ) -> list[bool]:
+        ranges = flat_ranges(chunk)
+        reply = self.post("updateEventRanges", {"eventRanges": chunk, "version": version})
+        if reply.http_status == 500 and reply.envelope is None and self._active is Api.V1:
+            log.warning(
+                "update_event_ranges answered HTTP 500 (%s): asking the status of %d ranges",
+                reply.error[:80],
+                len(ranges),
+            )
+            return self._after_doubt(chunk, ranges, version, resend)
+        if not reply.ok:
+            raise PilotError(
+                ErrorCode.COMMUNICATIONFAILURE,
+                f"updateEventRanges: HTTP {reply.http_status}, StatusCode {reply.status_code}:"
+                f" {reply.error}",
+            )
+        returns = reply.body.get("Returns")
+        if isinstance(returns, str):
+            try:
+                returns = json.loads(returns)
+            except json.JSONDecodeError:
+                returns = None
+        if not isinstance(returns, list):
+            raise PilotError(
+                ErrorCode.COMMUNICATIONFAILURE, "updateEventRanges: answer has no Returns list"
+            )
+        if len(returns) != len(ranges):
+            # the server's loop ended in an exception and appended one more False:
+            # its answers for the ranges themselves cannot be trusted
+            log.warning(
+                "updateEventRanges answered %d results for %d ranges: asking their status",
+                len(returns),
+                len(ranges),
+            )
+            return self._after_doubt(chunk, ranges, version, resend)
+        # None: a non-final status the server skips (nothing to record)
+        return [
+            r is not False if rng.get("eventStatus") not in _FINAL_RANGE else bool(r)
+            for r, rng in zip(returns, ranges)
+        ]
+
+    def _after_doubt(
+        self, chunk: list[dict[str, Any]], ranges: list[dict[str, Any]], version: int, resend: bool
+    ) -> list[bool]:
+        taken = self._confirm(ranges)
+        if all(taken) or not resend:
+            return taken
+        missing = {id(r) for r, ok in zip(ranges, taken) if not ok}
+        again = _select(chunk, missing)
+        log.info("resending %d ranges the server does not have", len(missing))
+        self._update_chunk(again, version, resend=False)
+        return self._confirm(ranges)
+
+
+def _select(chunk: list[dict[str, Any]], wanted: set[int]) -> list[dict[str, Any]]:
+    """The entries (or v1 groups cut down to the inner ranges) whose ranges are ``wanted``."""
+    out = []
+    for item in chunk:
+        inner = item.get("eventRanges") if isinstance(item, dict) else None
+        if isinstance(inner, list):
+            keep = [r for r in inner if id(r) in wanted]
+            if keep:
+                out.append({**item, "eventRanges": keep})
+        elif id(item) in wanted:
+            out.append(item)
+    return out
 
 
 def pull_jobs(

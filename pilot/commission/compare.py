@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pilot.comm.pandaapi import epoch_of
 from pilot.commission.templates import Template, load_templates
 from pilot.errors import PilotError
 from pilot.queue import QueueConfig, schedconfig_url
@@ -57,7 +59,7 @@ def outcome_from_record(template: str, panda_id: int, fields: dict[str, Any] | N
     if not fields:
         return Outcome(template, panda_id)
     try:
-        wall = float(fields.get("endTime", 0)) - float(fields.get("startTime", 0))
+        wall = epoch_of(fields.get("endTime", 0)) - epoch_of(fields.get("startTime", 0))
     except (TypeError, ValueError):
         wall = 0.0
     return Outcome(
@@ -100,14 +102,19 @@ def run_pilot(
             "queue": queue,
             "workdir": shlex.quote(str(workdir / "pilot")),
             "queuedata_url": schedconfig_url(server.url, queue),
+            "token_file": shlex.quote(str(server.token_file)),
         }
         argv = command.format(**values)
         start = time.monotonic()
         with open(workdir / "pilot.out", "wb") as out:
             try:
+                # the dispatcher's token, where PanDA pilots look for one
+                env = {**os.environ, "OIDC_AUTH_TOKEN": str(server.token_file.resolve())}
+                env.setdefault("OIDC_AUTH_ORIGIN", "atlas.pilot")
                 subprocess.run(
                     argv,
                     shell=True,
+                    env=env,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     timeout=timeout,

@@ -4,9 +4,10 @@ Paths and names are PanDA's: ``/server/panda/<method>`` for the pilot's calls,
 ``/cache/schedconfig/<queue>.all.json`` for the queue description, and a
 Rucio-like ``/traces/`` that records file-transfer traces. ``/admin/...``
 loads jobs and tasks, cancels and retries jobs and reports status; it always
-needs the bearer token. The pilot's calls need it too when the server listens
-beyond loopback (``require_pilot_token``), sent as PanDA's token
-authentication sends it: ``Authorization: Bearer <token>``.
+needs the bearer token. The pilot's calls need it too (``require_pilot_token``,
+on loopback as well), sent as PanDA's token authentication sends it:
+``Authorization: Bearer <token>``; a call without it gets 403 and changes
+nothing. Traces need it only from beyond loopback.
 
 Every failure is an answer: a refused request gets a 4xx with the reason in
 ``errorDialog`` (and PanDA's ``StatusCode``), a database failure a 500; no
@@ -22,9 +23,11 @@ import sqlite3
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from pilot.credentials import is_loopback
 from pilot.queue import QueueConfig
 from pilot.server import loading
 from pilot.server.db import MAX_RANGES_PER_CALL, RANGE_STATES, REPORTED_STATES, Store, StoreError
+from pilot.server.v1 import V1Error, V1Handler, get_event_range_statuses
 from pilot.server.wire import (
     MAX_BODY,
     BadRequest,
@@ -68,9 +71,11 @@ class DispatcherApp:
         store: Store,
         *,
         token: str,
-        require_pilot_token: bool = False,
+        require_pilot_token: bool = True,
         max_body: int = MAX_BODY,
         default_queues: bool = True,
+        quirks: frozenset[str] = frozenset(),
+        legacy_only: bool = False,
     ) -> None:
         if not token:
             raise ValueError("the dispatcher needs an admin token")
@@ -85,11 +90,29 @@ class DispatcherApp:
             "getEventRanges": self._get_event_ranges,
             "updateEventRanges": self._update_event_ranges,
             "updateEventRange": self._update_event_range,
+            "get_events_status": self._get_events_status,
         }
+        self.legacy_only = legacy_only
+        self._v1 = V1Handler(store, self._check_v1_token, max_body=max_body, quirks=quirks)
 
     # -- WSGI ---------------------------------------------------------------------------
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if (environ.get("PATH_INFO") or "").startswith("/api/"):
+            if self.legacy_only:  # what a server from before /api/v1 answers
+                name = (environ.get("PATH_INFO") or "").rsplit("/", 1)[-1]
+                status, body, ctype = (
+                    403,
+                    f"ERROR : method {name} is forbidden".encode(),
+                    "text/plain",
+                )
+            else:
+                status, body, ctype = self._v1(environ)
+            start_response(
+                f"{status} {_REASONS.get(status, 'Error')}",
+                [("Content-Type", ctype), ("Content-Length", str(len(body)))],
+            )
+            return [body]
         # PanDA's methods answer in the encoding asked for; everything else speaks JSON.
         as_json = wants_json(environ) or not (environ.get("PATH_INFO") or "").startswith("/server/")
         try:
@@ -132,7 +155,7 @@ class DispatcherApp:
         if path.rstrip("/") == "/traces":
             if verb != "POST":
                 raise BadRequest(405, "traces are sent with POST")
-            if self.require_pilot_token:  # beyond loopback, nobody writes without the token
+            if self.require_pilot_token and not is_loopback(environ.get("REMOTE_ADDR") or ""):
                 self._check_token(environ)
             return self._traces(read_json(environ, self.max_body))
         if path.startswith("/admin/"):
@@ -146,9 +169,18 @@ class DispatcherApp:
         header = environ.get("HTTP_AUTHORIZATION") or ""
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
-            raise BadRequest(401, "a bearer token is required", status_code=50)
+            raise BadRequest(403, "a bearer token is required", status_code=50)
         if not hmac.compare_digest(value.strip().encode(), self._token.encode()):
             raise BadRequest(403, "invalid token", status_code=50)
+
+    def _check_v1_token(self, environ: dict[str, Any]) -> None:
+        """The v1 API's answer to a missing or wrong token: 403 text/plain, as PanDA's."""
+        if not self.require_pilot_token:
+            return
+        try:
+            self._check_token(environ)
+        except BadRequest as exc:
+            raise V1Error(403, f"ERROR : Token authentication failed. {exc.reason}") from None
 
     # -- PanDA methods --------------------------------------------------------------------
 
@@ -206,6 +238,13 @@ class DispatcherApp:
         if not returns[0]:
             answer["errorDialog"] = "range not dispatched to this attempt, or already done"
         return 200, answer
+
+    def _get_events_status(self, p: dict[str, Any]) -> Answer:
+        """The legacy method answers the bare ``{PandaID: {eventRangeID: {...}}}``."""
+        answer = get_event_range_statuses(self._v1, str_param(p, "ids"))
+        if not answer["success"]:
+            raise BadRequest(400, answer["message"])
+        return 200, answer["data"]
 
     # -- queue description and traces -----------------------------------------------------
 

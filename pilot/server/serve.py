@@ -6,8 +6,12 @@ event loop runs in one thread we own, one poll at a time, so that
 waitress's internals: it sets a flag and pulls waitress's trigger, and the
 loop thread closes every socket itself.
 
-Binding beyond loopback turns on the bearer-token check for the pilot's
-calls: an open dispatcher on a network would hand jobs to anyone.
+The pilot's calls need the bearer token, on loopback too: on a shared login
+node any user can reach 127.0.0.1, and an open dispatcher would hand jobs to
+anyone. The token is written to a file only its owner can read
+(``<db>.token`` unless told otherwise), which ``pilot run``, ``pilot hpc``
+and ``pilot demo`` read with ``--token-file`` or through PanDA's token
+variables (``$OIDC_AUTH_TOKEN``, ``$OIDC_AUTH_DIR``).
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ from typing import Any
 
 from waitress.server import create_server
 
-from pilot.credentials import is_loopback
 from pilot.server import loading
 from pilot.server.app import DispatcherApp
 from pilot.server.db import Store
+from pilot.server.v1 import QUIRKS
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +54,20 @@ class EmbeddedServer:
         token: str | None = None,
         *,
         threads: int = 8,
-        require_pilot_token: bool | None = None,
+        require_pilot_token: bool = True,
+        token_file: str | Path | None = None,
+        quirks: frozenset[str] | set[str] = frozenset(),
+        legacy_only: bool = False,
     ) -> None:
         self.db_path = str(db_path)
         self.host = host
         self.port = port
         self.token = token or secrets.token_urlsafe(24)
         self.threads = threads
-        self.require_pilot_token = (
-            (not is_loopback(host)) if require_pilot_token is None else require_pilot_token
-        )
+        self.require_pilot_token = require_pilot_token
+        self.token_file = Path(token_file or f"{self.db_path}.token")
+        self.quirks = frozenset(quirks)
+        self.legacy_only = legacy_only
         self.store: Store | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -76,7 +84,11 @@ class EmbeddedServer:
         """Open the database, bind, and serve in a thread; returns once listening."""
         self.store = Store(self.db_path)
         app = DispatcherApp(
-            self.store, token=self.token, require_pilot_token=self.require_pilot_token
+            self.store,
+            token=self.token,
+            require_pilot_token=self.require_pilot_token,
+            quirks=self.quirks,
+            legacy_only=self.legacy_only,
         )
         try:
             self._server = create_server(
@@ -93,6 +105,8 @@ class EmbeddedServer:
             self.store = None
             raise
         self.port = int(self._server.effective_port)
+        # no newline: the PanDA pilot puts the file as it is into its Authorization header
+        _write_private(str(self.token_file), self.token)
         self._stopping.clear()
         self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
         self._thread.start()
@@ -157,9 +171,24 @@ def serve_main(argv: list[str] | None = None) -> int:
         help=f"admin/bearer token (default ${TOKEN_ENV}, else a random one written to --token-file)",
     )
     parser.add_argument(
-        "--token-file", default=None, help="write the token here (mode 0600) for `pilot submit`"
+        "--token-file",
+        default=None,
+        help="write the token here (mode 0600; default DB.token) for pilot run/hpc/submit",
     )
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument(
+        "--quirk",
+        action="append",
+        default=[],
+        choices=sorted(QUIRKS),
+        help="answer as panda-server 1.0.4 does where it is wrong (update_event_ranges_500:"
+        " HTTP 500 after the ranges were written); repeatable",
+    )
+    parser.add_argument(
+        "--legacy-only",
+        action="store_true",
+        help="serve only /server/panda/<method>, /api/v1 answers 403 as an older server does",
+    )
     parser.add_argument("--url-file", default=None, help="write the server URL here once listening")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -171,22 +200,25 @@ def serve_main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    server = EmbeddedServer(args.db, args.host, args.port, token, threads=args.threads)
+    server = EmbeddedServer(
+        args.db,
+        args.host,
+        args.port,
+        token,
+        token_file=args.token_file,
+        threads=args.threads,
+        quirks=frozenset(args.quirk),
+        legacy_only=args.legacy_only,
+    )
     try:
         server.start()
     except OSError as exc:
         print(f"pilot serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
-    token_file = args.token_file or (None if token else f"{args.db}.token")
-    if token_file:
-        _write_private(token_file, server.token + "\n")
     if args.url_file:
         _write_private(args.url_file, server.url + "\n")
     print(f"pilot serve: listening on {server.url} (db {args.db})", flush=True)
-    if token_file:
-        print(f"pilot serve: token in {token_file}", flush=True)
-    if server.require_pilot_token:
-        print("pilot serve: not on loopback, pilot calls need the bearer token", flush=True)
+    print(f"pilot serve: bearer token (pilot calls and admin) in {server.token_file}", flush=True)
 
     server.wait(stop)
     print("pilot serve: stopped", flush=True)

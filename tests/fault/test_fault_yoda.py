@@ -165,7 +165,7 @@ def test_upstream_down_for_a_while_every_update_arrives_once(server, launched, w
     server.stop()
     log = work / "logs" / "rank0.log"  # the dispatcher is down: Yoda backs off, droids go on
     wait_for(lambda: "updateEventRanges failed" in log.read_text(), 60, "an update held back")
-    again = EmbeddedServer(tmp_path / "server.db", port=port).start()
+    again = EmbeddedServer(tmp_path / "server.db", port=port, token=server.token).start()
     try:
         rc = wait(proc, 120)
         problems, counts = invariant(again, work)

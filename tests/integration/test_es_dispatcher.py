@@ -55,7 +55,7 @@ def all_updates(server: EmbeddedServer) -> dict[str, int]:
 
 
 def test_500_ranges_each_reported_finished_once(server, tmp_path):
-    client = PandaClient(server.url, retries=2, backoff=0.1)
+    client = PandaClient(server.url, token=server.token, retries=2, backoff=0.1)
     # as users write it: transformation python3, jobPars -m pilot.payloads.toysim
     job = dispatch(server, client, 500, transformation="python3")
     assert job.event_service
@@ -74,7 +74,7 @@ def test_500_ranges_each_reported_finished_once(server, tmp_path):
 
 
 def test_crashing_payload_fails_chosen_ranges_with_codes(server, tmp_path):
-    client = PandaClient(server.url, retries=2, backoff=0.1)
+    client = PandaClient(server.url, token=server.token, retries=2, backoff=0.1)
     # ranges hold events 0-3, 4-7, ...: event 41 is in range 11, 201 in range 51
     job = dispatch(
         server, client, 120, "--segfault-on-event 41 --fail-on-event 201 --fatal-on-event 301"
@@ -92,7 +92,7 @@ def test_crashing_payload_fails_chosen_ranges_with_codes(server, tmp_path):
 
 
 def test_zipped_outputs_reported_with_version_1(server, tmp_path):
-    client = PandaClient(server.url, retries=2, backoff=0.1)
+    client = PandaClient(server.url, token=server.token, retries=2, backoff=0.1)
     job = dispatch(server, client, 150, "--fail-on-event 21")
     s = run_event_service(
         job, tmp_path / "work", client, client, batch_size=50, zip_outputs=True, objstore_id=3

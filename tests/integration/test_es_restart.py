@@ -26,8 +26,8 @@ PILOT = textwrap.dedent(
     from pilot.comm.panda import PandaClient
     from pilot.eventservice.loop import run_event_service
     from pilot.job import Job
-    url, job_json, workdir, interval = sys.argv[1:5]
-    client = PandaClient(url, retries=2, backoff=0.1)
+    url, token, job_json, workdir, interval = sys.argv[1:6]
+    client = PandaClient(url, token=token, retries=2, backoff=0.1)
     s = run_event_service(Job.from_panda(json.loads(job_json)), workdir, client, client,
                           batch_size=10**6, report_interval=float(interval))
     print(json.dumps({"finished": s.n_finished, "undelivered": s.n_undelivered}))
@@ -57,11 +57,12 @@ def test_killed_pilot_then_resumed(tmp_path):
                 },
             }
         )
-        client = PandaClient(server.url, retries=0)
+        client = PandaClient(server.url, token=server.token, retries=0)
         definition = client.get_job("Q")
         job = Job.from_panda(definition)
         workdir = tmp_path / "work"
-        argv = [sys.executable, "-c", PILOT, server.url, json.dumps(definition), str(workdir)]
+        argv = [sys.executable, "-c", PILOT, server.url, server.token, json.dumps(definition)]
+        argv.append(str(workdir))
         first = subprocess.Popen([*argv, "3600"], stdout=subprocess.PIPE, start_new_session=True)
         for _ in range(600):
             if journaled(workdir) >= 10 or first.poll() is not None:

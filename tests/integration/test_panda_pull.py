@@ -50,7 +50,7 @@ def test_three_jobs_pulled_and_reported(tmp_path: Path, config: PilotConfig) -> 
                 d.update(outFiles="out.dat,log.2001.tgz", scopeOut="test")
             jobs.append(d)
         server.load_jobs(jobs)
-        client = PandaClient(server.url, retries=1, backoff=0.05)
+        client = PandaClient(server.url, token=server.token, retries=1, backoff=0.05)
         upstream = PandaUpstream(client, Spool(tmp_path / "spool"), site_name=config.site_name)
         done = threading.Event()
         killer = threading.Thread(target=_cancel_when_running, args=(server, 2003, done))
@@ -83,9 +83,9 @@ def test_server_down_mid_job_final_update_arrives_once(tmp_path: Path, config: P
     config = dataclasses.replace(config, heartbeat_interval=0.5)
     db = tmp_path / "server.db"
     server = EmbeddedServer(db).start()
-    port = server.port
+    port, client_token = server.port, server.token
     server.load_jobs(job_dict(3001, jobpars=f"{BEHAVE} sleep 3"))
-    client = PandaClient(server.url, retries=1, backoff=0.05)
+    client = PandaClient(server.url, token=server.token, retries=1, backoff=0.05)
     upstream = PandaUpstream(client, Spool(tmp_path / "spool"), site_name=config.site_name)
     ((definition, _),) = list(pull_jobs(client, config.site_name, max_jobs=1))
     done = threading.Event()
@@ -109,7 +109,7 @@ def test_server_down_mid_job_final_update_arrives_once(tmp_path: Path, config: P
     assert result.state == "finished", result.pilot_error_diag
     assert result.extra["final_update_delivered"] is False
     assert len(upstream.spool.pending()) == 1  # kept on disk, not lost
-    server = EmbeddedServer(db, port=port).start()
+    server = EmbeddedServer(db, port=port, token=client_token).start()
     try:
         assert upstream.flush() == (1, 0)
         assert upstream.flush() == (0, 0)

@@ -17,7 +17,7 @@ def test_final_update_spooled_and_delivered_once(tmp_path: Path) -> None:
     server = EmbeddedServer(db, token="t").start()
     port = server.port
     (pid,) = server.load_jobs({"transformation": "/bin/true"})
-    client = PandaClient(server.url, retries=1, backoff=0.01)
+    client = PandaClient(server.url, token=server.token, retries=1, backoff=0.01)
     spool = Spool(tmp_path / "spool")
     upstream = PandaUpstream(client, spool, site_name="Q", node="n1")
     job = Job.from_panda(client.get_job("Q"))
@@ -49,7 +49,7 @@ def test_final_update_spooled_and_delivered_once(tmp_path: Path) -> None:
 def test_final_update_direct_and_spool_order(tmp_path: Path) -> None:
     with EmbeddedServer(tmp_path / "s.db") as server:
         first, second = server.load_jobs([{"transformation": "a"}, {"transformation": "b"}])
-        client = PandaClient(server.url, retries=0)
+        client = PandaClient(server.url, token=server.token, retries=0)
         spool = Spool(tmp_path / "spool")
         upstream = PandaUpstream(client, spool, site_name="Q")
         job1 = Job.from_panda(client.get_job("Q"))
@@ -67,16 +67,20 @@ def test_final_update_direct_and_spool_order(tmp_path: Path) -> None:
                 second,
             ]
         )
-        # refused for good (unknown job): kept aside, never lost, never retried forever
-        spool.put("updateJob", {"jobId": 5555, "state": "failed"})
+        # refused for good (a state PanDA does not know): kept aside, never lost, never
+        # retried forever; on /api/v1 that is success false, on the legacy API a 4xx
+        spool.put("updateJob", {"jobId": second, "state": "lost"})
         assert flush_spool(spool.directory, client) == 0
-        assert [e.fields["jobId"] for e in spool.rejected()] == [5555]
+        legacy = PandaClient(server.url, token=server.token, retries=0, api="legacy")
+        spool.put("updateJob", {"jobId": 5555, "state": "failed"})  # legacy: unknown job
+        assert flush_spool(spool.directory, legacy) == 0
+        assert [e.fields["jobId"] for e in spool.rejected()] == [second, 5555]
 
 
 def test_server_command_reaches_heartbeat(tmp_path: Path) -> None:
     with EmbeddedServer(tmp_path / "s.db") as server:
         (pid,) = server.load_jobs({"transformation": "x"})
-        client = PandaClient(server.url, retries=0)
+        client = PandaClient(server.url, token=server.token, retries=0)
         upstream = PandaUpstream(client, Spool(tmp_path / "spool"), site_name="Q")
         job = Job.from_panda(client.get_job("Q"))
         server.store.cancel_job(pid)

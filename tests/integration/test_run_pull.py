@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 from pathlib import Path
@@ -33,7 +34,7 @@ def pilot(
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [PYTHON, "-m", "pilot.cli", "run", "--url", server.url, "--queue", "TEST_QUEUE", "--workdir", str(workdir),
-         "--kill-grace", "2", *extra],
+         "--kill-grace", "2", "--token-file", str(server.token_file), *extra],
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
@@ -124,3 +125,33 @@ def test_event_service_job_outputs_stored_before_reported(
     assert len(stored) == 120
     (record,) = server.final_records(panda_id)
     assert record["fields"]["state"] == "finished" and int(record["fields"]["nEvents"]) == 240
+
+
+def test_token_and_api_options(server: EmbeddedServer, tmp_path: Path) -> None:
+    (panda_id,) = server.load_jobs([jd(jobpars=f"{BEHAVE} exit 0", logFile="l.tgz")])
+    bare = [PYTHON, "-m", "pilot.cli", "run", "--url", server.url, "--queue", "TEST_QUEUE",
+            "--workdir", str(tmp_path / "w")]  # fmt: skip
+    # without the token the server answers 403 and hands nothing out
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OIDC_", "PANDA_AUTH"))}
+    proc = subprocess.run(bare, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 1 and "1318" in proc.stderr and "Traceback" not in proc.stderr
+    assert server.store.job(panda_id)["status"] == "activated"
+    empty = tmp_path / "empty.token"
+    empty.write_text("")
+    proc = subprocess.run([*bare, "--token-file", str(empty)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "1163" in proc.stderr
+    # an option that cannot apply is refused
+    proc = subprocess.run(
+        [PYTHON, "-m", "pilot.cli", "run", "--job-file", "x.json", "--panda-api", "v1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--panda-api applies only with --url" in proc.stderr
+    # PanDA's token variables, and the legacy API on request
+    env.update(OIDC_AUTH_TOKEN=server.token_file.name, OIDC_AUTH_DIR=str(server.token_file.parent))
+    proc = subprocess.run(
+        [*bare, "--panda-api", "legacy"], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (record,) = server.final_records(panda_id)
+    assert record["fields"]["state"] == "finished"
+    assert "timestamp" in record["fields"]  # a legacy update: v1 has no such parameter

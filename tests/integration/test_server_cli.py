@@ -68,7 +68,7 @@ def test_serve_submit_status_flush(tmp_path: Path, capsys) -> None:
 
         # --flush sends what a pilot spooled
         spool = Spool(tmp_path / "spool")
-        client = PandaClient(url, retries=0)
+        client = PandaClient(url, token=token_file.read_text().strip(), retries=0)
         pid = int(client.get_job("Q")["PandaID"])
         spool.put("updateJob", {"jobId": pid, "state": "finished", "transExitCode": 0})
         assert status_main(["--flush", "--spool", str(spool.directory), *common]) == 0

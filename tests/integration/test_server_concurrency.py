@@ -81,7 +81,7 @@ def test_concurrent_range_updates(served) -> None:
 
     def worker(k: int) -> None:
         try:
-            client = PandaClient(url, retries=2, backoff=0.05)
+            client = PandaClient(url, token="tok", retries=2, backoff=0.05)
             job = client.get_job("Q")
             pid = int(job["PandaID"])
             ranges = client.get_event_ranges(pid, 0, 0, N_CALLS)

@@ -11,9 +11,11 @@ import pytest
 import requests
 
 from pilot.comm.panda import PandaClient
+from pilot.errors import PilotError
 from pilot.server.serve import EmbeddedServer
 
 JSON = {"Accept": "application/json"}
+AUTH = {**JSON, "Authorization": "Bearer admintoken"}
 
 
 @pytest.fixture
@@ -25,14 +27,14 @@ def server(tmp_path: Path) -> EmbeddedServer:
 
 
 def _post(server: EmbeddedServer, method: str, **kw) -> requests.Response:
-    kw.setdefault("headers", JSON)
+    kw.setdefault("headers", {**JSON, "Authorization": f"Bearer {server.token}"})
     return requests.post(f"{server.url}/server/panda/{method}", timeout=10, **kw)
 
 
 GARBAGE = [
     ("nosuchMethod", {"data": {"a": "b"}}, 404),
     ("getJob", {"data": {}}, 400),  # siteName missing
-    ("getJob", {"data": b"\xff\xfe=\xff", "headers": {**JSON}}, 400),  # not UTF-8
+    ("getJob", {"data": b"\xff\xfe=\xff", "headers": {**AUTH}}, 400),  # not UTF-8
     ("updateJob", {"data": {"jobId": "abc", "state": "running"}}, 400),
     ("updateJob", {"data": {"jobId": "1001", "state": "exploded"}}, 400),
     ("updateJob", {"data": {"jobId": "-4", "state": "running"}}, 400),
@@ -49,20 +51,20 @@ GARBAGE = [
     ),
     (
         "getJob",
-        {"data": b"[1,2]", "headers": {**JSON, "Content-Type": "application/json"}},
+        {"data": b"[1,2]", "headers": {**AUTH, "Content-Type": "application/json"}},
         400,
     ),
     (
         "getJob",
-        {"data": b"{broken", "headers": {**JSON, "Content-Type": "application/json"}},
+        {"data": b"{broken", "headers": {**AUTH, "Content-Type": "application/json"}},
         400,
     ),
     (
         "getJob",
-        {"data": b"\x1f\x8bnot really gzip", "headers": {**JSON, "Content-Encoding": "gzip"}},
+        {"data": b"\x1f\x8bnot really gzip", "headers": {**AUTH, "Content-Encoding": "gzip"}},
         400,
     ),
-    ("getJob", {"data": b"<xml/>", "headers": {**JSON, "Content-Type": "text/xml"}}, 415),
+    ("getJob", {"data": b"<xml/>", "headers": {**AUTH, "Content-Type": "text/xml"}}, 415),
 ]
 
 
@@ -73,7 +75,7 @@ def test_garbage_gets_4xx_with_reason(server: EmbeddedServer, method, kw, status
     body = r.json()
     assert body["StatusCode"] != 0 and body["errorDialog"]
     # and the server still serves
-    assert PandaClient(server.url, retries=0).update_event_ranges([]) == []
+    assert PandaClient(server.url, token=server.token, retries=0).update_event_ranges([]) == []
     assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
 
 
@@ -84,13 +86,14 @@ def test_oversized_and_bomb_bodies(server: EmbeddedServer) -> None:
         server,
         "getJob",
         data=bomb,
-        headers={**JSON, "Content-Type": "application/json", "Content-Encoding": "gzip"},
+        headers={**AUTH, "Content-Type": "application/json", "Content-Encoding": "gzip"},
     )
     assert r.status_code == 413
     # a Content-Length beyond the limit is refused before the body is read
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(
             b"POST /server/panda/getJob HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n"
+            b"Authorization: Bearer admintoken\r\n"
             b"Content-Length: 999999999999\r\n\r\nsiteName=Q"
         )
         head = s.recv(4096)
@@ -115,7 +118,7 @@ def test_wrong_http_verbs(server: EmbeddedServer) -> None:
 
 def test_admin_needs_the_token(server: EmbeddedServer) -> None:
     job = {"transformation": "/bin/true"}
-    assert requests.post(server.url + "/admin/jobs", json=job, timeout=10).status_code == 401
+    assert requests.post(server.url + "/admin/jobs", json=job, timeout=10).status_code == 403
     wrong = {"Authorization": "Bearer nope"}
     r = requests.post(server.url + "/admin/jobs", json=job, headers=wrong, timeout=10)
     assert r.status_code == 403 and r.json()["StatusCode"] == 50
@@ -128,36 +131,50 @@ def test_admin_needs_the_token(server: EmbeddedServer) -> None:
     assert r.status_code == 400
     r = requests.post(server.url + "/admin/cancel", json={"PandaID": 77}, headers=good, timeout=10)
     assert r.status_code == 404
-    # pilot calls need no token on loopback
-    assert PandaClient(server.url, retries=0).get_job("Q") is not None
+    # pilot calls need the token, on loopback too
+    assert PandaClient(server.url, token=server.token, retries=0).get_job("Q") is not None
 
 
-def test_pilot_calls_need_token_when_required(tmp_path: Path) -> None:
-    with EmbeddedServer(tmp_path / "s.db", token="tok", require_pilot_token=True) as server:
-        server.load_jobs({"transformation": "x"})
-        r = _post(server, "getJob", data={"siteName": "Q"})
-        assert r.status_code == 401 and r.json()["StatusCode"] == 50
-        assert (
-            _post(
-                server,
-                "getJob",
-                data={"siteName": "Q"},
-                headers={**JSON, "Authorization": "Bearer bad"},
-            ).status_code
-            == 403
+def test_pilot_calls_need_the_token_on_loopback_too(tmp_path: Path) -> None:
+    with EmbeddedServer(tmp_path / "s.db", token="tok") as server:
+        assert server.require_pilot_token and server.host == "127.0.0.1"
+        assert server.token_file.read_text().strip() == "tok"
+        assert server.token_file.stat().st_mode & 0o777 == 0o600
+        (pid,) = server.load_jobs({"transformation": "x"})
+        r = _post(server, "getJob", data={"siteName": "Q"}, headers=JSON)
+        assert r.status_code == 403 and r.json()["StatusCode"] == 50
+        bad = {**JSON, "Authorization": "Bearer bad"}
+        assert _post(server, "getJob", data={"siteName": "Q"}, headers=bad).status_code == 403
+        for headers in ({}, {"Authorization": "Bearer bad"}):  # /api/v1: as PanDA answers
+            r = requests.post(
+                server.url + "/api/v1/pilot/acquire_jobs",
+                json={"site_name": "Q"},
+                headers={**JSON, **headers},
+                timeout=10,
+            )
+            assert r.status_code == 403 and r.text.startswith("ERROR : Token authentication")
+        r = requests.post(
+            server.url + "/api/v1/pilot/update_job",
+            json={"job_id": pid, "job_status": "failed"},
+            headers=JSON,
+            timeout=10,
         )
+        assert r.status_code == 403
+        assert server.store.job(pid)["status"] == "activated"  # nothing changed
+        assert server.store.updates(pid) == []
+        for api in ("v1", "legacy"):
+            with pytest.raises(PilotError):
+                PandaClient(server.url, retries=0, api=api).get_job("Q")
         job = PandaClient(server.url, token="tok", retries=0).get_job("Q")
-        assert job is not None and json.loads(json.dumps(job))["PandaID"]
+        assert job is not None and json.loads(json.dumps(job))["PandaID"] == pid
+        # traces from this machine need none; the system/is_alive check none either
         trace = {"eventType": "get_sm"}
-        assert requests.post(server.url + "/traces/", json=trace, timeout=10).status_code == 401
-        auth = {"Authorization": "Bearer tok"}
-        r = requests.post(server.url + "/traces/", json=trace, headers=auth, timeout=10)
-        assert r.status_code == 201
+        assert requests.post(server.url + "/traces/", json=trace, timeout=10).status_code == 201
+        alive = requests.get(server.url + "/api/v1/system/is_alive", headers=JSON, timeout=10)
+        assert alive.json() == {
+            "success": True,
+            "message": "",
+            "data": None,
+        }
         # queue descriptions stay public, as PanDA's are
         assert requests.get(server.url + "/cache/schedconfig/Q.all.json", timeout=10).ok
-
-
-def test_non_loopback_bind_requires_pilot_token(tmp_path: Path) -> None:
-    server = EmbeddedServer(tmp_path / "s.db", host="0.0.0.0", token="t")
-    assert server.require_pilot_token
-    assert not EmbeddedServer(tmp_path / "s.db", host="127.0.0.1").require_pilot_token

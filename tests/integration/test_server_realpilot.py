@@ -192,6 +192,10 @@ def test_real_panda_pilot_runs_a_job_from_pilot_serve(tmp_path: Path, panda_pilo
             # the full CRIC-style description, from the dispatcher too
             LOCAL_AGIS_SCHEDCONF=f"{server.url}/cache/schedconfig/{QUEUE}.json",
             HARVESTER_WORKDIR=str(trf),
+            # the dispatcher's token, where the PanDA pilot looks for one (an absolute path
+            # in $OIDC_AUTH_TOKEN wins over $OIDC_AUTH_DIR); it sends it with an Origin
+            OIDC_AUTH_TOKEN=str(server.token_file),
+            OIDC_AUTH_ORIGIN="atlas.pilot",
             PYTHONNOUSERSITE="1",
         )
         argv = [

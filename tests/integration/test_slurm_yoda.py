@@ -74,6 +74,7 @@ def _submit(tmp: Path, server, *extra: str) -> str:
         "--workdir", str(work), "--log-dir", str(logs), "--job-name", "yoda-slurm-test",
         "--pilot-command", f"{sys.executable} -m pilot.cli",
         "--env", f"PYTHONPATH={REPO}", "--env", "PYTHONUNBUFFERED=1",
+        "--env", f"OIDC_AUTH_TOKEN={server.token_file}",
         "--dry-run", "--script-out", str(script),
         *extra,
     ]  # fmt: skip

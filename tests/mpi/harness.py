@@ -59,6 +59,8 @@ def start_hpc(server, workdir: Path, *extra: str, n: int = 4, jobs: int = 1) -> 
         "hpc.roles",
         "--url",
         server.url,
+        "--token-file",
+        str(server.token_file),
         "--queue",
         QUEUE,
         "--workdir",
