@@ -31,6 +31,7 @@ MPI_Finalize. MPI is never aborted on the normal path.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import logging
 import os
@@ -69,6 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--url", help="PanDA server (or the embedded dispatcher)")
     src.add_argument("--harvester", metavar="DIR", help="Harvester access point")
     p.add_argument("--queue", help="PanDA queue (site) name, with --url")
+    p.add_argument(
+        "--harvester-map-type",
+        default="auto",
+        help="with --harvester: OneToOne, ManyToOne, or auto (from where the job spec is)",
+    )
+    p.add_argument(
+        "--harvester-heartbeat",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="with --harvester: how often rank 0 refreshes worker_heartbeat.json",
+    )
+    p.add_argument(
+        "--harvester-latency",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="with --harvester: how long Harvester takes to answer (sizes range requests)",
+    )
     p.add_argument("--workdir", default=".", help="shared work directory (default: .)")
     p.add_argument("--resume", action="store_true", help="rebuild the ledger from the journal")
     p.add_argument("--walltime-end", type=float, default=None, metavar="EPOCH")
@@ -121,23 +141,43 @@ def _setup_logging(workdir: Path, rank: int, level: str) -> None:
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
-def range_source(url: str = "", token: str | None = None, harvester: str = "") -> Any:
+def range_source(
+    url: str = "",
+    token: str | None = None,
+    harvester: str = "",
+    map_type: str = "auto",
+    latency: float = 600.0,
+) -> Any:
     """What hands out ranges and takes their results: the PanDA client for ``--url``, the
-    Harvester files for ``--harvester``. Built in rank 0 and again in its upstream link."""
+    Harvester files for ``--harvester``. Built in rank 0 and again in its upstream link.
+
+    Harvester answers in minutes: the source waits a moment for an answer, then says
+    "not yet" as an error, which rank 0 retries with backoff."""
     if url:
         from pilot.comm.panda import PandaClient
 
         return PandaClient(url, token=token, retries=2, timeout=(5.0, 30.0))
     from pilot.comm.harvester import HarvesterAccessPoint, HarvesterEventSource
 
-    return HarvesterEventSource(HarvesterAccessPoint(harvester, many_jobs=True), wait_timeout=2.0)
+    return HarvesterEventSource(
+        HarvesterAccessPoint(harvester, map_type=map_type),
+        block=2.0,
+        latency=latency,
+        pending_is_error=True,
+    )
 
 
 def make_link(args: argparse.Namespace, upstream: Any) -> Link:
     """The upstream in a process of its own (see :mod:`yoda.link`); in this one if that fails."""
     spec = {
         "factory": "hpc.roles:range_source",
-        "kwargs": {"url": args.url or "", "token": args.token, "harvester": args.harvester or ""},
+        "kwargs": {
+            "url": args.url or "",
+            "token": args.token,
+            "harvester": args.harvester or "",
+            "map_type": args.harvester_map_type,
+            "latency": args.harvester_latency,
+        },
         "log": str(Path(args.workdir) / "logs" / "link.log"),
         "fetched": str(Path(args.workdir) / FETCHED),
     }
@@ -165,12 +205,48 @@ def make_upstream(args: argparse.Namespace) -> tuple[Any, Any]:
             return out
 
         return client, jobs
-    source = range_source(harvester=args.harvester)
+    source = range_source(
+        harvester=args.harvester,
+        map_type=args.harvester_map_type,
+        latency=args.harvester_latency,
+    )
 
     def harvester_jobs() -> list[dict[str, Any]]:
-        return [job.raw for job in source.ap.worker_jobs()]
+        return harvester_worker_jobs(source.ap)
 
     return source, harvester_jobs
+
+
+def harvester_worker_jobs(ap: Any) -> list[dict[str, Any]]:
+    """The event-service jobs rank 0 runs from the access point.
+
+    Jobs that cannot run here fail at once with their codes in their own
+    attributes: invalid specs; event-service jobs of a ManyToOne worker, which
+    Harvester never feeds ranges; ordinary jobs, which Yoda does not run.
+    """
+    found = ap.scan_jobs()
+    failed = dict(found.failed)
+    jobs = []
+    for job in found.jobs:
+        if job.event_service and ap.many_jobs:
+            failed[job.panda_id] = PilotError(
+                ErrorCode.BADQUEUECONFIGURATION,
+                "event-service job in a ManyToOne worker: Harvester feeds event ranges "
+                "only to OneToOne workers",
+            )
+        elif not job.event_service:
+            failed[job.panda_id] = PilotError(
+                ErrorCode.NOTIMPLEMENTED, "pilot hpc runs event-service jobs only"
+            )
+        else:
+            jobs.append(job.raw)
+    for pid, exc in failed.items():
+        log.error("job %s cannot run: %s", pid or "?", exc)
+    if failed:
+        import socket
+
+        ap.fail_worker(failed, node=socket.gethostname(), kill=not jobs)
+    return jobs
 
 
 def harvester_job_update(access_point: Any) -> Any:
@@ -240,7 +316,8 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: yoda.request_drain())
     try:
-        rc = yoda.run()
+        with _heartbeat(args, upstream, yoda):
+            rc = yoda.run()
     finally:
         if book.journal is not None:
             book.journal.close()
@@ -248,6 +325,20 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
         # every result is with Harvester: the worker is done (Harvester's kill_worker.json)
         upstream.ap.request_kill("all ranges reported")
     return rc
+
+
+def _heartbeat(args: argparse.Namespace, upstream: Any, yoda: Yoda) -> Any:
+    """With ``--harvester``: rank 0 keeps ``worker_heartbeat.json`` fresh while ranges run
+    (Harvester kills a worker whose heartbeat is too old)."""
+    if not args.harvester:
+        return contextlib.nullcontext()
+    from pilot.comm.harvester import WorkerHeartbeat
+
+    return WorkerHeartbeat(
+        upstream.ap,
+        args.harvester_heartbeat,
+        info=lambda: {"ranks": yoda.t.size, "reported": yoda.reported},
+    )
 
 
 def output_storage(args: argparse.Namespace) -> SimpleNamespace:
@@ -300,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     tune_gc()
     if transport.size < 2:
         log.error("pilot hpc needs at least 2 ranks (Yoda and one Droid)")
+        harvester_failed(
+            args, PilotError(ErrorCode.RESOURCEUNAVAILABLE, "pilot hpc started with one rank")
+        )
         return 2
     try:
         make_copytool(output_storage(args).copytool)  # a wrong name stops every rank at once
@@ -311,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         rc = 1
         if transport.rank == 0:  # do not leave the droids waiting for a CONFIG
+            harvester_failed(args, exc)
             for rank in range(1, transport.size):
                 transport.send(rank, Envelope(Kind.STOP, body={"reason": exc.diag}))
     finally:
@@ -318,6 +413,28 @@ def main(argv: list[str] | None = None) -> int:
     finalize(rc)
     logging.shutdown()
     return rc
+
+
+def harvester_failed(args: argparse.Namespace, exc: PilotError) -> None:
+    """With ``--harvester``, an error that stops the worker still leaves Harvester the
+    jobs' failed attributes and the kill file (the access point's own layout when the
+    map type is readable, else the top of the access point)."""
+    if not args.harvester:
+        return
+    import socket
+
+    from pilot.comm.harvester import HarvesterAccessPoint
+
+    try:
+        ap = HarvesterAccessPoint(args.harvester, map_type=args.harvester_map_type)
+    except PilotError:
+        ap = HarvesterAccessPoint(args.harvester, map_type="OneToOne")
+    try:
+        if ap.kill_requested():
+            return  # the jobs' states are written already
+        ap.fail_worker({0: exc}, node=socket.gethostname())
+    except OSError as write_error:
+        log.error("cannot tell Harvester: %s", write_error)
 
 
 def finalize(rc: int, timeout: float = 20.0) -> None:
