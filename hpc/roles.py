@@ -47,6 +47,7 @@ from typing import Any
 from droid.droid import Droid, DroidOptions
 from droid.executors import event_executor
 from droid.nullexec import NullExecutor
+from hpc import wholejobs
 from hpc.transport import Envelope, Kind, MPITransport
 from hpc.tuning import tune_gc
 from pilot.data.copytools import make_copytool
@@ -222,7 +223,7 @@ def harvester_worker_jobs(ap: Any) -> list[dict[str, Any]]:
 
     Jobs that cannot run here fail at once with their codes in their own
     attributes: invalid specs; event-service jobs of a ManyToOne worker, which
-    Harvester never feeds ranges; ordinary jobs, which Yoda does not run.
+    Harvester never feeds ranges. (Ordinary jobs go to :mod:`hpc.wholejobs`.)
     """
     found = ap.scan_jobs()
     failed = dict(found.failed)
@@ -233,10 +234,6 @@ def harvester_worker_jobs(ap: Any) -> list[dict[str, Any]]:
                 ErrorCode.BADQUEUECONFIGURATION,
                 "event-service job in a ManyToOne worker: Harvester feeds event ranges "
                 "only to OneToOne workers",
-            )
-        elif not job.event_service:
-            failed[job.panda_id] = PilotError(
-                ErrorCode.NOTIMPLEMENTED, "pilot hpc runs event-service jobs only"
             )
         else:
             jobs.append(job.raw)
@@ -397,7 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         make_copytool(output_storage(args).copytool)  # a wrong name stops every rank at once
-        if transport.rank == 0:
+        if wholejobs.is_whole_jobs(args):  # ordinary jobs, whole, one per rank
+            run = wholejobs.run_rank0 if transport.rank == 0 else wholejobs.run_rank
+            rc = run(args, transport)
+        elif transport.rank == 0:
             rc = run_yoda(args, transport)
         else:
             rc = run_droid(args, transport)

@@ -246,3 +246,45 @@ def test_many_to_one_ordinary_jobs(harvester: RealHarvester, tmp_path: Path) -> 
     assert res["requests"] == []  # nothing asked of Harvester that it cannot answer
     assert os.path.exists(ap / "7011" / "PandaJob_7011")
     assert sys.executable  # the pilot ran in its own environment
+
+
+def hpc_argv(tmp_path: Path, ap: Path, *extra: str) -> list[str]:
+    return mpi_argv(3) + [
+        PYTHON,
+        "-m",
+        "pilot.cli",
+        "hpc",
+        "--harvester",
+        str(ap),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--hb-interval",
+        "1",
+        "--harvester-heartbeat",
+        "1",
+        *extra,
+    ]
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(mpiexec() is None, reason="no mpiexec")
+def test_many_to_one_three_ordinary_jobs_under_mpi(
+    harvester: RealHarvester, tmp_path: Path
+) -> None:
+    ap = tmp_path / "ap"
+    jobs = [
+        getjob(7021, f"{BEHAVE} write a.dat 1000", ("a.dat",)),
+        getjob(7022, f"{BEHAVE} exit 2 bad"),
+        getjob(7023, f"{BEHAVE} write b.dat 2000", ("b.dat",)),
+    ]
+    sc = scenario(tmp_path, jobs, hpc_argv(tmp_path, ap), map_type="ManyToOne")
+    sc["env"]["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
+    res = harvester.drive(sc, tmp_path)
+    assert res["pilot_rc"] == 1 and res["killed"], (tmp_path / "pilot.log").read_text()[-3000:]
+    for pid, lfn, size in (("7021", "a.dat", 1000), ("7023", "b.dat", 2000)):
+        attrs = check_final(res["jobs"][pid], "finished")
+        assert attrs["pilot_error_code"] == 0
+        files = {f[0]: (f[1], f[2]) for f in res["jobs"][pid]["outFiles"]}
+        assert files[lfn] == ("output", size) and files[f"log.{pid}.tgz"][0] == "log"
+    assert check_final(res["jobs"]["7022"], "failed")["trans_exit_code"] == 2
+    assert res["requests"] == [] and all(res["alive"])

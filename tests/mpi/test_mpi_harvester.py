@@ -88,3 +88,33 @@ def test_event_service_job_in_a_many_to_one_worker_fails_at_once(tmp_path: Path)
     assert attrs["jobStatus"] == "failed" and attrs["pilotErrorCode"] == 1341
     assert "ManyToOne" in attrs["pilotErrorDiag"]
     assert (ap / "kill_worker.json").exists()
+
+
+def test_many_to_one_three_ordinary_jobs_on_two_droid_ranks(tmp_path: Path):
+    from tests.conftest import REPO, job_dict
+
+    behave = str(REPO / "tests" / "payloads" / "behave.py")
+    ap = tmp_path / "ap"
+    jobs = {
+        5101: job_dict(5101, jobpars=f"{behave} write a.dat 700", outFiles="a.dat,log.5101.tgz"),
+        5102: job_dict(5102, jobpars=f"{behave} exit 4 broken"),
+        5103: job_dict(5103, jobpars=f"{behave} sleep 1"),
+    }
+    for pid, d in jobs.items():
+        (ap / str(pid)).mkdir(parents=True)
+        (ap / str(pid) / "HPCJobs.json").write_text(json.dumps({str(pid): d}))
+    (ap / "worker_pandaids.json").write_text(json.dumps(list(jobs)))
+    rc = run_hpc(tmp_path, ap, "--queue", "HPCQ")
+    assert rc == 1, (tmp_path / "mpiexec.log").read_text()[-3000:]  # one job failed
+    attrs = {p: json.loads((ap / str(p) / "worker_attributes.json").read_text()) for p in jobs}
+    assert [attrs[p]["jobStatus"] for p in jobs] == ["finished", "failed", "finished"]
+    assert attrs[5102]["transExitCode"] == 4 and attrs[5102]["pilotErrorCode"] > 0
+    for pid, a in attrs.items():
+        # reported as pilot run reports: node, times in PanDA's format, cores, report, log
+        assert a["node"] and a["siteName"] == "HPCQ" and a["coreCount"] == 1
+        assert len(a["startTime"]) == len(a["endTime"]) == len("2026-12-01 22:00:00")
+        assert json.loads((ap / str(pid) / "jobReport.json").read_text())["PandaID"] == pid
+        dump = json.loads((ap / str(pid) / "event_status.dump.json").read_text())[str(pid)]
+        log_entry = next(e for e in dump if e["type"] == "log")
+        assert Path(log_entry["path"]).parent == ap / str(pid) / f"PandaJob_{pid}"
+    assert (ap / "kill_worker.json").exists() and (ap / "worker_heartbeat.json").exists()
