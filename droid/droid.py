@@ -405,7 +405,9 @@ class Droid:
             got = self.t.recv(min(1.0, deadline - time.monotonic()))
             if got is not None:
                 self._handle(got)
-        self._send(Kind.BYE, {"released": self.released, "done": self.done_count})
+        self._send(
+            Kind.BYE, {"released": self.released, "done": self.done_count, "cpu": _payload_cpu()}
+        )
         self.released = []
         deadline = time.monotonic() + 30.0
         while not self.stopped and not self.yoda_dead and time.monotonic() < deadline:
@@ -423,3 +425,10 @@ class Droid:
                 log.warning("stopping the payload: %s", exc)
         if hasattr(self.t, "flush"):
             self.t.flush(2.0)
+
+
+def _payload_cpu() -> float:
+    """CPU seconds of the payloads this droid ran and reaped (its children), for the
+    job's cpuConsumptionTime."""
+    t = os.times()
+    return round(t.children_user + t.children_system, 3)

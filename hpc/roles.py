@@ -33,12 +33,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import json
 import logging
 import os
 import signal
 import sys
+import tarfile
 import threading
 import time
+import uuid
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -246,12 +249,16 @@ def harvester_worker_jobs(ap: Any) -> list[dict[str, Any]]:
     return jobs
 
 
-def harvester_job_update(access_point: Any) -> Any:
-    """Job states for Harvester: ``<PandaID>/worker_attributes.json`` and the heartbeat file.
+def harvester_job_update(access_point: Any, context: Any = None) -> Any:
+    """Job states for Harvester: ``worker_attributes.json`` (at the top of a OneToOne
+    worker's access point) and, at the end, what ``pilot run`` leaves there.
 
     Harvester reads a job's state from its worker attributes; rank 0 writes
     them as the PanDA client would send updateJob, and Harvester reports
-    them to PanDA itself.
+    them to PanDA itself. A final state comes with the fields of ``pilot
+    run``'s final update (node, site, start and end times in PanDA's
+    format, cores, CPU of the droids' payloads), the job report, and the
+    log tarball of the ranks' logs in the stage-out dump.
     """
     from pilot.comm.harvester import HarvesterUpstream
 
@@ -259,9 +266,106 @@ def harvester_job_update(access_point: Any) -> Any:
 
     def update(fields: dict[str, Any]) -> None:
         job = SimpleNamespace(panda_id=int(fields["jobId"]))
+        if fields.get("state") in ("finished", "failed") and context is not None:
+            final_job, full = context.final(dict(fields))
+            if upstream.final_update(final_job, full):
+                return
+            raise PilotError(ErrorCode.FILEHANDLINGFAILURE, "final attributes not written")
         upstream.heartbeat(job, fields)  # type: ignore[arg-type]
 
     return update
+
+
+class FinalReport:
+    """What rank 0 knows of an event-service job at its end, as ``pilot run`` reports it."""
+
+    def __init__(self, args: argparse.Namespace, jobs: dict[int, dict[str, Any]]) -> None:
+        import socket
+
+        self.args = args
+        self.jobs = jobs
+        self.start = time.time()
+        self.node = socket.gethostname()
+        self.pilot_id = f"{self.node}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.yoda: Yoda | None = None
+
+    def _cpu(self) -> float:
+        if self.yoda is None:
+            return 0.0
+        return float(sum(d.cpu for d in self.yoda.s.droids.values()))
+
+    def final(self, fields: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        from pilot.job import Job
+
+        panda_id = int(fields["jobId"])
+        raw = self.jobs.get(panda_id, {"PandaID": panda_id, "transformation": "?"})
+        try:
+            job = Job.from_panda(raw)
+        except PilotError:
+            job = SimpleNamespace(panda_id=panda_id, all_outputs=[], log_file=None)
+        end = time.time()
+        ranks = (self.yoda.t.size - 1) if self.yoda is not None else 0
+        full = {
+            "siteName": self.args.queue or "LOCAL",
+            "node": self.node,
+            "pilotID": self.pilot_id,
+            "startTime": round(self.start, 3),
+            "endTime": round(end, 3),
+            "coreCount": max(1, ranks * max(1, self.args.slots)),
+            "cpuConsumptionTime": int(round(self._cpu())),
+            "cpuConsumptionUnit": "s",
+            "cpuConversionFactor": 1.0,
+            "pilotErrorCode": 0,
+            "pilotErrorDiag": "",
+            "exeErrorCode": 0,
+            "exeErrorDiag": "",
+            "transExitCode": 0,
+            **fields,
+        }
+        if str(full.get("attemptNr", "")).isdigit():
+            full["attemptNr"] = int(full["attemptNr"])
+        report = {
+            "PandaID": panda_id,
+            "state": full["state"],
+            "pilotErrorCode": full["pilotErrorCode"],
+            "pilotErrorDiag": full["pilotErrorDiag"],
+            "startTime": self.start,
+            "endTime": end,
+            "nEvents": full.get("nEvents", 0),
+            "ranks": ranks,
+            "reported": self.yoda.reported if self.yoda is not None else 0,
+        }
+        full["metaData"] = json.dumps(report)
+        log_spec = getattr(job, "log_file", None)
+        if log_spec is not None:
+            try:
+                self._log_tarball(log_spec)
+            except (OSError, tarfile.TarError) as exc:
+                log.error("log tarball not made: %s", exc)
+                log_spec.local_path = ""
+        return job, full
+
+    def _log_tarball(self, spec: Any) -> None:
+        """The ranks' logs and each payload's own logs, without the range outputs."""
+        from pilot.data.checksum import adler32_file
+
+        work = Path(self.args.workdir)
+        path = work / spec.lfn
+        top = spec.lfn.removesuffix(".tgz").removesuffix(".tar.gz") or "log"
+        with tarfile.open(path, "w:gz") as tar:
+            for item in sorted(work.rglob("*")):
+                rel = item.relative_to(work)
+                if not item.is_file() or item.is_symlink() or item == path:
+                    continue
+                if "outputs" in rel.parts or item.suffix not in (".log", ".txt", ".json"):
+                    continue
+                if item.stat().st_size > 50 * 2**20:
+                    continue
+                tar.add(item, arcname=f"{top}/{rel}")
+        spec.local_path = str(path)
+        spec.fsize = path.stat().st_size
+        spec.checksum = f"ad:{adler32_file(path)}"
+        spec.guid = spec.guid or str(uuid.uuid4())
 
 
 def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
@@ -299,7 +403,8 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
     )
     options = YodaOptions(retry_max=args.retry_max)
     # updateJob with --url; worker attributes for Harvester with --harvester
-    job_update = getattr(upstream, "update_job", None) or harvester_job_update(upstream.ap)
+    report = FinalReport(args, {int(j.get("PandaID", 0) or 0): j for j in book.jobs})
+    job_update = getattr(upstream, "update_job", None) or harvester_job_update(upstream.ap, report)
     yoda = Yoda(
         transport,
         upstream,
@@ -308,6 +413,7 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
         job_update=job_update,
         link=make_link(args, upstream),
     )
+    report.yoda = yoda
     if not book.jobs:
         yoda.s.exhausted = True
     for sig in (signal.SIGTERM, signal.SIGUSR1):

@@ -72,6 +72,7 @@ class Droid:
     bye: bool = False
     draining: bool = False
     acked: int = -1
+    cpu: float = 0.0  # CPU seconds of its payloads, told with BYE
 
     def high(self, p: Policy) -> int:
         return max(1, int(round(p.high_per_slot * self.slots)))
@@ -266,6 +267,10 @@ class Scheduler:
             out += self._lose(d, charge=False)
         d.bye = True
         d.want = 0
+        try:
+            d.cpu = float(body.get("cpu") or 0.0)
+        except (TypeError, ValueError):
+            d.cpu = 0.0
         return out + [(d.rank, self._env(Kind.STOP, {}))]
 
     # -- failures and the clock ---------------------------------------------

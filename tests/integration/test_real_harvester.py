@@ -223,8 +223,12 @@ def test_one_to_one_event_service_under_mpi(harvester: RealHarvester, tmp_path: 
     events = check_ranges_once(res, 7006, 30)
     assert all(e["eventStatus"] == "finished" for e in events)
     got = res["jobs"]["7006"]
-    assert got["jobStatus"] == "finished" and got["attributes"]["n_events"] == 150
+    # reported as pilot run reports: final attributes, job report, log tarball
+    attrs = check_final(got, "finished")
+    assert attrs["n_events"] == 150 and attrs["core_count"] == 2 and attrs["pilot_error_code"] == 0
+    assert got["metaData"]["PandaID"] == 7006 and got["metaData"]["reported"] == 30
     assert len([f for f in got["outFiles"] if f[1] == "es_output"]) == 30
+    assert [f[0] for f in got["outFiles"] if f[1] == "log"] == ["log.7006.tgz"]
     assert all(res["alive"])
 
 
