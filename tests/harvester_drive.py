@@ -104,7 +104,8 @@ def main(argv: list[str]) -> int:
         if not fed and messenger.job_requested(ws):
             feed()
         killed = messenger.kill_requested(ws)
-        alive.append(messenger.is_alive(ws, float(sc.get("heartbeat_minutes", 1.0))))
+        if proc.poll() is None:  # while the worker runs: after its end the file ages
+            alive.append(messenger.is_alive(ws, float(sc.get("heartbeat_minutes", 1.0))))
         if fed:
             ws.set_work_attributes(messenger.get_work_attributes(ws))
             for pid, lfns in messenger.get_files_to_stage_out(ws).items():

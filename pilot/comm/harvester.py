@@ -674,17 +674,29 @@ class HarvesterEventSource:
         self._last_n: dict[int, int] = {}
         self._handed: dict[int, int] = {}
         self._first: dict[int, float] = {}
+        self._starved: dict[int, float] = {}  # seconds with nothing to hand out
+        self._starved_at: dict[int, float] = {}
         self._garbage: tuple[float, int, float] | None = None  # (mtime, size, first seen)
         self.requests = 0
 
     # -- sizing --------------------------------------------------------------
     def rate(self, panda_id: int) -> float:
-        """Ranges per second this job has taken so far (0 until measurable)."""
+        """Ranges per second this job takes while it has ranges (0 until measurable).
+
+        Time spent waiting for Harvester with nothing to hand out does not count:
+        a rate measured through starvation would size the next request too small
+        and starve the slots again."""
         first = self._first.get(panda_id)
         if first is None:
             return 0.0
-        elapsed = self.clock() - first
-        return self._handed.get(panda_id, 0) / elapsed if elapsed >= 1.0 else 0.0
+        now = self.clock()
+        starved = self._starved.get(panda_id, 0.0)
+        since = self._starved_at.get(panda_id)
+        if since is not None:
+            starved += now - since
+        busy = now - first - starved
+        handed = self._handed.get(panda_id, 0)
+        return handed / max(busy, 0.1) if handed else 0.0
 
     def request_size(self, panda_id: int, n_ranges: int) -> int:
         """Enough for ``cycles`` Harvester latencies at the measured rate, at least ``n_ranges``
@@ -781,6 +793,11 @@ class HarvesterEventSource:
                     self._ask(panda_id, n_ranges)
             items = self._buffer.get(panda_id, [])
             if items:
+                since = self._starved_at.pop(panda_id, None)
+                if since is not None:
+                    self._starved[panda_id] = (
+                        self._starved.get(panda_id, 0.0) + self.clock() - since
+                    )
                 out, self._buffer[panda_id] = items[:n_ranges], items[n_ranges:]
                 self._handed[panda_id] = self._handed.get(panda_id, 0) + len(out)
                 return out
@@ -792,6 +809,7 @@ class HarvesterEventSource:
                 break
             time.sleep(min(delay, left))
             delay = min(delay * 2, 5.0)
+        self._starved_at.setdefault(panda_id, self.clock())
         if self.pending_is_error:
             raise PilotError(
                 ErrorCode.EXCEEDEDMAXWAITTIME, f"event ranges for {panda_id} not there yet"

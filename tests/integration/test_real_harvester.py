@@ -292,3 +292,38 @@ def test_many_to_one_three_ordinary_jobs_under_mpi(
         assert files[lfn] == ("output", size) and files[f"log.{pid}.tgz"][0] == "log"
     assert check_final(res["jobs"]["7022"], "failed")["trans_exit_code"] == 2
     assert res["requests"] == [] and all(res["alive"])
+
+
+def test_heartbeat_stays_fresh_through_a_long_payload(
+    harvester: RealHarvester, tmp_path: Path
+) -> None:
+    """Harvester's is_alive with a 3 s limit, every cycle of an 8 s payload."""
+    ap = tmp_path / "ap"
+    job = getjob(7031, f"{BEHAVE} sleep 8")
+    sc = scenario(tmp_path, [job], pilot_run(ap), heartbeat_minutes=0.05, cycle=0.5)
+    res = harvester.drive(sc, tmp_path)
+    assert res["pilot_rc"] == 0 and res["killed"]
+    assert len(res["alive"]) >= 14 and all(res["alive"]), res["alive"]
+    check_final(res["jobs"]["7031"], "finished")
+
+
+def test_event_service_with_a_slow_harvester(harvester: RealHarvester, tmp_path: Path) -> None:
+    """Harvester answers once per 2 s cycle: requests sized from the rate cover the rest in
+    a few answers, the waits end no ranges, the heartbeat stays fresh."""
+    ap = tmp_path / "ap"
+    job = getjob(7032, "-m pilot.payloads.toysim --cpu-per-event 0.002", eventService="True")
+    sc = scenario(
+        tmp_path,
+        [job],
+        pilot_run(ap, "--harvester-latency", "4"),
+        ranges={"7032": make_ranges(77, 7032, 120)},
+        cycle=2.0,
+        heartbeat_minutes=0.05,
+    )
+    res = harvester.drive(sc, tmp_path)
+    assert res["pilot_rc"] == 0 and res["killed"]
+    events = check_ranges_once(res, 7032, 120)
+    assert all(e["eventStatus"] == "finished" for e in events)
+    assert check_final(res["jobs"]["7032"], "finished")["n_events"] == 600
+    assert len(res["requests"]) <= 4, res["requests"]
+    assert all(res["alive"])
