@@ -23,7 +23,9 @@ from tests.mpi.fake_upstream import make_ranges
 
 
 class FakeHarvester:
-    def __init__(self, root: Path, panda_id: int, n_ranges: int, task: int = 77) -> None:
+    def __init__(
+        self, root: Path, panda_id: int, n_ranges: int, task: int = 77, pars: str = ""
+    ) -> None:
         self.root = root
         self.panda_id = panda_id
         self.left = make_ranges(task, panda_id, n_ranges)
@@ -36,7 +38,7 @@ class FakeHarvester:
             "taskID": task,
             "jobsetID": task,
             "transformation": os.environ.get("PYTHON", "python3"),
-            "jobPars": "-m pilot.payloads.toysim",
+            "jobPars": f"-m pilot.payloads.toysim {pars}".strip(),
             "eventService": "True",
             "coreCount": 1,
         }

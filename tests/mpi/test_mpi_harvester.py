@@ -118,3 +118,24 @@ def test_many_to_one_three_ordinary_jobs_on_two_droid_ranks(tmp_path: Path):
         log_entry = next(e for e in dump if e["type"] == "log")
         assert Path(log_entry["path"]).parent == ap / str(pid) / f"PandaJob_{pid}"
     assert (ap / "kill_worker.json").exists() and (ap / "worker_heartbeat.json").exists()
+
+
+def test_a_payload_that_fails_everywhere_ends_the_job(tmp_path: Path, monkeypatch):
+    """The payload cannot start at all: its droid gives the ranges back, each return
+    costs an attempt, so they fail after Yoda's tries instead of bouncing until the
+    walltime; the job ends failed, every range reported once, the worker done."""
+    monkeypatch.setenv("PYTHON", sys.executable)
+    ap = tmp_path / "ap"
+    ap.mkdir()
+    harvester = FakeHarvester(ap, 5201, 6, pars="--no-such-option").start()
+    try:
+        rc = run_hpc(tmp_path, ap, timeout=150)
+    finally:
+        harvester.stop()
+    log = (tmp_path / "mpiexec.log").read_text()[-3000:]
+    assert rc == 0, log
+    assert sorted(e["eventRangeID"] for e in harvester.dump) == sorted(harvester.dispatched)
+    assert harvester.dispatched and all(e["eventStatus"] == "failed" for e in harvester.dump)
+    attrs = json.loads((ap / "worker_attributes.json").read_text())
+    assert attrs["jobStatus"] == "failed" and attrs["pilotErrorCode"] == 1224
+    assert (ap / "kill_worker.json").exists()
