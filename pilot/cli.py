@@ -191,7 +191,14 @@ def _with_rucio(config: PilotConfig) -> PilotConfig:
 # they would be ignored, so they are refused instead.
 _MODE_OPTIONS = {
     "url": ("max_jobs", "job_label", "ca_path", "panda_api", "token_file"),
-    "harvester": ("harvester_many_jobs", "pull", "wait"),
+    "harvester": (
+        "harvester_map_type",
+        "harvester_many_jobs",
+        "harvester_heartbeat",
+        "harvester_latency",
+        "pull",
+        "wait",
+    ),
     "job_file": (),
 }
 
@@ -406,70 +413,119 @@ def _signals() -> Iterator[StopSignal]:
 
 
 def _run_harvester(args: argparse.Namespace) -> int:
-    """Push mode (the job spec is there at start) or pull mode (``--pull N``: ask, then wait)."""
+    """Push mode (the job spec is there at start) or pull mode (``--pull N``: ask, then wait).
+
+    Every way out leaves Harvester the jobs' attributes and, once all jobs
+    are done, the kill file; a job that cannot run (bad spec, or an
+    event-service job in a ManyToOne worker, which Harvester does not feed)
+    fails with its code in its own attributes while the others run.
+    """
     from pilot.comm.harvester import (  # noqa: PLC0415 - only this mode needs it
         HarvesterAccessPoint,
         HarvesterEventSource,
         HarvesterUpstream,
+        WorkerHeartbeat,
     )
     from pilot.eventservice.jobrunner import make_es_runner  # noqa: PLC0415
 
-    ap = HarvesterAccessPoint(args.harvester, many_jobs=args.harvester_many_jobs)
-    workdir = args.workdir or str(ap.root)
+    root = Path(args.harvester)
+    map_type = "ManyToOne" if args.harvester_many_jobs else args.harvester_map_type
+    try:
+        ap = HarvesterAccessPoint(root, map_type=map_type)
+    except PilotError as exc:
+        HarvesterAccessPoint(root, map_type="OneToOne").fail_worker({0: exc}, node=_node())
+        print(f"pilot: {int(exc.code)} {exc.acronym}: {exc.diag}", file=sys.stderr)
+        return 2
     try:
         queue_settings = _queue_settings(args)
     except PilotError as exc:
+        ap.fail_worker({0: exc}, node=_node())
         print(f"pilot: {int(exc.code)} {exc.acronym}: {exc.diag}", file=sys.stderr)
         return 1
     config = _config(
         args,
-        workdir=Path(workdir).resolve(),
+        workdir=Path(args.workdir or str(ap.root)).resolve(),
         input_url=args.input_url or str(ap.root.resolve()),
         copytool=args.copytool or "harvester",
         **queue_settings,
     )
+    running: dict[str, Any] = {"state": "starting"}
     try:
-        jobs = ap.wait_for_jobs(args.pull, timeout=args.wait) if args.pull else ap.worker_jobs()
+        beat = WorkerHeartbeat(ap, args.harvester_heartbeat, info=lambda: dict(running))
     except PilotError as exc:
-        ap.write_worker_attributes(
-            {
-                "jobStatus": "failed",
-                "pilotErrorCode": int(exc.code),
-                "pilotErrorDiag": exc.diag,
-                "node": config.node,
-            }
-        )
-        ap.request_kill(f"no valid job: {exc.diag}")
-        print(
-            f"pilot: no valid job in {ap.root}: {int(exc.code)} {exc.acronym}: {exc.diag}",
-            file=sys.stderr,
-        )
-        return 1
-    source = HarvesterEventSource(ap)
-    failed = 0
-    with _signals() as stop:
-        for job in jobs:
-            if stop.is_set():
-                break
-            result = run_job(
-                job,
-                config,
-                HarvesterUpstream(ap),
-                stop=stop,
-                monitor_factory=make_monitor,
-                es_runner=make_es_runner(source, source),
+        print(f"pilot: {int(exc.code)} {exc.acronym}: {exc.diag}", file=sys.stderr)
+        return 2
+    with beat:
+        try:
+            found = ap.wait_for_jobs(args.pull, timeout=args.wait) if args.pull else ap.scan_jobs()
+        except PilotError as exc:
+            ap.fail_worker({0: exc}, node=config.node)
+            print(
+                f"pilot: no valid job in {ap.root}: {int(exc.code)} {exc.acronym}: {exc.diag}",
+                file=sys.stderr,
             )
-            failed += not result.ok
-            _print_result(
-                result.state,
-                job.panda_id,
-                result.pilot_error_code,
-                result.pilot_error_diag,
-                result.workdir,
+            return 1
+        failed_to_start = dict(found.failed)
+        jobs = []
+        for job in found.jobs:
+            if job.event_service and ap.many_jobs:
+                failed_to_start[job.panda_id] = PilotError(
+                    ErrorCode.BADQUEUECONFIGURATION,
+                    "event-service job in a ManyToOne worker: Harvester feeds event ranges "
+                    "only to OneToOne workers",
+                )
+            else:
+                jobs.append(job)
+        for pid, exc in failed_to_start.items():
+            print(
+                f"job {pid or '?'}: failed before start: {int(exc.code)} {exc.acronym}: {exc.diag}",
+                file=sys.stderr,
             )
-    if ap.many_jobs:
-        ap.request_kill(f"{len(jobs)} jobs done, {failed} failed")
-    return 0 if failed == 0 and jobs else 1
+        if failed_to_start:
+            ap.fail_worker(failed_to_start, node=config.node, kill=not jobs)
+        if not jobs:
+            return 1
+        source = HarvesterEventSource(ap, latency=args.harvester_latency)
+        upstream = HarvesterUpstream(ap, finish_worker=False)
+        failed = len(failed_to_start)
+        with _signals() as stop:
+            for job in jobs:
+                if stop.is_set():
+                    break
+                running.update(state="running", PandaID=job.panda_id)
+                job_config = config
+                if ap.many_jobs:
+                    job_dir = ap.job_dir(job.panda_id).resolve()
+                    job_config = dataclasses.replace(
+                        config,
+                        workdir=job_dir if not args.workdir else config.workdir,
+                        input_url=args.input_url or str(job_dir),
+                    )
+                result = run_job(
+                    job,
+                    job_config,
+                    upstream,
+                    stop=stop,
+                    monitor_factory=make_monitor,
+                    es_runner=make_es_runner(source, source),
+                )
+                failed += not result.ok
+                _print_result(
+                    result.state,
+                    job.panda_id,
+                    result.pilot_error_code,
+                    result.pilot_error_diag,
+                    result.workdir,
+                )
+        running.update(state="done")
+        ap.request_kill(f"{len(jobs) + len(failed_to_start)} jobs done, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+def _node() -> str:
+    import socket  # noqa: PLC0415
+
+    return socket.gethostname()
 
 
 def _bad_definition(job_path: Path, config: PilotConfig, exc: PilotError) -> int:
@@ -537,9 +593,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--harvester", metavar="DIR", help="Harvester access point (shared-file mode)")
     run.add_argument(
+        "--harvester-map-type",
+        default="auto",
+        help="Harvester map type: OneToOne, ManyToOne, or auto (from where the job spec is)",
+    )
+    run.add_argument(
         "--harvester-many-jobs",
         action="store_true",
-        help="several PandaIDs per worker, per-job sub-directories",
+        help="same as --harvester-map-type ManyToOne",
+    )
+    run.add_argument(
+        "--harvester-heartbeat",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="how often worker_heartbeat.json is refreshed (default 20 s)",
+    )
+    run.add_argument(
+        "--harvester-latency",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="how long Harvester takes to answer a request for event ranges (sizes requests)",
     )
     run.add_argument(
         "--pull", type=int, default=0, metavar="N", help="Harvester pull mode: request N jobs"
