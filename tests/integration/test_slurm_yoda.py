@@ -10,6 +10,7 @@ is bounded.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -180,6 +181,8 @@ def _first_try(tmp: Path, server, *extra: str) -> tuple[str, Path]:
         [sys.executable, "-m", "pilot.cli", "hpc", "submit", "--scheduler", "slurm",
          "--nodes", "1", "--url", server.url, "--queue", QUEUE, "--workdir", str(new), *extra],
         cwd=tmp, capture_output=True, text=True, timeout=60, check=False,
+        # the user's PanDA token, where PanDA's tools look for it (sbatch passes it on)
+        env={**os.environ, "OIDC_AUTH_TOKEN": str(server.token_file)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert new.is_dir()  # made at submit time

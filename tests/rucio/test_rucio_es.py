@@ -64,7 +64,8 @@ def test_event_service_ranges_go_to_rucio_by_the_queue_acopytools(
         (panda_id,) = server.load_task(es_task("ESQ", dataset, 8, f"log.{unique}.tgz"))["PandaIDs"]
         proc = subprocess.run(
             [PYTHON, "-m", "pilot.cli", "run", "--url", server.url, "--queue", "ESQ"]
-            + ["--workdir", str(tmp_path / "w"), "--kill-grace", "2"],
+            + ["--workdir", str(tmp_path / "w"), "--kill-grace", "2"]
+            + ["--token-file", str(server.token_file)],
             env={**os.environ, "RUCIO_CONFIG": str(rucio_server.client_config)},
             capture_output=True,
             text=True,
