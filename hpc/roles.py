@@ -421,11 +421,16 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
     try:
         with _heartbeat(args, upstream, yoda):
             rc = yoda.run()
+            if args.harvester and rc == 0:
+                # Every result is with Harvester and this worker ends (drained or
+                # done): a job not yet final gets its final state now, or Harvester
+                # would see it running in a worker that is gone.
+                yoda.report_jobs(final=True, worker_end=True)
     finally:
         if book.journal is not None:
             book.journal.close()
     if args.harvester and rc == 0:
-        # every result is with Harvester: the worker is done (Harvester's kill_worker.json)
+        # the worker is done (Harvester's kill_worker.json)
         upstream.ap.request_kill("all ranges reported")
     return rc
 

@@ -139,3 +139,41 @@ def test_a_payload_that_fails_everywhere_ends_the_job(tmp_path: Path, monkeypatc
     attrs = json.loads((ap / "worker_attributes.json").read_text())
     assert attrs["jobStatus"] == "failed" and attrs["pilotErrorCode"] == 1224
     assert (ap / "kill_worker.json").exists()
+
+
+def test_a_drained_worker_leaves_the_job_final(tmp_path: Path, monkeypatch):
+    """SIGUSR1 (which mpiexec passes to every rank) drains the worker mid-run: the ranges
+    that ran are reported once, the job gets its final state (Harvester would otherwise
+    see it running in a worker that is gone), and the worker is done."""
+    import signal
+    import time
+
+    monkeypatch.setenv("PYTHON", sys.executable)
+    ap = tmp_path / "ap"
+    ap.mkdir()
+    harvester = FakeHarvester(ap, 5301, 400, pars="--cpu-per-event 0.02").start()
+    argv = mpi_argv(3) + [
+        sys.executable, "-m", "hpc.roles", "--harvester", str(ap),
+        "--workdir", str(tmp_path / "work"), "--hb-interval", "1",
+        "--harvester-heartbeat", "1", "--term-grace", "10",
+    ]  # fmt: skip
+    log = open(tmp_path / "mpiexec.log", "wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(600):  # bounded: until some ranges reached Harvester
+            if len(harvester.dump) >= 10 or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        rc = wait(proc, 90)
+    finally:
+        if proc.poll() is None:
+            kill_all(proc)
+        harvester.stop()
+    assert rc == 0, (tmp_path / "mpiexec.log").read_text()[-3000:]
+    done = [e["eventRangeID"] for e in harvester.dump]
+    assert len(done) == len(set(done)) and 10 <= len(done) < 400
+    assert all(e["eventStatus"] == "finished" for e in harvester.dump)
+    attrs = json.loads((ap / "worker_attributes.json").read_text())
+    assert attrs["jobStatus"] == "finished" and attrs["nEvents"] == 5 * len(done)
+    assert (ap / "kill_worker.json").exists()
