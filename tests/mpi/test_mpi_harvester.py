@@ -177,3 +177,46 @@ def test_a_drained_worker_leaves_the_job_final(tmp_path: Path, monkeypatch):
     attrs = json.loads((ap / "worker_attributes.json").read_text())
     assert attrs["jobStatus"] == "finished" and attrs["nEvents"] == 5 * len(done)
     assert (ap / "kill_worker.json").exists()
+
+
+def test_many_to_one_drain_leaves_every_job_final(tmp_path: Path):
+    """SIGUSR1 to a ManyToOne worker: the running jobs stop with the signal's code, the
+    ones not started fail with it too (PanDA gives them to another worker), each in its
+    own attributes, and the worker is done."""
+    import signal
+    import time
+
+    from tests.conftest import REPO, job_dict
+
+    behave = str(REPO / "tests" / "payloads" / "behave.py")
+    ap = tmp_path / "ap"
+    jobs = {pid: job_dict(pid, jobpars=f"{behave} sleep 30") for pid in (5401, 5402, 5403, 5404)}
+    for pid, d in jobs.items():
+        (ap / str(pid)).mkdir(parents=True)
+        (ap / str(pid) / "HPCJobs.json").write_text(json.dumps({str(pid): d}))
+    (ap / "worker_pandaids.json").write_text(json.dumps(list(jobs)))
+    argv = mpi_argv(3) + [
+        sys.executable, "-m", "hpc.roles", "--harvester", str(ap),
+        "--workdir", str(tmp_path / "work"), "--harvester-heartbeat", "1",
+    ]  # fmt: skip
+    log = open(tmp_path / "mpiexec.log", "wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(600):  # bounded: until two payloads run
+            running = [p for p in jobs if (ap / str(p) / f"PandaJob_{p}" / "payload.sh").exists()]
+            if len(running) >= 2 or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGUSR1)
+        rc = wait(proc, 90)
+    finally:
+        if proc.poll() is None:
+            kill_all(proc)
+    assert rc == 1, (tmp_path / "mpiexec.log").read_text()[-3000:]
+    attrs = {p: json.loads((ap / str(p) / "worker_attributes.json").read_text()) for p in jobs}
+    assert all(a["jobStatus"] == "failed" for a in attrs.values()), attrs
+    assert {a["pilotErrorCode"] for a in attrs.values()} == {1207}  # SIGUSR1
+    started = [p for p in jobs if (ap / str(p) / f"PandaJob_{p}").exists()]
+    assert len(started) == 2
+    assert (ap / "kill_worker.json").exists()
