@@ -220,3 +220,23 @@ def test_many_to_one_drain_leaves_every_job_final(tmp_path: Path):
     started = [p for p in jobs if (ap / str(p) / f"PandaJob_{p}").exists()]
     assert len(started) == 2
     assert (ap / "kill_worker.json").exists()
+
+
+def test_one_to_one_ordinary_job(tmp_path: Path):
+    """A OneToOne worker with an ordinary job: one rank runs it whole, files at the top."""
+    from tests.conftest import REPO, job_dict
+
+    behave = str(REPO / "tests" / "payloads" / "behave.py")
+    ap = tmp_path / "ap"
+    ap.mkdir()
+    d = job_dict(5501, jobpars=f"{behave} write c.dat 300", outFiles="c.dat,log.5501.tgz")
+    (ap / "HPCJobs.json").write_text(json.dumps({"5501": d}))
+    (ap / "worker_pandaids.json").write_text("[5501]")
+    rc = run_hpc(tmp_path, ap, timeout=90)
+    assert rc == 0, (tmp_path / "mpiexec.log").read_text()[-3000:]
+    attrs = json.loads((ap / "worker_attributes.json").read_text())
+    assert attrs["jobStatus"] == "finished" and attrs["pilotErrorCode"] == 0
+    dump = json.loads((ap / "event_status.dump.json").read_text())["5501"]
+    assert {e["type"] for e in dump} == {"output", "log"}
+    assert (ap / "jobReport.json").exists() and (ap / "kill_worker.json").exists()
+    assert not (ap / "5501").exists()
