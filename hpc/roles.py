@@ -19,6 +19,14 @@ Options mean what they mean for ``pilot run`` where both have them
     stage-out's error code (PanDA hands failed ranges to a later job). With
     ``--harvester`` outputs stay where they are: Harvester stages them out.
 
+``--harvester AP`` (with ``--harvester-map-type``, default: from where the job
+spec is)
+    A OneToOne worker's event-service job runs through Yoda, its requests and
+    ranges at the top of the access point; ordinary jobs (a ManyToOne worker's,
+    or a OneToOne worker's) run whole, one per rank (:mod:`hpc.wholejobs`).
+    Rank 0 refreshes ``worker_heartbeat.json`` every ``--harvester-heartbeat``
+    seconds and leaves every job final, then ``kill_worker.json``.
+
 Layout under the work directory: ``yoda.journal``, ``logs/rank<N>.log``,
 ``droid<N>/<PandaID>/`` (payload work directories) with the outputs renamed
 into ``droid<N>/<PandaID>/outputs/`` when complete.
@@ -447,11 +455,16 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
     try:
         with _heartbeat(args, upstream, yoda):
             rc = yoda.run()
+            if args.harvester and rc == 0:
+                # Every result is with Harvester and this worker ends (drained or
+                # done): a job not yet final gets its final state now, or Harvester
+                # would see it running in a worker that is gone.
+                yoda.report_jobs(final=True, worker_end=True)
     finally:
         if book.journal is not None:
             book.journal.close()
     if args.harvester and rc == 0:
-        # every result is with Harvester: the worker is done (Harvester's kill_worker.json)
+        # the worker is done (Harvester's kill_worker.json)
         upstream.ap.request_kill("all ranges reported")
     return rc
 

@@ -453,6 +453,7 @@ def _run_harvester(args: argparse.Namespace) -> int:
     try:
         beat = WorkerHeartbeat(ap, args.harvester_heartbeat, info=lambda: dict(running))
     except PilotError as exc:
+        ap.fail_worker({0: exc}, node=config.node)
         print(f"pilot: {int(exc.code)} {exc.acronym}: {exc.diag}", file=sys.stderr)
         return 2
     with beat:

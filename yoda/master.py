@@ -141,6 +141,7 @@ class Yoda:
                 continue
             self._req += 1
             self._asked[self._req] = (job_index, n)
+            self._durable()  # ranges fetched before are on disk before the next call
             self.link.fetch(self._req, job_index, panda_id, jobset_id, task_id, n)
             return
 
@@ -211,7 +212,7 @@ class Yoda:
             self._req += 1
             self._in_flight[self._req] = chunk
             self._last_update = now
-            self._commit()  # the results' DONE records: a crash must not run them again
+            self._durable()  # the results' DONE records: a crash must not run them again
             self.link.update(self._req, chunk, IdParts(*self.s.ledger.id_parts(chunk.rows)))
             self.collect(now)  # an inline link has answered already
 
@@ -248,22 +249,28 @@ class Yoda:
 
     # -- job state -----------------------------------------------------------
 
-    def job_fields(self, job_index: int) -> dict[str, Any] | None:
+    def job_fields(self, job_index: int, *, worker_end: bool = False) -> dict[str, Any] | None:
         """updateJob fields of a job whose ranges are all done and reported, else None.
 
         A job with at least one finished range is ``finished`` (PanDA retries the
         failed ranges in a later job); with none it is ``failed``: 1238 ESNOEVENTS
-        if it never had a range, else 1224 ESRECOVERABLE.
+        if it never had a range, else 1224 ESRECOVERABLE. With ``worker_end`` (a
+        Harvester worker ends here, drained: no later allocation resumes it) ranges
+        given back or never fetched do not hold the job open: PanDA hands them to
+        another job once this one is final.
         """
         job = self.book.jobs[job_index]
         panda_id = self._job_keys(job)[0]
-        if panda_id not in self._dry:
+        if panda_id not in self._dry and not worker_end:
             return None
         led = self.s.ledger
         rows = led.rows[: led.n]  # columns are read one at a time: no copy of the table
         state = rows["state"]
         mine = rows["job"] == job_index
-        if (state[mine] <= State.LEASED).any():  # READY or LEASED: not done yet
+        if worker_end:
+            if (state[mine] == State.LEASED).any():  # still out with a droid
+                return None
+        elif (state[mine] <= State.LEASED).any():  # READY or LEASED: not done yet
             return None
         pending = [self.book.unsent.rows(), *(b.rows for b in self._in_flight.values())]
         if (rows["job"][np.concatenate(pending)] == job_index).any():
@@ -286,7 +293,7 @@ class Yoda:
     def _update_job(self, fields: dict[str, Any]) -> bool:
         if self.job_update is None:
             return True
-        self._commit()
+        self._durable()
         try:
             self.job_update(fields)
         except PilotError as exc:
@@ -294,13 +301,14 @@ class Yoda:
             return False
         return True
 
-    def report_jobs(self, *, final: bool) -> None:
-        """``running`` once per job, and the final state of every job that is complete."""
+    def report_jobs(self, *, final: bool, worker_end: bool = False) -> None:
+        """``running`` once per job, and the final state of every job that is complete
+        (with ``worker_end``: of every job, see :meth:`job_fields`)."""
         for index, job in enumerate(self.book.jobs):
             panda_id = self._job_keys(job)[0]
             if self._job_state.get(panda_id) in ("finished", "failed"):
                 continue
-            fields = self.job_fields(index) if final else None
+            fields = self.job_fields(index, worker_end=worker_end) if final else None
             if fields is None:
                 if panda_id not in self._job_state:
                     if self._update_job({"jobId": panda_id, "state": "running"}):
@@ -313,9 +321,17 @@ class Yoda:
     # -- loop ----------------------------------------------------------------
 
     def _commit(self) -> None:
-        """Journal records out to the OS before anyone hears of what they record."""
+        """Journal records out to the OS before a droid hears of what they record: that
+        survives this process dying (docs/DESIGN.md, "Durability")."""
         if self.book.journal is not None:
             self.book.journal.flush()
+
+    def _durable(self) -> None:
+        """Journal records on stable storage before the upstream hears of what they
+        record: that survives the node crashing. One fsync covers every record since
+        the last (group commit), and upstream calls are few."""
+        if self.book.journal is not None:
+            self.book.journal.sync()
 
     def _send(self, out: list[tuple[int, Envelope]]) -> None:
         if out:

@@ -191,3 +191,20 @@ def test_unreadable_job_spec_is_reported(tmp_path: Path) -> None:
     attrs = json.loads((ap / "worker_attributes.json").read_text())
     assert attrs["jobStatus"] == "failed" and attrs["pilotErrorCode"] == 1303
     assert (ap / "kill_worker.json").exists()
+
+
+def test_harvester_options_apply_only_with_harvester(tmp_path: Path) -> None:
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(job_dict(3101, jobpars=f"{BEHAVE} exit 0")))
+    proc = pilot("--job-file", str(job), "--harvester-heartbeat", "5")
+    assert proc.returncode == 2 and "applies only with --harvester" in proc.stderr
+
+
+def test_a_zero_heartbeat_interval_is_refused(tmp_path: Path) -> None:
+    ap = tmp_path / "ap"
+    ap.mkdir()
+    job_file(ap)
+    proc = pilot("--harvester", str(ap), "--harvester-heartbeat", "0")
+    assert proc.returncode == 2 and "heartbeat interval" in proc.stderr
+    assert json.loads((ap / "worker_attributes.json").read_text())["jobStatus"] == "failed"
+    assert (ap / "kill_worker.json").exists()

@@ -139,3 +139,104 @@ def test_a_payload_that_fails_everywhere_ends_the_job(tmp_path: Path, monkeypatc
     attrs = json.loads((ap / "worker_attributes.json").read_text())
     assert attrs["jobStatus"] == "failed" and attrs["pilotErrorCode"] == 1224
     assert (ap / "kill_worker.json").exists()
+
+
+def test_a_drained_worker_leaves_the_job_final(tmp_path: Path, monkeypatch):
+    """SIGUSR1 (which mpiexec passes to every rank) drains the worker mid-run: the ranges
+    that ran are reported once, the job gets its final state (Harvester would otherwise
+    see it running in a worker that is gone), and the worker is done."""
+    import signal
+    import time
+
+    monkeypatch.setenv("PYTHON", sys.executable)
+    ap = tmp_path / "ap"
+    ap.mkdir()
+    harvester = FakeHarvester(ap, 5301, 400, pars="--cpu-per-event 0.02").start()
+    argv = mpi_argv(3) + [
+        sys.executable, "-m", "hpc.roles", "--harvester", str(ap),
+        "--workdir", str(tmp_path / "work"), "--hb-interval", "1",
+        "--harvester-heartbeat", "1", "--term-grace", "10",
+    ]  # fmt: skip
+    log = open(tmp_path / "mpiexec.log", "wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(600):  # bounded: until some ranges reached Harvester
+            if len(harvester.dump) >= 10 or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        rc = wait(proc, 90)
+    finally:
+        if proc.poll() is None:
+            kill_all(proc)
+        harvester.stop()
+    assert rc == 0, (tmp_path / "mpiexec.log").read_text()[-3000:]
+    done = [e["eventRangeID"] for e in harvester.dump]
+    assert len(done) == len(set(done)) and 10 <= len(done) < 400
+    assert all(e["eventStatus"] == "finished" for e in harvester.dump)
+    attrs = json.loads((ap / "worker_attributes.json").read_text())
+    assert attrs["jobStatus"] == "finished" and attrs["nEvents"] == 5 * len(done)
+    assert (ap / "kill_worker.json").exists()
+
+
+def test_many_to_one_drain_leaves_every_job_final(tmp_path: Path):
+    """SIGUSR1 to a ManyToOne worker: the running jobs stop with the signal's code, the
+    ones not started fail with it too (PanDA gives them to another worker), each in its
+    own attributes, and the worker is done."""
+    import signal
+    import time
+
+    from tests.conftest import REPO, job_dict
+
+    behave = str(REPO / "tests" / "payloads" / "behave.py")
+    ap = tmp_path / "ap"
+    jobs = {pid: job_dict(pid, jobpars=f"{behave} sleep 30") for pid in (5401, 5402, 5403, 5404)}
+    for pid, d in jobs.items():
+        (ap / str(pid)).mkdir(parents=True)
+        (ap / str(pid) / "HPCJobs.json").write_text(json.dumps({str(pid): d}))
+    (ap / "worker_pandaids.json").write_text(json.dumps(list(jobs)))
+    argv = mpi_argv(3) + [
+        sys.executable, "-m", "hpc.roles", "--harvester", str(ap),
+        "--workdir", str(tmp_path / "work"), "--harvester-heartbeat", "1",
+    ]  # fmt: skip
+    log = open(tmp_path / "mpiexec.log", "wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(600):  # bounded: until two payloads run
+            running = [p for p in jobs if (ap / str(p) / f"PandaJob_{p}" / "payload.sh").exists()]
+            if len(running) >= 2 or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGUSR1)
+        rc = wait(proc, 90)
+    finally:
+        if proc.poll() is None:
+            kill_all(proc)
+    assert rc == 1, (tmp_path / "mpiexec.log").read_text()[-3000:]
+    attrs = {p: json.loads((ap / str(p) / "worker_attributes.json").read_text()) for p in jobs}
+    assert all(a["jobStatus"] == "failed" for a in attrs.values()), attrs
+    assert {a["pilotErrorCode"] for a in attrs.values()} == {1207}  # SIGUSR1
+    started = [p for p in jobs if (ap / str(p) / f"PandaJob_{p}").exists()]
+    assert len(started) == 2
+    assert (ap / "kill_worker.json").exists()
+
+
+def test_one_to_one_ordinary_job(tmp_path: Path):
+    """A OneToOne worker with an ordinary job: one rank runs it whole, files at the top."""
+    from tests.conftest import REPO, job_dict
+
+    behave = str(REPO / "tests" / "payloads" / "behave.py")
+    ap = tmp_path / "ap"
+    ap.mkdir()
+    d = job_dict(5501, jobpars=f"{behave} write c.dat 300", outFiles="c.dat,log.5501.tgz")
+    (ap / "HPCJobs.json").write_text(json.dumps({"5501": d}))
+    (ap / "worker_pandaids.json").write_text("[5501]")
+    rc = run_hpc(tmp_path, ap, timeout=90)
+    assert rc == 0, (tmp_path / "mpiexec.log").read_text()[-3000:]
+    attrs = json.loads((ap / "worker_attributes.json").read_text())
+    assert attrs["jobStatus"] == "finished" and attrs["pilotErrorCode"] == 0
+    dump = json.loads((ap / "event_status.dump.json").read_text())["5501"]
+    assert {e["type"] for e in dump} == {"output", "log"}
+    assert (ap / "jobReport.json").exists() and (ap / "kill_worker.json").exists()
+    assert not (ap / "5501").exists()

@@ -15,6 +15,7 @@ from pilot.comm.harvester import (
     HarvesterFiles,
     HarvesterUpstream,
     MapType,
+    WorkerHeartbeat,
 )
 from pilot.errors import ErrorCode, PilotError
 from pilot.eventservice.model import RangeResult, RangeStatus
@@ -417,3 +418,18 @@ def test_upstream_unwritable_access_point_is_not_a_crash(tmp_path):
     job = Job.from_panda(JOB)
     assert up.heartbeat(job, {"state": "running"}) is None
     assert up.final_update(job, {"state": "finished"}) is False
+
+
+def test_worker_heartbeat_refreshes_while_it_runs(tmp_path):
+    ap = HarvesterAccessPoint(tmp_path)
+    stamps = []
+    with WorkerHeartbeat(ap, 0.05, info=lambda: {"state": "running"}) as beat:
+        for _ in range(100):  # bounded: until three refreshes were seen
+            stamps.append(json.loads((tmp_path / "worker_heartbeat.json").read_text()))
+            if len({s["timestamp"] for s in stamps}) >= 3:
+                break
+            time.sleep(0.05)
+    assert len({s["timestamp"] for s in stamps}) >= 3 and beat.beats >= 3
+    assert stamps[-1]["state"] == "running"
+    with pytest.raises(PilotError):
+        WorkerHeartbeat(ap, 0)
