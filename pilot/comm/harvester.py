@@ -32,6 +32,7 @@ file raises :class:`PilotError` with a clear code.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -466,9 +467,22 @@ class HarvesterAccessPoint:
 
     # -- files Harvester consumes by renaming --------------------------------
     def merge_write(self, key: str, entries: dict[str, list], panda_id: int | None = None) -> Path:
-        """Add entries to ``X`` without overwriting what Harvester has not taken yet."""
+        """Add entries to ``X`` without overwriting what Harvester has not taken yet.
+
+        Several processes of one pilot write the same file (rank 0 its jobs' outputs,
+        its upstream link the ranges' results): a lock beside the file makes each
+        take-merge-write whole, or one would write over the other's entries."""
         path = self.path(key, panda_id)
         path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.with_name(f".{path.name}.lock")
+        with open(lock, "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            try:
+                return self._merge_write(path, entries)
+            finally:
+                fcntl.flock(held, fcntl.LOCK_UN)
+
+    def _merge_write(self, path: Path, entries: dict[str, list]) -> Path:
         private = path.with_name(f"{path.name}.pilot-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         leftovers = sorted(path.parent.glob(f"{path.name}.pilot-*"))
         try:

@@ -54,6 +54,14 @@ class FakeHarvester:
         self._stop.set()
         self._thread.join(10)
         self._take_dumps()
+        # Ranges still in a file the pilot never took were not handed to it: a worker
+        # that ended before reading them leaves them with Harvester, as the real one does.
+        out = self.root / "JobsEventRanges.json"
+        if out.exists():
+            untaken = {
+                r["eventRangeID"] for r in json.loads(out.read_text()).get(str(self.panda_id), [])
+            }
+            self.dispatched = [rid for rid in self.dispatched if rid not in untaken]
 
     def _serve(self) -> None:
         req, out = self.root / "worker_requestevents.json", self.root / "JobsEventRanges.json"
