@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pilot.errors import ErrorCode, PilotError
-from pilot.eventservice.executor import EventExecutor
+from pilot.eventservice.executor import FINAL_WAIT, READY_TIMEOUT, EventExecutor
 from pilot.eventservice.model import RangeResult, RangeStatus
 from pilot.eventservice.spool import SPOOL_NAME, RangeUpdater, ResultSpool
 from pilot.job import EventRange, Job
+from pilot.payload.container import ContainerSpec
 from pilot.retry import RetryBackoff
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,9 @@ def run_event_service(
     executor: EventExecutor | None = None,
     zip_outputs: bool = False,
     objstore_id: int | None = None,
+    ready_timeout: float | None = READY_TIMEOUT,
+    final_wait: float | None = FINAL_WAIT,
+    container: ContainerSpec | None = None,
 ) -> EventServiceSummary:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +190,9 @@ def run_event_service(
         output_dir=output_dir,
         mode=mode,
         range_timeout=range_timeout,
+        ready_timeout=ready_timeout,
+        final_wait=final_wait,
+        container=container,
     )
     fetch, report = RetryBackoff(1.0, MAX_BACKOFF), RetryBackoff(2.0, MAX_BACKOFF)
     last_report = time.monotonic()

@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -228,6 +229,10 @@ class ConnectionPolicy:
     def enforcing(self) -> bool:
         return self.mode is not PolicyMode.REPORT
 
+    @property
+    def denies_all(self) -> bool:
+        return self.mode is PolicyMode.DENY_ALL
+
     def allowed(self, conn: Connection) -> bool:
         if self.mode is PolicyMode.REPORT:
             return True
@@ -239,6 +244,14 @@ class ConnectionPolicy:
         if self.mode is PolicyMode.ALLOW_LIST:
             return "allow:" + ",".join(r.text for r in self.allow)
         return self.mode.value
+
+
+def connection_policy(config: Any) -> ConnectionPolicy:
+    """The policy a pilot's configuration asks for: its own, else its queue's, else report."""
+    queue = getattr(config, "queue", None) or {}
+    return ConnectionPolicy.from_spec(
+        getattr(config, "connection_policy", None) or queue.get("connection_policy")
+    )
 
 
 def parse_rule(text: str) -> list[AllowRule]:
@@ -296,8 +309,17 @@ class _Seen:
 class ConnectionWatch:
     """Collects connections from both sources, judges them, and writes the report."""
 
-    def __init__(self, workdir: str | Path, policy: ConnectionPolicy | None = None) -> None:
+    def __init__(
+        self,
+        workdir: str | Path,
+        policy: ConnectionPolicy | None = None,
+        *,
+        isolated: bool = False,
+    ) -> None:
         self.policy = policy or ConnectionPolicy()
+        # The payload runs in a network namespace of its own: what it tries cannot leave,
+        # so an attempt is reported as blocked, not held against the job.
+        self.isolated = isolated
         self.tracer = TracerLog(Path(workdir) / TRACER_LOG)
         self.seen: dict[tuple[str, int, str], _Seen] = {}
         self.violation: Connection | None = None
@@ -325,7 +347,7 @@ class ConnectionWatch:
             self.violation = conn
 
     def breach(self) -> PilotError | None:
-        if self.violation is None or not self.policy.enforcing:
+        if self.violation is None or not self.policy.enforcing or self.isolated:
             return None
         c = self.violation
         return PilotError(
@@ -338,11 +360,14 @@ class ConnectionWatch:
         """A few lines for the log extracts; empty when the payload made no connection."""
         if not self.seen and not self.tracer.unrecognised:
             return ""
+        where = ", no network in the container" if self.isolated else ""
         lines = [
-            f"outbound connections: {len(self.seen)} endpoint(s), policy {self.policy.describe()}"
+            f"outbound connections: {len(self.seen)} endpoint(s), "
+            f"policy {self.policy.describe()}{where}"
         ]
+        denied = "blocked" if self.isolated else "DENIED"
         for (_ip, _port, proto), s in list(self.seen.items())[:max_lines]:
-            verdict = "allowed" if self.policy.allowed(s.first) else "DENIED"
+            verdict = "allowed" if self.policy.allowed(s.first) else denied
             pids = ",".join(str(p) for p in sorted(s.pids)[:3]) or "?"
             lines.append(
                 f"  {s.first.endpoint}/{proto} x{s.count} pid {pids} via {'+'.join(sorted(s.sources))} {verdict}"
