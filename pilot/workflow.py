@@ -224,7 +224,10 @@ def _run_steps(
             result.n_events = int(summary.get("nEvents", 0))
             result.metrics.update(summary.get("metrics", {}))
             # The summary's error is an object: the job report (JSON) gets its code and text.
-            extra = {k: v for k, v in summary.items() if k not in ("metrics", "results", "error")}
+            skip = ("metrics", "results", "error", "connections")
+            extra = {k: v for k, v in summary.items() if k not in skip}
+            if summary.get("connections"):
+                result.extra["connections"] = summary["connections"]
             if summary.get("error") is not None:
                 extra["error"] = {"code": summary["error"].code, "diag": summary["error"].diag}
             result.extra["eventService"] = extra

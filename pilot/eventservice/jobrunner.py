@@ -25,6 +25,7 @@ from pilot.errors import ErrorCode, PilotError, signal_code
 from pilot.eventservice.loop import RangeSource, run_event_service
 from pilot.eventservice.model import RangeResult
 from pilot.job import FileSpec, Job
+from pilot.monitor.connections import ConnectionWatch, connection_policy, network_isolated
 from pilot.payload.command import payload_environment
 from pilot.payload.secrets import job_secrets
 from pilot.workflow import payload_container, wall_limit
@@ -132,6 +133,9 @@ def make_es_runner(
             ready_timeout=config.es_ready_timeout,
             final_wait=config.es_final_wait,
             container=payload_container(job, config),
+            connections=ConnectionWatch(
+                workdir, connection_policy(config), isolated=network_isolated(config)
+            ),
             report_interval=report_interval,
             deadline=deadline,
             stop_event=stop,  # type: ignore[arg-type]
@@ -162,6 +166,7 @@ def make_es_runner(
             "undelivered": summary.n_undelivered,
             "restarts": summary.restarts,
             "metrics": {"cpuConsumptionTime": round(summary.cpu, 3)},
+            "connections": summary.connections,
             "error": error,
         }
 

@@ -37,20 +37,18 @@ from pilot.errors import ErrorCode, PilotError
 from pilot.fileio import atomic_write_text
 from pilot.job import Job
 from pilot.monitor.connections import (
+    CONNECTION_INTERVAL,
     TRACER_LOG,
     ConnectionPolicy,
     ConnectionWatch,
     connection_policy,
+    network_isolated,
 )
 from pilot.monitor.limits import Limits
 from pilot.monitor.sampler import OUTPUT_NAME, SUMMARY_NAME, Sample, Sampler
 from pilot.payload.runner import PayloadProcess
 
 DEFAULT_INTERVAL = 30.0
-# The payload tree's sockets are looked at far more often than the rest is sampled:
-# a connection lives seconds, and looking costs ~30 us of CPU per process.
-CONNECTION_INTERVAL = 1.0
-TREE_EVERY = 5
 MIN_CPU_PROGRESS = 0.01  # fraction of a core over an interval that counts as working
 EVIDENCE_NAME = "monitor_evidence.txt"
 _OWN_FILES = {OUTPUT_NAME, SUMMARY_NAME, EVIDENCE_NAME}
@@ -86,8 +84,6 @@ class JobMonitor:
         )
         self.connections = ConnectionWatch(self.workdir, policy, isolated=isolated)
         self.connection_interval = max(float(connection_interval), 0.05)
-        self._looks = 0
-        self._tree_cache: list[psutil.Process] = []
         self.started = getattr(payload, "start_time", None) or clock()
         self._next_sample = self.started
         self._next_connections = self.started
@@ -124,7 +120,7 @@ class JobMonitor:
             breach = self._sample_and_check(now)
         if breach is None and now >= self._next_connections:
             self._next_connections = now + self.connection_interval
-            breach = self.connections.update(self._tree(now), now)
+            breach = self.connections.look(self.payload, now)
         if breach is None and now >= self._next_disk:
             self._next_disk = now + self.disk_interval
             breach = self._check_disk(now)
@@ -132,16 +128,6 @@ class JobMonitor:
             breach = self._check_looping(now)
         self.breach = breach
         return breach
-
-    def _tree(self, now: float) -> list[psutil.Process]:
-        """The payload's processes for a socket look. Listing the tree scans all of /proc
-        (~3 ms); reading a known process's sockets costs ~30 us. So the tree is listed
-        again only every ``TREE_EVERY`` looks, and the processes known are read in between
-        (a new child's sockets wait at most that long; the tracer sees its connects)."""
-        self._looks += 1
-        if self._looks % TREE_EVERY == 1 or not self._tree_cache:
-            self._tree_cache = self.payload.processes()
-        return self._tree_cache
 
     def _check_walltime(self, now: float) -> PilotError | None:
         limit = self.limits.walltime_s
@@ -343,5 +329,5 @@ def make_monitor(payload: PayloadProcess, workdir: Path, job: Job, config: Any) 
     limits = Limits.from_job(job, queue, scale=float(getattr(config, "limit_scale", 1.0) or 1.0))
     policy = connection_policy(config)
     interval = float(getattr(config, "monitor_interval", DEFAULT_INTERVAL) or DEFAULT_INTERVAL)
-    isolated = getattr(config, "container", None) is not None and policy.denies_all
+    isolated = network_isolated(config)
     return JobMonitor(payload, workdir, limits, policy, interval, isolated=isolated)

@@ -257,3 +257,46 @@ def test_user_secrets_reach_the_payload_only(config, tmp_path):
         assert not [n for n in tar.getnames() if "panda_secrets" in n]
     everything = (workdir / "pilot.log").read_text() + json.dumps(record)
     assert "user-secret-value" not in everything
+
+
+def test_an_event_service_payload_that_connects_fails_its_job(config, tmp_path):
+    """Event-service payloads are watched too: toysim, with a connection made at start."""
+    srv = Server(socket.AF_INET, "127.0.0.1")
+    try:
+        connect = (
+            f"import socket; socket.create_connection(('127.0.0.1', {srv.port})).close(); "
+            "import runpy, sys; sys.argv = ['toysim'] + sys.argv[1:]; "
+            "runpy.run_module('pilot.payloads.toysim', run_name='__main__')"
+        )
+        script = tmp_path / "es_connect.py"
+        script.write_text(connect)
+        from pilot.eventservice.jobrunner import make_es_runner
+
+        class Source:
+            def __init__(self) -> None:
+                self.left = [
+                    {"eventRangeID": f"7-3006-1-{i}-0", "startEvent": i, "lastEvent": i,
+                     "LFN": "EVNT.root", "GUID": "g", "scope": "s"}
+                    for i in range(1, 4)
+                ]  # fmt: skip
+                self.reported: list = []
+
+            def get_event_ranges(self, panda_id, jobset_id, task_id, n_ranges):
+                out, self.left = self.left[:n_ranges], self.left[n_ranges:]
+                return out
+
+            def update_event_ranges(self, entries, version=0):
+                self.reported += entries
+                return [True] * len(entries)
+
+        source = Source()
+        job = Job.from_panda(job_dict(3006, jobpars=str(script), eventService="True"))
+        cfg = replace(config, connection_policy="deny-all")
+        result = run_job(job, cfg, LocalUpstream(cfg.job_workdir(3006)),
+                         es_runner=make_es_runner(source, source))  # fmt: skip
+        record = json.loads((cfg.job_workdir(3006) / "final_update.json").read_text())
+        assert result.state == "failed" and result.pilot_error_code == 1008
+        assert srv.endpoint in record["pilotErrorDiag"]
+        assert f"{srv.endpoint}/tcp" in record["pilotLog"]
+    finally:
+        srv.close()
