@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--copytool",
         default="",
-        help="copytool for the outputs: copy (default), http; Harvester mode: harvester",
+        help="copytool for the outputs: copy (default), http, rucio; Harvester mode: harvester",
     )
     p.add_argument("--slots", type=int, default=1, help="payload slots per droid")
     p.add_argument("--lease", type=float, default=600.0, metavar="S", help="range lease")

@@ -25,7 +25,7 @@ RSE unavailable / blocked for writes        1324 SERVICENOTAVAILABLE      1324 S
 DID exists with another checksum            --                            1221 FILEEXISTS
 authentication refused                      1338 STAGEINAUTHENTICATION..  1163 NOPROXY
 over the time budget                        1151 STAGEINTIMEOUT           1152 STAGEOUTTIMEOUT
-server down / not answering                 1316 RUCIOSERVICEUNAVAILABLE  1316 RUCIOSERVICEUNAVAILABLE
+server down (after retries with backoff)    1316 RUCIOSERVICEUNAVAILABLE  1316 RUCIOSERVICEUNAVAILABLE
 no client library / no client config        1342 MIDDLEWAREIMPORTFAILURE  1342
 anything else Rucio refuses                 1099 STAGEINFAILED            1137 STAGEOUTFAILED
 ==========================================  ============================  ========================
@@ -58,6 +58,9 @@ from pilot.job import FileSpec
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 3600.0
+# while the server is away: tries after the first, and the first pause (doubling)
+RETRIES = 2
+BACKOFF = 1.0
 # REST calls get at most this long each, inside the transfer's budget
 REQUEST_TIMEOUT = 120.0
 
@@ -286,10 +289,39 @@ class RucioCopyTool:
     name = "rucio"
     by_did = True
 
-    def __init__(self, settings: RucioSettings | None = None, *, client: Any = None) -> None:
+    def __init__(
+        self,
+        settings: RucioSettings | None = None,
+        *,
+        client: Any = None,
+        retries: int = RETRIES,
+        backoff: float = BACKOFF,
+    ) -> None:
         self.settings = settings
         self._client = client
+        self.retries = retries
+        self.backoff = backoff
         self.last_trace: dict[str, Any] = {}
+
+    def _retrying(self, once: Any, timeout: float, what: str) -> TransferResult:
+        """``once(budget)`` again while the server is away (1316), with exponential
+        backoff, inside the transfer's time budget: a Rucio server restarting for a
+        minute should not fail the job. Every other failure is final here (stage-in/out
+        decide about other attempts)."""
+        deadline = time.monotonic() + (timeout if timeout and timeout > 0 else DEFAULT_TIMEOUT)
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return once(max(1.0, deadline - time.monotonic()))
+            except PilotError as exc:
+                last = attempt == self.retries or time.monotonic() + delay >= deadline
+                if exc.code != ErrorCode.RUCIOSERVICEUNAVAILABLE or last:
+                    raise
+                log.warning("%s: %s; again in %.1f s", what, exc.detail, delay)
+                time.sleep(delay)
+                delay *= 2
+                self._client = None  # a new connection, and a new token if it must
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     @property
     def client(self) -> Any:
@@ -312,6 +344,11 @@ class RucioCopyTool:
 
     def get_did(self, spec: FileSpec, dest: Path, *, timeout: float = 0) -> TransferResult:
         """Download ``spec`` (its DID) to ``dest``, from ``spec.ddm_endpoint`` when set."""
+        return self._retrying(
+            lambda budget: self._get_once(spec, dest, budget), timeout, f"download of {spec.lfn}"
+        )
+
+    def _get_once(self, spec: FileSpec, dest: Path, timeout: float) -> TransferResult:
         name = did(spec.scope, spec.lfn, "input")
         start = time.monotonic()
         try:
@@ -388,6 +425,11 @@ class RucioCopyTool:
 
     def put_did(self, spec: FileSpec, src: Path, *, timeout: float = 0) -> TransferResult:
         """Upload ``src`` as ``spec`` to ``spec.ddm_endpoint``, registered, attached to its dataset."""
+        return self._retrying(
+            lambda budget: self._put_once(spec, src, budget), timeout, f"upload of {spec.lfn}"
+        )
+
+    def _put_once(self, spec: FileSpec, src: Path, timeout: float) -> TransferResult:
         name = did(spec.scope, spec.lfn, spec.kind)
         start = time.monotonic()
         rse = spec.ddm_endpoint.strip()

@@ -23,6 +23,7 @@ import getpass
 import hashlib
 import json
 import logging
+import os
 import socket
 import time
 import uuid
@@ -282,14 +283,20 @@ class TraceSender:
         """Send the traces kept in ``unsent`` again; returns how many went through.
 
         The first one that fails stops the replay (the server is still away):
-        the rest stay, and a down server costs one attempt, not one per trace."""
+        the rest stay, and a down server costs one attempt, not one per trace.
+        The spool is taken by renaming it first, so other processes (droids
+        share a work directory) may append to a new one meanwhile and two
+        replays never send the same trace twice; what is left is appended back."""
         if self.unsent is None or not self.unsent.exists():
             return 0
+        keep_path = self.unsent
+        taken = keep_path.with_name(f"{keep_path.name}.{os.getpid()}.replay")
         try:
-            lines = self.unsent.read_text(encoding="utf-8").splitlines()
+            os.replace(keep_path, taken)
+            lines = taken.read_text(encoding="utf-8").splitlines()
         except OSError:
-            return 0
-        keep_path, self.unsent = self.unsent, None  # do not re-append while replaying
+            return 0  # another process took it, or it cannot be read
+        self.unsent = None  # do not re-append while replaying
         left, done = [], 0
         try:
             for line in lines:
@@ -305,7 +312,12 @@ class TraceSender:
                     left.append(line)
         finally:
             self.unsent = keep_path
-        keep_path.write_text("".join(x + "\n" for x in left), encoding="utf-8")
+            try:
+                with open(keep_path, "a", encoding="utf-8") as fh:  # the spool stays, maybe empty
+                    fh.write("".join(x + "\n" for x in left))
+                taken.unlink()
+            except OSError as exc:
+                log.warning("cannot put unsent traces back in %s: %s", keep_path, exc.strerror)
         return done
 
 

@@ -20,7 +20,8 @@ import pytest
 
 from tests.tools.rucio_server import SCOPE, RucioServer, Unavailable, server_venv
 
-_TIMINGS: dict[str, float] = {}
+# the bring-up's timings, for the summary line (kept on the pytest config, not in a global)
+TIMINGS = pytest.StashKey[dict]()
 
 
 def _skip_reason() -> str | None:
@@ -32,7 +33,9 @@ def _skip_reason() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def rucio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RucioServer]:
+def rucio_server(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[RucioServer]:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
@@ -40,12 +43,13 @@ def rucio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RucioServ
         venv, took = server_venv()
     except (Unavailable, OSError) as exc:
         pytest.skip(f"no Rucio server here: {exc}")
-    _TIMINGS["install"] = took
+    timings = pytestconfig.stash.setdefault(TIMINGS, {})
+    timings["install"] = took
     try:
         server = RucioServer.start(tmp_path_factory.mktemp("rucio"), venv)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"the Rucio server did not start: {str(exc)[-500:]}")
-    _TIMINGS["start"] = server.timings["start"]
+    timings["start"] = server.timings["start"]
     old = os.environ.get("RUCIO_CONFIG")
     os.environ["RUCIO_CONFIG"] = str(server.client_config)
     from rucio.common.config import clean_cached_config  # noqa: PLC0415
@@ -117,9 +121,10 @@ def wait_for_traces(server: RucioServer, pred, timeout: float = 10.0) -> list[di
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if _TIMINGS:
+    timings = terminalreporter.config.stash.get(TIMINGS, None)
+    if timings:
         terminalreporter.write_line(
             "rucio server: venv ready in {install:.1f} s, bootstrap+start {start:.1f} s".format(
-                **{"install": 0.0, "start": 0.0, **_TIMINGS}
+                **{"install": 0.0, "start": 0.0, **timings}
             )
         )

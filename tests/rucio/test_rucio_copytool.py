@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import os
 import socket
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -249,22 +250,39 @@ def test_an_rse_unavailable_for_reads(rucio_server, rucio_client, tmp_path, uniq
     assert err.code == ErrorCode.SERVICENOTAVAILABLE and "LOCAL_DISK" in err.diag
 
 
-def test_a_server_that_went_down(rucio_server, variant, tmp_path, unique) -> None:
-    """A second real server: a transfer works, the server stops, the next one gets 1316."""
-    from tests.rucio.conftest import _TIMINGS  # noqa: F401 - same session, same venv
-
+def test_a_server_that_went_down_then_came_back(
+    rucio_server, variant, tmp_path, unique, caplog
+) -> None:
+    """A second real server: a transfer works; the server stops and the next transfers get
+    1316 once the retries are spent; a restart on the same port within the retries'
+    backoff and the upload goes through."""
     other = RucioServer.start(tmp_path / "other", rucio_server.venv)
     try:
         settings = variant(rucio_host=other.url, auth_host=other.url)
-        tool = RucioCopyTool(settings)
         (tmp_path / f"d_{unique}.dat").write_bytes(b"before")
-        stage_out([output_spec(f"d_{unique}.dat", "LOCAL_DISK")], tmp_path, tool, "")
+        stage_out(
+            [output_spec(f"d_{unique}.dat", "LOCAL_DISK")], tmp_path, RucioCopyTool(settings), ""
+        )
+        other.stop()
+        quick = RucioCopyTool(settings, retries=1, backoff=0.2)
+        (tmp_path / f"e_{unique}.dat").write_bytes(b"after")
+        err = fails(stage_out, [output_spec(f"e_{unique}.dat", "LOCAL_DISK")], tmp_path, quick, "")
+        assert err.code == ErrorCode.RUCIOSERVICEUNAVAILABLE, err.diag
+        job = input_job(f"d_{unique}.dat", b"before")
+        err = fails(stage_in, job, tmp_path / "in", RucioCopyTool(settings, retries=0), "")
+        assert err.code == ErrorCode.RUCIOSERVICEUNAVAILABLE, err.diag
+        # the server comes back while the copytool waits between its tries
+        patient = RucioCopyTool(settings, retries=6, backoff=0.5)
+        back = threading.Timer(1.0, other.restart)
+        back.start()
+        try:
+            stage_out(
+                [output_spec(f"e_{unique}.dat", "LOCAL_DISK")], tmp_path, patient, "", attempts=1
+            )
+        finally:
+            back.join(60)
+        assert any("again in" in r.getMessage() for r in caplog.records)  # it did wait
+        client = settings.client()
+        assert client.get_metadata(SCOPE, f"e_{unique}.dat")["adler32"] == adler32_of(b"after")
     finally:
         other.stop()
-    (tmp_path / f"e_{unique}.dat").write_bytes(b"after")
-    err = fails(stage_out, [output_spec(f"e_{unique}.dat", "LOCAL_DISK")], tmp_path, tool, "")
-    assert err.code == ErrorCode.RUCIOSERVICEUNAVAILABLE, err.diag
-    err = fails(
-        stage_in, input_job(f"d_{unique}.dat", b"before"), tmp_path, RucioCopyTool(settings), ""
-    )
-    assert err.code == ErrorCode.RUCIOSERVICEUNAVAILABLE, err.diag

@@ -319,6 +319,18 @@ class RucioServer:
         tail = self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
         raise RuntimeError(f"the Rucio server did not answer /ping: {tail}")
 
+    def restart(self, wait: float = 90.0) -> None:
+        """Serve again on the same port, database and storage (a server restart)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", self.port))
+            sock.listen(64)
+            self._serve(sock)
+            self._wait_ready(wait)
+        finally:
+            sock.close()
+
     def stop(self) -> None:
         """Stop the gunicorn master this object started (its workers follow it)."""
         proc, self.proc = self.proc, None
