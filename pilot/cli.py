@@ -321,6 +321,7 @@ def _run_pull(args: argparse.Namespace) -> int:
         output_url=args.output_url or storage,
         queue=queue_dict,
         container=ContainerSpec.from_queue(queue_dict),
+        secret_files=(args.token_file,) if args.token_file else (),
     )
     upstream = PandaUpstream(
         client, Spool(workdir / "spool"), site_name=config.site_name, node=config.node

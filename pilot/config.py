@@ -64,6 +64,9 @@ class PilotConfig:
     # a proxy meant for payloads (copied into each job's work directory); the pilot's
     # own credentials never reach a payload (pilot.payload.secrets)
     payload_proxy: str | None = None
+    # files holding the pilot's own credentials that its environment does not name
+    # (--token-file): covered in the payload's container like the rest
+    secret_files: tuple[str, ...] = ()
 
     def job_workdir(self, panda_id: int) -> Path:
         return self.workdir / f"PandaJob_{panda_id}"

@@ -470,7 +470,7 @@ def payload_container(job: Job, config: PilotConfig) -> ContainerSpec | None:
         spec,
         network=spec.network and not connection_policy(config).denies_all,
         ro_binds=(*spec.ro_binds, str(TRACER_DIR)),
-        hide=(*spec.hide, *secret_paths(os.environ)),
+        hide=(*spec.hide, *secret_paths(os.environ), *config.secret_files),
     )
 
 
