@@ -262,18 +262,9 @@ def harvester_worker_jobs(ap: Any) -> list[dict[str, Any]]:
     attributes: invalid specs; event-service jobs of a ManyToOne worker, which
     Harvester never feeds ranges. (Ordinary jobs go to :mod:`hpc.wholejobs`.)
     """
-    found = ap.scan_jobs()
-    failed = dict(found.failed)
-    jobs = []
-    for job in found.jobs:
-        if job.event_service and ap.many_jobs:
-            failed[job.panda_id] = PilotError(
-                ErrorCode.BADQUEUECONFIGURATION,
-                "event-service job in a ManyToOne worker: Harvester feeds event ranges "
-                "only to OneToOne workers",
-            )
-        else:
-            jobs.append(job.raw)
+    found = ap.scan_jobs().runnable(ap.many_jobs)
+    failed = found.failed
+    jobs = [job.raw for job in found.jobs]
     for pid, exc in failed.items():
         log.error("job %s cannot run: %s", pid or "?", exc)
     if failed:

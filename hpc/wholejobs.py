@@ -44,19 +44,8 @@ DEATH_CODE = ErrorCode.INTERNALPILOTPROBLEM
 
 def runnable_jobs(ap: HarvesterAccessPoint) -> tuple[list[Job], dict[int, PilotError]]:
     """The ordinary jobs of the worker, and the error of each job that cannot run."""
-    found = ap.scan_jobs()
-    failed = dict(found.failed)
-    jobs = []
-    for job in found.jobs:
-        if job.event_service and ap.many_jobs:
-            failed[job.panda_id] = PilotError(
-                ErrorCode.BADQUEUECONFIGURATION,
-                "event-service job in a ManyToOne worker: Harvester feeds event ranges "
-                "only to OneToOne workers",
-            )
-        else:
-            jobs.append(job)
-    return jobs, failed
+    found = ap.scan_jobs().runnable(ap.many_jobs)
+    return found.jobs, found.failed
 
 
 @dataclass

@@ -467,17 +467,8 @@ def _run_harvester(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        failed_to_start = dict(found.failed)
-        jobs = []
-        for job in found.jobs:
-            if job.event_service and ap.many_jobs:
-                failed_to_start[job.panda_id] = PilotError(
-                    ErrorCode.BADQUEUECONFIGURATION,
-                    "event-service job in a ManyToOne worker: Harvester feeds event ranges "
-                    "only to OneToOne workers",
-                )
-            else:
-                jobs.append(job)
+        runnable = found.runnable(ap.many_jobs)
+        failed_to_start, jobs = runnable.failed, runnable.jobs
         for pid, exc in failed_to_start.items():
             print(
                 f"job {pid or '?'}: failed before start: {int(exc.code)} {exc.acronym}: {exc.diag}",

@@ -194,6 +194,22 @@ class WorkerJobs:
     jobs: list[Job]
     failed: dict[int, PilotError]
 
+    def runnable(self, many_jobs: bool) -> WorkerJobs:
+        """The jobs this worker can run. An event-service job in a ManyToOne worker cannot:
+        Harvester feeds event ranges only to OneToOne workers, so it fails at once."""
+        failed = dict(self.failed)
+        jobs = []
+        for job in self.jobs:
+            if job.event_service and many_jobs:
+                failed[job.panda_id] = PilotError(
+                    ErrorCode.BADQUEUECONFIGURATION,
+                    "event-service job in a ManyToOne worker: Harvester feeds event ranges "
+                    "only to OneToOne workers",
+                )
+            else:
+                jobs.append(job)
+        return WorkerJobs(jobs, failed)
+
 
 class HarvesterAccessPoint:
     """The access-point directory of one worker."""
