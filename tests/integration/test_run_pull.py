@@ -155,3 +155,45 @@ def test_token_and_api_options(server: EmbeddedServer, tmp_path: Path) -> None:
     (record,) = server.final_records(panda_id)
     assert record["fields"]["state"] == "finished"
     assert "timestamp" in record["fields"]  # a legacy update: v1 has no such parameter
+
+
+def test_event_service_server_down_and_500_quirk_every_range_once(tmp_path: Path) -> None:
+    """The server goes away mid-job and comes back, and every update_event_ranges answer is
+    panda-server 1.0.4's HTTP 500 after the write: each range is still recorded exactly once."""
+    quirk = {"update_event_ranges_500"}
+    db = tmp_path / "panda.db"
+    server = EmbeddedServer(db, quirks=quirk).start()
+    port, token = server.port, server.token
+    task = {
+        "nRanges": 80,
+        "nEventsPerRange": 2,
+        "LFN": "EVNT.toy",
+        "job": {"transformation": PYTHON, "jobPars": "-m pilot.payloads.toysim --cpu-per-event 0.02",
+                "scopeLog": "toy", "logFile": "toy.log.tgz", "computingSite": "TEST_QUEUE"},
+    }  # fmt: skip
+    (panda_id,) = server.load_task(task)["PandaIDs"]
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "pilot.cli", "run", "--url", server.url, "--queue", "TEST_QUEUE",
+         "--workdir", str(tmp_path / "w"), "--token-file", str(server.token_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # until a few ranges are recorded
+            if sum(server.store.range_update_counts().values()) >= 5 or proc.poll() is not None:
+                break
+            threading.Event().wait(0.05)
+        server.stop()  # the server is down while the payload goes on
+        threading.Event().wait(2.0)
+        server = EmbeddedServer(db, port=port, token=token, quirks=quirk).start()
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        counts = server.store.range_update_counts()
+        assert len(counts) == 80 and set(counts.values()) == {1}, counts
+        assert server.store.range_counts(panda_id) == {"finished": 80}
+        (record,) = server.final_records(panda_id)
+        assert record["fields"]["state"] == "finished"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        server.stop()
