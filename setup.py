@@ -25,6 +25,10 @@ setup(
         # time; it builds them 1.7x faster than the standard library (see
         # pilot/comm/rangejson.py, which falls back to json without it)
         "orjson>=3.9",
+        # pyzmq: AthenaMP reaches the pilot through yampl, whose LOCAL transport is
+        # ZeroMQ (ZMTP over ipc:///tmp/zmq_<channel>); pyzmq bundles libzmq, and a
+        # protocol of that weight is not one to write again
+        "pyzmq>=22",
         # waitress: a production WSGI server for the embedded dispatcher;
         # http.server is documented as not fit for that.
         "waitress>=2.1",

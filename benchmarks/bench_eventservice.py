@@ -2,13 +2,18 @@
 
 Figures printed (all measured in this run):
 
+* baseline: a raw pyzmq ROUTER/DEALER round trip, the transport AthenaMP's
+  yampl uses (``ipc:///tmp/zmq_<channel>``): a bare ROUTER in this process
+  hands a fixed range to a minimal DEALER client that answers at once with a
+  done report and the next request; pilot-side CPU per round trip;
+* the pilot's channel on the same client: :class:`RangeChannel` plus the
+  range message built and checked for each range and the report parsed
+  (``range_message``, ``parse_message``): what handing out and taking back
+  one range costs the pilot beyond the bare socket;
 * baseline: toysim's own work per range, run in this process;
-* baseline: the raw message round trip over a Unix socket with the same
-  line framing, between this process and a minimal Python client that
-  answers at once (the floor for any protocol-mode pilot);
 * protocol mode: ranges/s through :class:`EventExecutor` with toysim at
   ``--cpu-per-event 0`` (one event per range), and the pilot's own CPU per
-  range (message handling, output move, adler32);
+  range (messages, output move, adler32);
 * the single-node loop with an in-memory dispatcher and the on-disk spool
   (fsync per batch), same payload;
 * per-range command mode (one process per range), for comparison.
@@ -27,49 +32,100 @@ import textwrap
 import time
 from pathlib import Path
 
-from pilot.eventservice.channel import MessageChannel, socket_path_for
+import zmq
+
 from pilot.eventservice.executor import EventExecutor
 from pilot.eventservice.loop import run_event_service
+from pilot.eventservice.messages import DoneMessage, ReadyMessage, parse_message, range_message
+from pilot.eventservice.yampl import RangeChannel, unique_channel_name
 from pilot.job import EventRange, Job
 
 ECHO_CLIENT = textwrap.dedent(
     """
-    import os, socket, sys
-    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
-    f = s.makefile("rb")
-    s.sendall(b"Ready for events\\n")
-    for line in f:
-        if line.strip() == b"No more events":
+    import json, sys, zmq
+    s = zmq.Context().socket(zmq.DEALER); s.setsockopt(zmq.LINGER, 1000)
+    s.connect("ipc:///tmp/zmq_" + sys.argv[1])
+    s.send(b"Ready for events")
+    while True:
+        msg = s.recv()
+        if msg == b"No more events":
             break
-        s.sendall(b"/x,ID:1-2-3-4-5,CPU:0,WALL:0\\nReady for events\\n")
+        rid = json.loads(msg)[0]["eventRangeID"]
+        s.send(("/x,ID:%s,CPU:0,WALL:0" % rid).encode())
+        s.send(b"Ready for events")
     """
 )
 
 
-def baseline(n: int, tmp: Path) -> tuple[float, float]:
-    """Round trips per second and pilot-side CPU per round trip."""
-    ch = MessageChannel(socket_path_for(tmp, "bench.sock"))
-    proc = subprocess.Popen([sys.executable, "-c", ECHO_CLIENT, str(ch.path)])
+def _echo(name: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", ECHO_CLIENT, name])
+
+
+def baseline(n: int) -> tuple[float, float]:
+    """Raw pyzmq ROUTER round trips per second and ROUTER-side CPU per round trip."""
+    name = unique_channel_name("bench")
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.bind(f"ipc:///tmp/zmq_{name}")
+    proc = _echo(name)
+    fixed = b'[{"eventRangeID": "1-2-3-4-5", "startEvent": 1, "lastEvent": 1, "PFN": "/d/EVNT"}]'
     done = 0
     t0 = c0 = 0.0
-    finished = False
-    for _ in range(10 * n + 1000):
-        for msg in ch.receive(5.0):
-            if msg != "Ready for events":
-                continue  # the done line needs no answer
-            if done == 0:
-                t0, c0 = time.perf_counter(), time.process_time()
-            if done < n:
-                ch.send('[{"eventRangeID": "1-2-3-4-5", "startEvent": 1, "lastEvent": 1}]')
-                done += 1
-            else:
-                ch.send("No more events")
-                finished = True
-        if finished:
+    for _ in range(3 * n + 1000):
+        if not router.poll(5000):
             break
-    proc.wait(10)
+        peer, msg = router.recv_multipart()
+        if msg != b"Ready for events":
+            continue  # the report needs no answer
+        if done == 0:
+            t0, c0 = time.perf_counter(), time.process_time()
+        if done < n:
+            router.send_multipart([peer, fixed])
+            done += 1
+        else:
+            router.send_multipart([peer, b"No more events"])
+            break
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    ch.close()
+    proc.wait(10)
+    router.close(0)
+    ctx.term()
+    os.unlink(f"/tmp/zmq_{name}")
+    return n / wall, cpu / n
+
+
+def channel_rate(n: int) -> tuple[float, float]:
+    """The same round trips through the pilot's channel and message code."""
+    ranges = make_ranges(n)
+    with RangeChannel(unique_channel_name("bench")) as ch:
+        proc = _echo(ch.name)
+        sent = reported = 0
+        t0 = c0 = 0.0
+        for _ in range(3 * n + 1000):
+            for incoming in ch.receive(5.0):
+                msg = parse_message(incoming.text or "")
+                if isinstance(msg, DoneMessage):
+                    reported += 1
+                elif isinstance(msg, ReadyMessage):
+                    if sent == 0:
+                        t0, c0 = time.perf_counter(), time.process_time()
+                    if sent < n:
+                        ch.send(incoming.peer, range_message(ranges[sent], "/d/EVNT"))
+                        sent += 1
+                    else:
+                        ch.send(incoming.peer, "No more events")
+            if reported >= n and sent >= n:
+                break
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        for _ in range(10):
+            batch = ch.receive(0.2)
+            if not batch and proc.poll() is not None:
+                break
+            for incoming in batch:
+                if incoming.text == "Ready for events":
+                    ch.send(incoming.peer, "No more events")
+        proc.wait(10)
+    assert reported == n, reported
     return n / wall, cpu / n
 
 
@@ -152,9 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="bench-es-") as tmp:
         tmp = Path(tmp)
-        rate, cpu = baseline(n, tmp)
+        rate, cpu = baseline(n)
         print(
-            f"baseline  raw socket round trip     {rate:9.0f} /s   pilot CPU {cpu * 1e6:7.1f} us each"
+            f"baseline  raw pyzmq ROUTER/DEALER   {rate:9.0f} /s   pilot CPU {cpu * 1e6:7.1f} us each"
+        )
+        rate, cpu = channel_rate(n)
+        print(
+            f"channel   RangeChannel + messages   {rate:9.0f} /s   pilot CPU {cpu * 1e6:7.1f} us/range"
         )
         rate = payload_alone(n, tmp)
         print(f"baseline  toysim work alone         {rate:9.0f} ranges/s   (no pilot, no messages)")

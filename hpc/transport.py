@@ -33,7 +33,7 @@ from typing import Any, Protocol, Union
 
 
 class Kind(IntEnum):
-    """Message kinds of DESIGN.md ("Yoda-Droid over MPI")."""
+    """Message kinds of docs/DESIGN.md ("Yoda-Droid over MPI")."""
 
     HELLO = 1  # droid -> yoda: node, cores, capabilities
     CONFIG = 2  # yoda -> droid: job definitions

@@ -121,6 +121,30 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default="",
         help="outbound connections of the payload: report (default), deny-all, or allow:HOST/NET[:PORT],...",
     )
+    p.add_argument(
+        "--es-ready-timeout",
+        type=float,
+        default=1800.0,
+        help="event service: seconds a payload may take to ask for its first range",
+    )
+    p.add_argument(
+        "--es-range-timeout",
+        type=float,
+        default=None,
+        help="event service: seconds a range may stay out before it fails (1375)",
+    )
+    p.add_argument(
+        "--es-final-wait",
+        type=float,
+        default=1800.0,
+        help="event service: seconds to wait for the last reports after No more events",
+    )
+    p.add_argument(
+        "--payload-proxy",
+        default="",
+        metavar="FILE",
+        help="an X.509 proxy meant for payloads (the pilot's own credentials never reach them)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -136,6 +160,10 @@ def _config(args: argparse.Namespace, **overrides: object) -> PilotConfig:
         kill_grace=args.kill_grace,
         connection_policy=args.connection_policy,
         trace_url=args.trace_url,
+        es_ready_timeout=args.es_ready_timeout,
+        es_range_timeout=args.es_range_timeout,
+        es_final_wait=args.es_final_wait,
+        payload_proxy=args.payload_proxy or None,
     )
     values.update(overrides)
     return PilotConfig(**values)  # type: ignore[arg-type]
@@ -154,12 +182,49 @@ def server_token(token_file: str | None) -> str | None:
     return token
 
 
+# Options of `pilot run` that only one way of getting jobs uses: given with another
+# they would be ignored, so they are refused instead.
+_MODE_OPTIONS = {
+    "url": ("max_jobs", "job_label", "ca_path", "panda_api", "token_file"),
+    "harvester": ("harvester_many_jobs", "pull", "wait"),
+    "job_file": (),
+}
+
+
+def _inapplicable(args: argparse.Namespace, defaults: dict[str, object]) -> str | None:
+    """Why this combination of options cannot run as asked, or None."""
+    modes = [m for m in _MODE_OPTIONS if getattr(args, m, None)]
+    if len(modes) > 1:
+        names = " and ".join("--" + m.replace("_", "-") for m in modes)
+        return f"{names} cannot be combined: give one way of getting jobs"
+    for mode, options in _MODE_OPTIONS.items():
+        if mode in modes:
+            continue
+        for option in options:
+            if getattr(args, option) != defaults.get(option):
+                return f"--{option.replace('_', '-')} applies only with --{mode.replace('_', '-')}"
+    return None
+
+
+def _queue_settings(args: argparse.Namespace, server_url: str | None = None) -> dict[str, Any]:
+    """The queue description's part of the config: as ``--queuedata-url`` (or the server)
+    gives it, in every mode; nothing when no description was asked for or served."""
+    from pilot.queue import resolve_queue  # noqa: PLC0415
+
+    if not (args.queuedata_url or server_url or os.environ.get("LOCAL_AGIS_SCHEDCONF")):
+        return {}
+    queue = resolve_queue(
+        args.site, queuedata_url=args.queuedata_url or None, server_url=server_url
+    )
+    queue_dict = queue.to_dict()
+    return {"queue": queue_dict, "container": ContainerSpec.from_queue(queue_dict)}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    if not args.url:
-        for option, value in (("--panda-api", args.panda_api), ("--token-file", args.token_file)):
-            if value:
-                print(f"pilot run: {option} applies only with --url", file=sys.stderr)
-                return 2
+    problem = _inapplicable(args, getattr(args, "defaults", {}))
+    if problem:
+        print(f"pilot run: {problem}", file=sys.stderr)
+        return 2
     if args.harvester:
         return _run_harvester(args)
     if args.url:
@@ -169,7 +234,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     job_path = Path(args.job_file)
     input_url = args.input_url or str(job_path.resolve().parent)
-    config = _config(args, input_url=input_url)
+    try:
+        config = _config(args, input_url=input_url, **_queue_settings(args))
+    except PilotError as exc:
+        print(f"pilot: {int(exc.code)} {exc.acronym}: {exc.diag}", file=sys.stderr)
+        return 1
     try:
         job = load_job_file(job_path)
     except PilotError as exc:
@@ -329,11 +398,17 @@ def _run_harvester(args: argparse.Namespace) -> int:
 
     ap = HarvesterAccessPoint(args.harvester, many_jobs=args.harvester_many_jobs)
     workdir = args.workdir or str(ap.root)
+    try:
+        queue_settings = _queue_settings(args)
+    except PilotError as exc:
+        print(f"pilot: {int(exc.code)} {exc.acronym}: {exc.diag}", file=sys.stderr)
+        return 1
     config = _config(
         args,
         workdir=Path(workdir).resolve(),
         input_url=args.input_url or str(ap.root.resolve()),
         copytool=args.copytool or "harvester",
+        **queue_settings,
     )
     try:
         jobs = ap.wait_for_jobs(args.pull, timeout=args.wait) if args.pull else ap.worker_jobs()
@@ -455,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=600.0, help="seconds to wait for Harvester's job file"
     )
     run.set_defaults(func=cmd_run)
+    run.set_defaults(
+        defaults={o: run.get_default(o) for opts in _MODE_OPTIONS.values() for o in opts}
+    )
     for name, (_module, _func, help_text) in _DELEGATED.items():
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -53,6 +53,15 @@ class PilotConfig:
     limit_scale: float = 1.0
     # user containers: None runs payloads on the host
     container: ContainerSpec | None = None
+    # event service: how long an AthenaMP-style payload may take to ask for its first
+    # range, to report one it holds (None: no limit but the job's walltime), and to
+    # send its last reports after "No more events" (pilot.eventservice.executor)
+    es_ready_timeout: float = 1800.0
+    es_range_timeout: float | None = None
+    es_final_wait: float = 1800.0
+    # a proxy meant for payloads (copied into each job's work directory); the pilot's
+    # own credentials never reach a payload (pilot.payload.secrets)
+    payload_proxy: str | None = None
 
     def job_workdir(self, panda_id: int) -> Path:
         return self.workdir / f"PandaJob_{panda_id}"

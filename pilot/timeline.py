@@ -13,7 +13,7 @@ seconds) are drawn from those instead. Without a journal (single-node mode) the 
 range spans from its dispatch to its update.
 
 The journal is read through the command rather than imported, since
-``pilot`` does not depend on ``yoda`` (DESIGN.md).
+``pilot`` does not depend on ``yoda`` (docs/DESIGN.md).
 """
 
 from __future__ import annotations

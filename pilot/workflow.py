@@ -29,9 +29,12 @@ from pilot.data.traces import TraceSender, TraceSink
 from pilot.errors import ErrorCode, PilotError, diagnose_payload, error_diag, signal_code
 from pilot.fileio import atomic_write_json, tail
 from pilot.job import Job
+from pilot.monitor.connections import connection_policy
+from pilot.monitor.pytracer import TRACER_DIR
 from pilot.payload.command import build_command
-from pilot.payload.container import wrap
+from pilot.payload.container import ContainerSpec, wrap
 from pilot.payload.runner import PayloadProcess
+from pilot.payload.secrets import job_secrets, secret_paths
 from pilot.report import (
     JOB_REPORT,
     PAYLOAD_STDERR,
@@ -114,6 +117,8 @@ class Monitor(Protocol):
     def job_metrics(self) -> str: ...
 
     def connections_report(self) -> str: ...
+
+    def connection_breach(self) -> PilotError | None: ...
 
     def close(self) -> None: ...
 
@@ -214,9 +219,14 @@ def _run_steps(
             summary = es_runner(job, workdir, config, stop)
             result.n_events = int(summary.get("nEvents", 0))
             result.metrics.update(summary.get("metrics", {}))
-            result.extra["eventService"] = {
-                k: v for k, v in summary.items() if k not in ("metrics", "results")
-            }
+            # The summary's error is an object: the job report (JSON) gets its code and text.
+            skip = ("metrics", "results", "error", "connections")
+            extra = {k: v for k, v in summary.items() if k not in skip}
+            if summary.get("connections"):
+                result.extra["connections"] = summary["connections"]
+            if summary.get("error") is not None:
+                extra["error"] = {"code": summary["error"].code, "diag": summary["error"].diag}
+            result.extra["eventService"] = extra
             if summary.get("error"):
                 raise summary["error"]
         else:
@@ -310,20 +320,35 @@ def _run_payload(
     monitor_factory: MonitorFactory | None,
 ) -> None:
     workdir = result.workdir
-    command = build_command(job, workdir, env_extra=config.extra_env)
+    command = build_command(
+        job, workdir, env_extra=config.extra_env, payload_proxy=config.payload_proxy
+    )
     (workdir / "payload.sh").write_text(f"#!/bin/sh\n{command.shell}\n", encoding="utf-8")
     log.info("payload: %s", command.shell)
     argv: list[str] | str = command.shell
-    spec = config.container
+    spec = payload_container(job, config)
     if spec is not None:
-        if job.container_name:
-            spec = replace(spec, image=job.container_name)
         argv = wrap(command.shell, workdir, spec)
         log.info("container: %s", " ".join(argv[:-1]))
+    with job_secrets(workdir, job.raw):
+        _watch_payload(job, config, upstream, result, stop, monitor_factory, command.env, argv)
+
+
+def _watch_payload(
+    job: Job,
+    config: PilotConfig,
+    upstream: Upstream,
+    result: JobResult,
+    stop: StopSignal | None,
+    monitor_factory: MonitorFactory | None,
+    env: dict[str, str],
+    argv: list[str] | str,
+) -> None:
+    workdir = result.workdir
     payload = PayloadProcess(
         argv,
         cwd=workdir,
-        env=command.env,
+        env=env,
         stdout=workdir / PAYLOAD_STDOUT,
         stderr=workdir / PAYLOAD_STDERR,
         shell=isinstance(argv, str),
@@ -375,6 +400,11 @@ def _run_payload(
             report = monitor.connections_report()
             if report:
                 result.extra["connections"] = report
+            # A connection too short for any sample, found in the tracer's log at the end,
+            # fails the job all the same.
+            if killed is None and (late := monitor.connection_breach()) is not None:
+                log.critical("%s", late.diag)
+                killed = late
     if killed is not None:
         result.exe_error_code = result.trans_exit_code = payload.returncode or 0
         raise killed
@@ -420,6 +450,24 @@ def _finish(
         log.error("final update not delivered: %s", exc)
     result.extra["final_update_delivered"] = delivered
     return result
+
+
+def payload_container(job: Job, config: PilotConfig) -> ContainerSpec | None:
+    """The container a job's payload runs in, or None: the queue's runtime with the
+    job's image, no network when the connection policy denies every connection
+    (enforced, not only detected), the connection tracer visible, and the pilot's own
+    credentials covered (docs/DESIGN.md, "Guard rails")."""
+    spec = config.container
+    if spec is None:
+        return None
+    if job.container_name:
+        spec = replace(spec, image=job.container_name)
+    return replace(
+        spec,
+        network=spec.network and not connection_policy(config).denies_all,
+        ro_binds=(*spec.ro_binds, str(TRACER_DIR)),
+        hide=(*spec.hide, *secret_paths(os.environ)),
+    )
 
 
 def wall_limit(job: Job, config: PilotConfig) -> float:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from pilot.config import PilotConfig
+from tests.tools.debian import ensure_tool
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -61,3 +62,12 @@ def job_dict(
 def write_job(path: Path, d: dict[str, Any]) -> Path:
     path.write_text(json.dumps(d), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def bwrap() -> None:
+    """Real bubblewrap, installed from Debian's package where it is missing and can be."""
+    reason = ensure_tool("bwrap", "bubblewrap")
+    if reason:
+        print(f"SKIP bubblewrap: {reason}")
+        pytest.skip(reason)

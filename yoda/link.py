@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                     updates.append(msg)
                 elif msg[0] == "fetch":
                     fetches.append(msg)
+            if fetched is not None:
+                fetched.sync()  # ranges fetched so far are on disk before the next call
             if updates:
                 outbox.send(update(up, *updates.popleft()[1:]))
             else:

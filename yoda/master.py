@@ -141,6 +141,7 @@ class Yoda:
                 continue
             self._req += 1
             self._asked[self._req] = (job_index, n)
+            self._durable()  # ranges fetched before are on disk before the next call
             self.link.fetch(self._req, job_index, panda_id, jobset_id, task_id, n)
             return
 
@@ -211,7 +212,7 @@ class Yoda:
             self._req += 1
             self._in_flight[self._req] = chunk
             self._last_update = now
-            self._commit()  # the results' DONE records: a crash must not run them again
+            self._durable()  # the results' DONE records: a crash must not run them again
             self.link.update(self._req, chunk, IdParts(*self.s.ledger.id_parts(chunk.rows)))
             self.collect(now)  # an inline link has answered already
 
@@ -286,7 +287,7 @@ class Yoda:
     def _update_job(self, fields: dict[str, Any]) -> bool:
         if self.job_update is None:
             return True
-        self._commit()
+        self._durable()
         try:
             self.job_update(fields)
         except PilotError as exc:
@@ -313,9 +314,17 @@ class Yoda:
     # -- loop ----------------------------------------------------------------
 
     def _commit(self) -> None:
-        """Journal records out to the OS before anyone hears of what they record."""
+        """Journal records out to the OS before a droid hears of what they record: that
+        survives this process dying (docs/DESIGN.md, "Durability")."""
         if self.book.journal is not None:
             self.book.journal.flush()
+
+    def _durable(self) -> None:
+        """Journal records on stable storage before the upstream hears of what they
+        record: that survives the node crashing. One fsync covers every record since
+        the last (group commit), and upstream calls are few."""
+        if self.book.journal is not None:
+            self.book.journal.sync()
 
     def _send(self, out: list[tuple[int, Envelope]]) -> None:
         if out:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from pilot.errors import ErrorCode, PilotError, diagnose_payload
-from pilot.eventservice.executor import EventExecutor, payload_command, split_command
+from pilot.eventservice.held import HeldRanges, payload_command, split_command
 from pilot.eventservice.messages import DoneMessage, ErrorMessage, parse_message
 from pilot.eventservice.model import RangeStatus
 from pilot.fileio import tail
@@ -51,8 +51,8 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-class CommandExecutor(EventExecutor):
-    """Same interface as :class:`EventExecutor`; a process per range."""
+class CommandExecutor(HeldRanges):
+    """Same interface as :class:`pilot.eventservice.executor.EventExecutor`; a process per range."""
 
     _current: tuple[EventRange, Path, float, float] | None = None
     _failures_in_row = 0

@@ -9,8 +9,13 @@ checksummed.
 
 Two modes, chosen by ``mode=`` or, by default, from the job's command:
 
-* ``protocol``: the payload speaks AthenaMP's messages over a Unix socket
-  (:mod:`pilot.eventservice.channel`); the payload is started once and
+* ``protocol``: the payload is AthenaMP (or speaks as it does) over yampl's
+  ZeroMQ transport (:mod:`pilot.eventservice.yampl`); the channel name, new
+  for every payload process, is written into its command as PanDA Pilot 3
+  writes it (:mod:`pilot.eventservice.channelname`), and the command runs
+  through ``/bin/sh`` (in the job's container when there is one, with the
+  socket bound in). One range answers each ``Ready for events``, to the
+  peer that asked; ``No more events`` goes once to each peer. The payload is
   restarted after a crash, at most ``max_restarts`` times.
 * ``command``: the job's ``transformation``/``jobPars`` hold placeholders
   (``{eventRangeID}``, ``{startEvent}``, ``{lastEvent}``, ``{LFN}``,
@@ -18,28 +23,50 @@ Two modes, chosen by ``mode=`` or, by default, from the job's command:
   (:mod:`pilot.eventservice.command`). A command holding any placeholder
   selects this mode.
 
-A payload that dies fails the range it was working on (1224 ESRECOVERABLE,
-the diagnosis of the exit in the diagnostic); ``ERR_`` messages map as
-:mod:`pilot.eventservice.messages` documents. A range with no message for
-``range_timeout`` seconds counts as hung: the payload is killed, the range
-failed and the payload restarted; so is a payload that has not said ``Ready
-for events`` within ``ready_timeout`` seconds of its start (both off by
-default: a real transform may initialise for many minutes). Messages about unknown or already reported
-ranges are logged and dropped.
+A ZeroMQ peer that dies says nothing, so the payload's process is watched
+(its pidfd wakes the wait). What ends a payload, and the code it gives:
+
+* it dies: the ranges it held fail with 1224 ESRECOVERABLE and the diagnosis
+  of the exit; it is restarted;
+* it has not said ``Ready for events`` ``ready_timeout`` seconds after its
+  start (it never connected, or cannot read its channel name): it is killed
+  and the executor gives up with 1317 EXCEEDEDMAXWAITTIME;
+* a range has been out for ``range_timeout`` seconds (the lease): it is
+  killed, that range and the others it held fail with 1375 LEASETIME, and it
+  is restarted;
+* ``final_wait`` seconds after ``No more events`` it still holds ranges or
+  still runs: it is killed and what it held fails with 1317.
+
+``ERR_`` messages map as :mod:`pilot.eventservice.messages` documents.
+Messages about unknown or already reported ranges, and messages that cannot
+be read (not UTF-8, over 1 MiB, several frames), are logged and dropped:
+the range stays held and ends by one of the rules above, never silently.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
+import shutil
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from pilot.errors import ErrorCode, PayloadDiagnosis, PilotError, diagnose_payload, error_diag
-from pilot.eventservice.channel import CHANNEL_VARIABLE, MessageChannel, socket_path_for
+from pilot.errors import ErrorCode, PilotError, diagnose_payload
+from pilot.eventservice.channelname import with_channel
+from pilot.eventservice.command import CommandExecutor
+from pilot.eventservice.held import (
+    FINAL_WAIT,
+    PLACEHOLDERS,
+    READY_TIMEOUT,
+    HeldRanges,
+    payload_command,
+    resolve_mode,
+    split_command,
+)
 from pilot.eventservice.messages import (
     NO_MORE,
     BadMessage,
@@ -47,225 +74,168 @@ from pilot.eventservice.messages import (
     ErrorMessage,
     ReadyMessage,
     parse_message,
+    range_message,
 )
 from pilot.eventservice.model import RangeResult, RangeStatus
-from pilot.eventservice.outputs import collect_output
+from pilot.eventservice.yampl import Incoming, RangeChannel, unique_channel_name
 from pilot.job import EventRange, Job
+from pilot.payload.container import wrap
 from pilot.payload.runner import PayloadProcess
 
 log = logging.getLogger(__name__)
 
-PLACEHOLDERS = ("{eventRangeID}", "{startEvent}", "{lastEvent}", "{LFN}", "{GUID}", "{outputFile}")
-# Longest a single poll() sleeps before looking at the payload process again
-# (a payload that dies before connecting sends no end-of-file).
+# Longest a single poll() sleeps before looking at the payload process again.
 _CHECK_INTERVAL = 1.0
+# Messages read from a payload that exited, before its ranges are failed.
+_MAX_DRAIN = 100
+
+__all__ = [
+    "FINAL_WAIT",
+    "PLACEHOLDERS",
+    "READY_TIMEOUT",
+    "EventExecutor",
+    "payload_command",
+    "resolve_mode",
+    "split_command",
+]
 
 
-def payload_command(job: Job) -> str:
-    return f"{job.transformation} {job.job_pars}".strip()
-
-
-def resolve_mode(job: Job, mode: str | None = None) -> str:
-    """``protocol`` or ``command``: explicit, or ``command`` when the job's command has placeholders."""
-    if mode is not None:
-        if mode not in ("protocol", "command"):
-            raise PilotError(ErrorCode.NOTDEFINED, f"unknown event-service mode {mode!r}")
-        return mode
-    text = payload_command(job)
-    return "command" if any(p in text for p in PLACEHOLDERS) else "protocol"
-
-
-def split_command(text: str) -> list[str]:
-    try:
-        argv = shlex.split(text)
-    except ValueError as exc:
-        raise PilotError(
-            ErrorCode.PAYLOADEXECUTIONEXCEPTION, f"cannot parse payload command: {exc}"
-        ) from None
-    if not argv:
-        raise PilotError(ErrorCode.NOTDEFINED, "empty payload command")
-    return argv
-
-
-class EventExecutor:
+class EventExecutor(HeldRanges):
     """One event-service payload for one job, fed ranges from outside."""
 
-    def __new__(cls, job: Job, workdir: Path, **kwargs: object) -> EventExecutor:
-        if cls is EventExecutor and resolve_mode(job, kwargs.get("mode")) == "command":  # type: ignore[arg-type]
-            from pilot.eventservice.command import CommandExecutor
-
-            return super().__new__(CommandExecutor)
+    def __new__(cls, job: Job, workdir: Path, **kwargs: Any) -> Any:
+        """``EventExecutor(...)`` gives the executor the job's command asks for: a
+        :class:`CommandExecutor` when it holds placeholders (already initialised,
+        since it is no EventExecutor)."""
+        if cls is EventExecutor and resolve_mode(job, kwargs.get("mode")) == "command":
+            return CommandExecutor(job, workdir, **kwargs)
         return super().__new__(cls)
 
-    def __init__(
-        self,
-        job: Job,
-        workdir: Path,
-        *,
-        env: dict | None = None,
-        max_restarts: int = 3,
-        output_dir: Path | None = None,
-        mode: str | None = None,
-        range_timeout: float | None = None,
-        prefetch: int | None = None,
-        command: list[str] | None = None,
-        ready_timeout: float | None = None,
-    ) -> None:
-        self.job = job
-        self.workdir = Path(workdir).resolve()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.env = dict(env) if env is not None else None
-        self.max_restarts = max_restarts
-        self.output_dir = Path(output_dir).resolve() if output_dir else self.workdir / "es_outputs"
-        self.mode = resolve_mode(job, mode)
-        self.range_timeout = range_timeout
-        self.prefetch = prefetch if prefetch is not None else max(2, 2 * job.core_count)
-        self.command = command
-        self.ready_timeout = ready_timeout
-        self._launched_at = 0.0
-        self._said_ready = False
-        self.payload: PayloadProcess | None = None
-        self.restarts = 0
-        self.error: PilotError | None = None  # set when the payload cannot go on
-        self.exit_diagnosis: PayloadDiagnosis | None = None  # of the payload's last exit
-        self._queue: deque[EventRange] = deque()
-        self._in_flight: dict[str, tuple[EventRange, float]] = {}
-        self._known: set[str] = set()
-        self._reported: set[str] = set()
-        self._no_more = False
-        self._stopped = False
-        self._channel: MessageChannel | None = None
-        self._waiting = False  # the payload said "Ready for events" and got nothing yet
-        self._told_no_more = False
-        self._exited = False
-        self._pending: list[RangeResult] = []
+    def __init__(self, job: Job, workdir: Path, **kwargs: Any) -> None:
+        super().__init__(job, workdir, **kwargs)
+        self._channel: RangeChannel | None = None
+        self._requests: deque[bytes] = deque()  # one peer per "Ready for events" not answered
+        self._told: set[bytes] = set()  # peers sent "No more events"
+        self._no_more_at: float | None = None
         self._stderr_offset = 0
         self._pidfd: int | None = None
-
-    # -- shared bookkeeping --------------------------------------------------
-    def add_ranges(self, ranges: list[EventRange]) -> None:
-        for r in ranges:
-            if r.event_range_id in self._known:
-                log.warning("range %s given twice: ignored", r.event_range_id)
-                continue
-            self._known.add(r.event_range_id)
-            self._queue.append(r)
-        self._dispatch()
-
-    def no_more_ranges(self) -> None:
-        self._no_more = True
-        self._dispatch()
-
-    def wanted(self) -> int:
-        if self._no_more or self._stopped or self.error is not None:
-            return 0
-        return max(0, self.prefetch - len(self._queue) - len(self._in_flight))
-
-    def in_flight(self) -> list[str]:
-        return list(self._in_flight)
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    @property
-    def finished(self) -> bool:
-        return self._exited and self._no_more and not self._queue and not self._in_flight
-
-    def _result(self, result: RangeResult) -> None:
-        self._in_flight.pop(result.event_range_id, None)
-        self._reported.add(result.event_range_id)
-        self._pending.append(result)
-
-    def _fail(self, rid: str, status: RangeStatus, code: int, detail: str) -> None:
-        self._result(
-            RangeResult(rid, status, error_code=int(code), error_diag=error_diag(code, detail))
-        )
-
-    def _done(self, rid: str, paths: list[str], cpu: float, wall: float) -> None:
-        try:
-            out = collect_output(paths, rid, self.workdir, self.output_dir)
-        except PilotError as exc:
-            log.warning("range %s: output not usable: %s", rid, exc)
-            self._fail(rid, RangeStatus.FAILED, exc.code, exc.detail)
-            return
-        self._result(
-            RangeResult(rid, RangeStatus.FINISHED, str(out.path), out.fsize, out.adler32, cpu, wall)
-        )
-
-    def _unexpected(self, rid: str, what: str) -> bool:
-        """True (and logged) when ``rid`` is not a range the payload is working on."""
-        if rid in self._in_flight:
-            return False
-        if rid in self._reported:
-            log.warning("payload reported range %s again (%s): dropped", rid, what)
-        else:
-            log.warning("payload reported unknown range %r (%s): dropped", rid, what)
-        return True
-
-    def _take_results(self) -> list[RangeResult]:
-        out, self._pending = self._pending, []
-        return out
+        self._launched_at = 0.0
+        self._said_ready = False
 
     # -- protocol mode -------------------------------------------------------
-    def _argv(self) -> list[str]:
-        return list(self.command) if self.command else split_command(payload_command(self.job))
+    def _command_text(self) -> str:
+        if self.command:
+            return shlex.join(self.command)
+        text = payload_command(self.job)
+        split_command(text)  # a command that cannot be parsed fails here, clearly
+        return text
+
+    @property
+    def channel_name(self) -> str:
+        return self._channel.name if self._channel is not None else ""
 
     def start(self) -> None:
-        if self._channel is None:
-            # One socket per job: several executors (one per PandaID) may share a directory.
-            name = f"es-{self.job.panda_id}.sock"
-            self._channel = MessageChannel(socket_path_for(self.workdir, name))
+        self._check_transformation()
         self._launch()
 
+    def _check_transformation(self) -> None:
+        """A transform that is not there fails now, not after a shell and its restarts."""
+        first = split_command(self._command_text())[0]
+        if "=" in first or first in ("export", "cd", "source", "."):
+            return  # a shell preamble: the shell will tell
+        found = (self.workdir / first).is_file() if "/" not in first else Path(first).is_file()
+        if not found and shutil.which(first) is None:
+            raise PilotError(ErrorCode.TRANSFORMNOTFOUND, f"payload command not found: {first}")
+
     def _launch(self) -> None:
-        assert self._channel is not None
-        env = dict(self.env if self.env is not None else os.environ)
-        env[CHANNEL_VARIABLE] = str(self._channel.path)
-        self._waiting = False
-        self._told_no_more = False
+        self._close_channel()
+        self._channel = RangeChannel(unique_channel_name())
+        command = with_channel(self._command_text(), self._channel.name)
+        self.payload_command = command
+        if self.container is not None:
+            # yampl fixes the socket under /tmp: the container must see that very file.
+            spec = replace(self.container, binds=(*self.container.binds, str(self._channel.path)))
+            argv = wrap(command, self.workdir, spec)
+        else:
+            argv = ["/bin/sh", "-c", command]
+        self._requests.clear()
+        self._told.clear()
+        self._no_more_at = None
         self._exited = False
         self._said_ready = False
         self._launched_at = time.monotonic()
         stderr = self.workdir / "payload.stderr"
         self._stderr_offset = stderr.stat().st_size if stderr.exists() else 0
-        self.payload = PayloadProcess(
-            self._argv(),
-            cwd=self.workdir,
-            env=env,
-            stdout=self.workdir / "payload.stdout",
-            stderr=self.workdir / "payload.stderr",
-        )
+        try:
+            self.payload = PayloadProcess(
+                argv,
+                cwd=self.workdir,
+                env=dict(self.env if self.env is not None else os.environ),
+                stdout=self.workdir / "payload.stdout",
+                stderr=self.workdir / "payload.stderr",
+            )
+        except PilotError:
+            self._close_channel()
+            raise
         self._close_pidfd()
         try:
-            # Readable when the payload exits: a death before it connected wakes us at once.
+            # Readable when the payload exits: ZeroMQ would never tell us.
             self._pidfd = os.pidfd_open(self.payload.pid)
         except (AttributeError, OSError):
             self._pidfd = None
         log.info(
-            "event-service payload started, pid %d (restart %d)", self.payload.pid, self.restarts
+            "event-service payload started, pid %d, channel %s (restart %d)",
+            self.payload.pid,
+            self._channel.name,
+            self.restarts,
         )
 
-    def _dispatch(self) -> None:
-        if not self._waiting or self._channel is None or self.mode != "protocol":
-            return
-        if self._queue:
-            r = self._queue.popleft()
-            if self._channel.send(json.dumps([r.to_panda()])):
-                self._in_flight[r.event_range_id] = (r, time.monotonic())
-                self._waiting = False
-            else:
-                self._queue.appendleft(r)
-        elif self._no_more:
-            if self._channel.send(NO_MORE):
-                self._told_no_more = True
-                self._waiting = False
+    def _pfn(self, r: EventRange) -> str:
+        """Where the payload reads the range's file: PanDA's PFN, else the staged-in copy."""
+        if r.pfn:
+            return r.pfn
+        local = self.workdir / r.lfn
+        return str(local) if r.lfn and local.is_file() else r.lfn
 
-    def _handle(self, text: str) -> None:
-        msg = parse_message(text)
+    def _dispatch(self) -> None:
+        if self._channel is None or self.mode != "protocol":
+            return
+        while self._requests:
+            peer = self._requests[0]
+            if peer in self._told:
+                self._requests.popleft()  # asked again after "No more events": nothing to say
+                continue
+            if self._queue:
+                r = self._queue.popleft()
+                try:
+                    text = range_message(r, self._pfn(r))
+                except PilotError as exc:
+                    log.warning("%s", exc.detail)
+                    self._fail(r.event_range_id, RangeStatus.FAILED, exc.code, exc.detail)
+                    continue
+                self._requests.popleft()
+                if self._channel.send(peer, text):
+                    self._in_flight[r.event_range_id] = (r, time.monotonic())
+                else:
+                    self._queue.appendleft(r)  # that peer is gone: the range waits for the next
+            elif self._no_more:
+                self._requests.popleft()
+                if self._channel.send(peer, NO_MORE):
+                    self._told.add(peer)
+                    if self._no_more_at is None:
+                        self._no_more_at = time.monotonic()
+            else:
+                break
+
+    def _handle(self, incoming: Incoming) -> None:
+        if incoming.text is None:
+            self.bad_messages += 1
+            log.warning("payload message refused: %s", incoming.error)
+            return
+        msg = parse_message(incoming.text)
         if isinstance(msg, ReadyMessage):
             self._said_ready = True
-            self._waiting = True
+            self._requests.append(incoming.peer)
             self._dispatch()
         elif isinstance(msg, DoneMessage):
             if not self._unexpected(msg.event_range_id, "done"):
@@ -274,6 +244,7 @@ class EventExecutor:
             if not self._unexpected(msg.event_range_id, msg.acronym):
                 self._fail(msg.event_range_id, msg.status, msg.code, f"{msg.acronym}: {msg.diag}")
         elif isinstance(msg, BadMessage):
+            self.bad_messages += 1
             log.warning("payload message dropped (%s): %r", msg.reason, msg.text[:200])
 
     def poll(self, timeout: float) -> list[RangeResult]:
@@ -286,75 +257,86 @@ class EventExecutor:
                 break
             wait = min(_CHECK_INTERVAL, deadline - time.monotonic())
             also = (self._pidfd,) if self._pidfd is not None else ()
-            for text in self._channel.receive(max(0.0, wait), also):
-                self._handle(text)
-            self._check_payload(deadline)
+            for incoming in self._channel.receive(max(0.0, wait), also):
+                self._handle(incoming)
+            self._check_payload()
             if time.monotonic() >= deadline:
                 break
         return self._take_results()
 
-    def _check_payload(self, deadline: float) -> None:
-        assert self.payload is not None and self._channel is not None
+    def _check_payload(self) -> None:
+        assert self.payload is not None
         rc = self.payload.poll()
-        if rc is None and self._channel.closed_by_peer:
-            # It hung up: it is exiting. Reap it, bounded by the caller's timeout.
-            rc = self.payload.wait(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
-        if rc is None and self.range_timeout and self._in_flight:
-            oldest = min(t for _, t in self._in_flight.values())
-            if time.monotonic() - oldest > self.range_timeout:
-                log.warning(
-                    "no message from the payload for %.0f s: killing it", self.range_timeout
-                )
-                self.payload.kill_tree(
-                    grace=5.0, reason_code=ErrorCode.LOOPINGJOB, reason="hung range"
-                )
-                self._payload_exited(
-                    self.payload.returncode or -9, f"no progress for {self.range_timeout:.0f} s"
-                )
-                return
-        if (
-            rc is None
-            and self.ready_timeout
-            and not self._said_ready
-            and time.monotonic() - self._launched_at > self.ready_timeout
-        ):
-            log.warning("payload did not ask for events in %.0f s: killing it", self.ready_timeout)
-            self.payload.kill_tree(grace=5.0, reason_code=ErrorCode.ESRECOVERABLE, reason="silent")
-            self._payload_exited(
-                self.payload.returncode or -9,
-                f"payload did not ask for events within {self.ready_timeout:.0f} s",
-            )
-            return
         if rc is not None:
             self._payload_exited(rc, "")
+            return
+        now = time.monotonic()
+        if self.range_timeout and self._in_flight:
+            oldest = min(t for _, t in self._in_flight.values())
+            if now - oldest > self.range_timeout:
+                why = f"no report of a range for {self.range_timeout:.0f} s (lease)"
+                log.warning("%s: killing the payload", why)
+                self.payload.kill_tree(grace=5.0, reason_code=ErrorCode.LEASETIME, reason=why)
+                self._payload_exited(self.payload.returncode or -9, why, ErrorCode.LEASETIME)
+                return
+        if (
+            self.ready_timeout
+            and not self._said_ready
+            and now - self._launched_at > self.ready_timeout
+        ):
+            why = (
+                f"payload did not ask for events within {self.ready_timeout:.0f} s of its start"
+                f" (channel {self.channel_name}): it did not connect, or not to this channel"
+            )
+            self._give_up(why)
+            return
+        if (
+            self.final_wait is not None
+            and self._no_more_at is not None
+            and now - self._no_more_at > self.final_wait
+        ):
+            self._give_up(f"payload still running {self.final_wait:.0f} s after No more events")
 
-    def _payload_exited(self, rc: int, reason: str) -> None:
+    def _give_up(self, why: str) -> None:
+        """Kill the payload for good: what it held fails with 1317 and it is not restarted."""
         assert self.payload is not None
-        # Messages sent just before the exit are still in the socket.
-        for _ in range(1000):
-            if self._channel is None or not self._channel.connected:
+        log.warning("%s: killing it", why)
+        self.payload.kill_tree(grace=5.0, reason_code=ErrorCode.EXCEEDEDMAXWAITTIME, reason=why)
+        for rid in list(self._in_flight):
+            self._fail(rid, RangeStatus.FAILED, ErrorCode.EXCEEDEDMAXWAITTIME, why)
+        self._exited = True
+        self._close_pidfd()
+        self._close_channel()
+        if not (self._told and not self._queue):
+            self.error = PilotError(ErrorCode.EXCEEDEDMAXWAITTIME, why)
+
+    def _payload_exited(self, rc: int, reason: str, code: int = ErrorCode.ESRECOVERABLE) -> None:
+        assert self.payload is not None and self._channel is not None
+        # Reports sent just before the exit are still in the socket.
+        for _ in range(_MAX_DRAIN):
+            batch = self._channel.receive(0.0)
+            if not batch:
                 break
-            texts = self._channel.receive(0.0)
-            if not texts and not self._channel.connected:
-                break
-            for text in texts:
-                self._handle(text)
-            if not texts:
-                break
+            for incoming in batch:
+                self._handle(incoming)
         diag = diagnose_payload(rc, self._stderr_since_launch())
         self.exit_diagnosis = diag
         why = reason or diag.pilot_error_diag or f"exit code {rc}"
         for rid in list(self._in_flight):
-            self._fail(rid, RangeStatus.FAILED, ErrorCode.ESRECOVERABLE, f"payload died: {why}")
-        done = self._told_no_more and not self._queue
-        if done:
+            self._fail(
+                rid, RangeStatus.FAILED, code, f"payload {'killed' if reason else 'died'}: {why}"
+            )
+        if self._told and not self._queue:
             self._exited = True
             self._close_pidfd()
+            self._close_channel()
             log.info("event-service payload exited with %d after the last range", rc)
             return
-        if self.restarts >= self.max_restarts:
+        hopeless = diag.pilot_error_code == ErrorCode.TRANSFORMNOTFOUND and not self._said_ready
+        if self.restarts >= self.max_restarts or hopeless:
             self._exited = True
             self._close_pidfd()
+            self._close_channel()
             code = diag.pilot_error_code or ErrorCode.ESRECOVERABLE
             self.error = PilotError(
                 code, f"payload failed {self.restarts + 1} times, giving up; last: {why}"
@@ -364,6 +346,11 @@ class EventExecutor:
         self.restarts += 1
         log.warning("payload exited (%s): restart %d of %d", why, self.restarts, self.max_restarts)
         self._launch()
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
@@ -388,9 +375,7 @@ class EventExecutor:
         self._stopped = True
         if self.payload is not None and self.payload.poll() is None:
             self.payload.kill_tree(grace=grace, reason_code=ErrorCode.KILLSIGNAL, reason="stopped")
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        self._close_channel()
         self._close_pidfd()
         released = [r for r, _ in self._in_flight.values()] + list(self._queue)
         self._in_flight.clear()

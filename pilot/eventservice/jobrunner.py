@@ -21,7 +21,10 @@ from pilot.errors import ErrorCode, PilotError, signal_code
 from pilot.eventservice.loop import RangeSource, run_event_service
 from pilot.eventservice.model import RangeResult
 from pilot.job import Job
-from pilot.workflow import wall_limit
+from pilot.monitor.connections import ConnectionWatch, connection_policy, network_isolated
+from pilot.payload.command import payload_environment
+from pilot.payload.secrets import job_secrets
+from pilot.workflow import payload_container, wall_limit
 
 
 class _Stop(Protocol):
@@ -74,17 +77,22 @@ def make_es_runner(
 ) -> Callable[..., dict[str, Any]]:
     """A workflow ``es_runner`` bound to one range source and reporter."""
 
-    def run(job: Job, workdir: Path, config: Any, stop: _Stop | None) -> dict[str, Any]:
-        hook = stage_out if stage_out is not None else range_stage_out(job, config)
-        limit = wall_limit(job, config)
-        deadline = time.time() + limit if limit != float("inf") else None
-        summary = run_event_service(
+    def _run(job: Job, workdir: Path, config: Any, stop: Any, hook: Any, deadline: Any) -> Any:
+        return run_event_service(
             job,
             workdir,
             source,
             reporter,
-            env=dict(config.extra_env) or None,
-            range_timeout=range_timeout,
+            env=payload_environment(
+                job, workdir, extra=config.extra_env, payload_proxy=config.payload_proxy
+            ),
+            range_timeout=range_timeout if range_timeout is not None else config.es_range_timeout,
+            ready_timeout=config.es_ready_timeout,
+            final_wait=config.es_final_wait,
+            container=payload_container(job, config),
+            connections=ConnectionWatch(
+                workdir, connection_policy(config), isolated=network_isolated(config)
+            ),
             report_interval=report_interval,
             deadline=deadline,
             stop_event=stop,  # type: ignore[arg-type]
@@ -92,6 +100,13 @@ def make_es_runner(
             kill_grace=config.kill_grace,
             zip_outputs=zip_outputs,
         )
+
+    def run(job: Job, workdir: Path, config: Any, stop: _Stop | None) -> dict[str, Any]:
+        hook = stage_out if stage_out is not None else range_stage_out(job, config)
+        limit = wall_limit(job, config)
+        deadline = time.time() + limit if limit != float("inf") else None
+        with job_secrets(workdir, job.raw):
+            summary = _run(job, workdir, config, stop, hook, deadline)
         error = summary.error
         if stop is not None and stop.signum is not None:
             error = PilotError(signal_code(stop.signum), f"pilot received signal {stop.signum}")
@@ -108,6 +123,7 @@ def make_es_runner(
             "undelivered": summary.n_undelivered,
             "restarts": summary.restarts,
             "metrics": {"cpuConsumptionTime": round(summary.cpu, 3)},
+            "connections": summary.connections,
             "error": error,
         }
 

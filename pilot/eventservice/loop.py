@@ -39,10 +39,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pilot.errors import ErrorCode, PilotError
-from pilot.eventservice.executor import EventExecutor
+from pilot.eventservice.executor import FINAL_WAIT, READY_TIMEOUT, EventExecutor
 from pilot.eventservice.model import RangeResult, RangeStatus
 from pilot.eventservice.spool import SPOOL_NAME, RangeUpdater, ResultSpool
 from pilot.job import EventRange, Job
+from pilot.monitor.connections import CONNECTION_INTERVAL, ConnectionWatch
+from pilot.payload.container import ContainerSpec
 from pilot.retry import RetryBackoff
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class EventServiceSummary:
     n_undelivered: int = 0
     restarts: int = 0
     error: PilotError | None = None
+    connections: str = ""  # the outbound-connection report, for the log extracts
 
     @property
     def n_ranges(self) -> int:
@@ -171,6 +174,10 @@ def run_event_service(
     executor: EventExecutor | None = None,
     zip_outputs: bool = False,
     objstore_id: int | None = None,
+    ready_timeout: float | None = READY_TIMEOUT,
+    final_wait: float | None = FINAL_WAIT,
+    container: ContainerSpec | None = None,
+    connections: ConnectionWatch | None = None,
 ) -> EventServiceSummary:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -186,11 +193,15 @@ def run_event_service(
         output_dir=output_dir,
         mode=mode,
         range_timeout=range_timeout,
+        ready_timeout=ready_timeout,
+        final_wait=final_wait,
+        container=container,
     )
     fetch, report = RetryBackoff(1.0, MAX_BACKOFF), RetryBackoff(2.0, MAX_BACKOFF)
     last_report = time.monotonic()
     no_more = False
     empty_fetches = 0
+    next_look = 0.0
 
     def take(results: list[RangeResult]) -> None:
         if stage_out is not None:
@@ -260,6 +271,14 @@ def run_event_service(
                 wait = min(wait, max(0.0, fetch.next_at - now))
             take(ex.poll(wait))
             now = time.monotonic()
+            if connections is not None and now >= next_look:
+                next_look = now + CONNECTION_INTERVAL
+                breach = connections.look(ex.payload, time.time())
+                if breach is not None:
+                    log.critical("stopping the payload: %s", breach.diag)
+                    summary.error = breach
+                    summary.released = ex.stop(kill_grace)
+                    break
             if spool.n_pending and report.ready(now):
                 if spool.n_pending >= batch_size or now - last_report >= report_interval:
                     try_flush(now)
@@ -277,6 +296,12 @@ def run_event_service(
         if not ex.finished and ex.payload is not None and ex.payload.poll() is None:
             summary.released += ex.stop(kill_grace)
     take(ex.poll(0.0))
+    if connections is not None:
+        # a connection too short for any look is still in the tracer's log
+        late = connections.update([], time.time())
+        if late is not None and summary.error is None:
+            summary.error = late
+        summary.connections = connections.report()
     _final_flush(spool, send, final_flush_timeout)
     summary.restarts = ex.restarts
     summary.zips = list(spool.zips)

@@ -36,7 +36,14 @@ import psutil
 from pilot.errors import ErrorCode, PilotError
 from pilot.fileio import atomic_write_text
 from pilot.job import Job
-from pilot.monitor.connections import TRACER_LOG, ConnectionPolicy, ConnectionWatch
+from pilot.monitor.connections import (
+    CONNECTION_INTERVAL,
+    TRACER_LOG,
+    ConnectionPolicy,
+    ConnectionWatch,
+    connection_policy,
+    network_isolated,
+)
 from pilot.monitor.limits import Limits
 from pilot.monitor.sampler import OUTPUT_NAME, SUMMARY_NAME, Sample, Sampler
 from pilot.payload.runner import PayloadProcess
@@ -63,6 +70,8 @@ class JobMonitor:
         disk_interval: float | None = None,
         series: str | Path | None = None,
         clock: Callable[[], float] = time.time,
+        connection_interval: float = CONNECTION_INTERVAL,
+        isolated: bool = False,
     ) -> None:
         self.payload = payload
         self.workdir = Path(workdir)
@@ -73,9 +82,11 @@ class JobMonitor:
         self.sampler = Sampler(
             payload, series if series is not None else self.workdir / OUTPUT_NAME, clock=clock
         )
-        self.connections = ConnectionWatch(self.workdir, policy)
+        self.connections = ConnectionWatch(self.workdir, policy, isolated=isolated)
+        self.connection_interval = max(float(connection_interval), 0.05)
         self.started = getattr(payload, "start_time", None) or clock()
         self._next_sample = self.started
+        self._next_connections = self.started
         self._next_disk = self.started
         self.last_progress = self.started
         self.last_touch = self.started
@@ -88,7 +99,7 @@ class JobMonitor:
     def next_due(self, now: float | None = None) -> float:
         """Seconds until :meth:`check` has work to do (0 when overdue)."""
         now = self._clock() if now is None else now
-        due = min(self._next_sample, self._next_disk)
+        due = min(self._next_sample, self._next_disk, self._next_connections)
         if self.limits.walltime_s:
             due = min(due, self.started + self.limits.walltime_s)
         return max(0.0, due - now)
@@ -107,6 +118,9 @@ class JobMonitor:
         if breach is None and now >= self._next_sample:
             self._next_sample = now + self.interval
             breach = self._sample_and_check(now)
+        if breach is None and now >= self._next_connections:
+            self._next_connections = now + self.connection_interval
+            breach = self.connections.look(self.payload, now)
         if breach is None and now >= self._next_disk:
             self._next_disk = now + self.disk_interval
             breach = self._check_disk(now)
@@ -125,7 +139,6 @@ class JobMonitor:
         return None
 
     def _sample_and_check(self, now: float) -> PilotError | None:
-        procs = self.payload.processes()
         prev = self.sampler.latest
         s = self.sampler.sample(now)
         if prev is not None:
@@ -140,9 +153,6 @@ class JobMonitor:
                 f"payload PSS {s.pss} kB (RSS {s.rss} kB, {s.nprocs} processes) over the "
                 f"limit of {limit} kB",
             )
-        breach = self.connections.update(procs, now)
-        if breach is not None:
-            return breach
         return self._check_stdout()
 
     def _check_stdout(self) -> PilotError | None:
@@ -210,6 +220,10 @@ class JobMonitor:
 
     def job_metrics(self) -> str:
         return self.sampler.job_metrics()
+
+    def connection_breach(self) -> PilotError | None:
+        """The policy's verdict on every connection seen so far (None: nothing held against it)."""
+        return self.connections.breach()
 
     def connections_report(self) -> str:
         """Connections seen, for the log extracts ('' when none)."""
@@ -313,6 +327,7 @@ def make_monitor(payload: PayloadProcess, workdir: Path, job: Job, config: Any) 
     """
     queue = getattr(config, "queue", None) or {}
     limits = Limits.from_job(job, queue, scale=float(getattr(config, "limit_scale", 1.0) or 1.0))
-    spec = getattr(config, "connection_policy", None) or queue.get("connection_policy")
+    policy = connection_policy(config)
     interval = float(getattr(config, "monitor_interval", DEFAULT_INTERVAL) or DEFAULT_INTERVAL)
-    return JobMonitor(payload, workdir, limits, ConnectionPolicy.from_spec(spec), interval)
+    isolated = network_isolated(config)
+    return JobMonitor(payload, workdir, limits, policy, interval, isolated=isolated)

@@ -19,6 +19,8 @@ import requests
 
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import Job, check_lfn
+from pilot.monitor.pytracer import tracer_env
+from pilot.payload.secrets import job_credentials, scrub
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,18 @@ def payload_environment(
     workdir: Path,
     base: Mapping[str, str] | None = None,
     extra: Mapping[str, str] | None = None,
+    *,
+    trace: bool = True,
+    payload_proxy: str | None = None,
 ) -> dict[str, str]:
-    """The payload's environment: the pilot's, plus what PanDA payloads expect to find."""
-    env = dict(os.environ if base is None else base)
+    """The payload's environment: the pilot's without its credentials
+    (:mod:`pilot.payload.secrets`), the connection tracer switched on for Python
+    payloads (``trace``), the job's own credentials, and what PanDA payloads
+    expect to find."""
+    env = scrub(os.environ if base is None else base)
+    if trace:
+        env = tracer_env(workdir, env)
+    env.update(job_credentials(workdir, payload_proxy))
     env.update(
         {
             "PandaID": str(job.panda_id),
@@ -75,6 +86,7 @@ def build_command(
     *,
     env_extra: Mapping[str, str] | None = None,
     fetch_timeout: float = 60.0,
+    payload_proxy: str | None = None,
 ) -> PayloadCommand:
     trf = job.transformation
     if trf.startswith(("http://", "https://")):
@@ -82,4 +94,5 @@ def build_command(
     elif "/" not in trf and (workdir / trf).is_file():
         trf = "./" + trf
     shell = f"{shlex.quote(trf) if ' ' not in trf else trf} {job.job_pars}".strip()
-    return PayloadCommand(shell=shell, env=payload_environment(job, workdir, extra=env_extra))
+    env = payload_environment(job, workdir, extra=env_extra, payload_proxy=payload_proxy)
+    return PayloadCommand(shell=shell, env=env)

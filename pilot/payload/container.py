@@ -35,6 +35,10 @@ class ContainerSpec:
     binds: tuple[str, ...] = ()
     network: bool = True
     env: dict[str, str] = field(default_factory=dict)
+    # read-only binds (the pilot's connection tracer), and host paths the payload must
+    # not see (the pilot's own credentials): each is covered by an empty file or directory
+    ro_binds: tuple[str, ...] = ()
+    hide: tuple[str, ...] = ()
 
     @classmethod
     def from_queue(
@@ -79,6 +83,11 @@ def wrap(
     )
 
 
+def _hidden(spec: ContainerSpec) -> list[Path]:
+    """The paths to hide that exist (a missing one needs no cover)."""
+    return [Path(p) for p in spec.hide if Path(p).exists()]
+
+
 def _bwrap(command: str, workdir: Path, spec: ContainerSpec, exe: str) -> list[str]:
     if spec.image:
         root = Path(spec.image)
@@ -102,6 +111,12 @@ def _bwrap(command: str, workdir: Path, spec: ContainerSpec, exe: str) -> list[s
     for bind in spec.binds:
         src, _, dest = bind.partition(":")
         argv += ["--bind", src, dest or src]
+    for bind in spec.ro_binds:
+        src, _, dest = bind.partition(":")
+        argv += ["--ro-bind", src, dest or src]
+    for path in [] if spec.image else _hidden(spec):  # an image holds no host files
+        # an empty directory or /dev/null over it: the path exists, its contents do not
+        argv += ["--tmpfs", str(path)] if path.is_dir() else ["--ro-bind", "/dev/null", str(path)]
     argv += ["--unshare-pid", "--unshare-ipc", "--die-with-parent", "--new-session"]
     if not spec.network:
         argv.append("--unshare-net")
@@ -118,6 +133,16 @@ def _apptainer(command: str, workdir: Path, spec: ContainerSpec, exe: str) -> li
     argv = [exe, "exec", "--pwd", str(workdir), "-B", str(workdir)]
     for bind in spec.binds:
         argv += ["-B", bind]
+    for bind in spec.ro_binds:
+        src, _, dest = bind.partition(":")
+        argv += ["-B", f"{src}:{dest or src}:ro"]
+    for path in _hidden(spec):
+        if path.is_dir():
+            empty = workdir / ".hidden"
+            empty.mkdir(exist_ok=True)
+            argv += ["-B", f"{empty}:{path}:ro"]
+        else:
+            argv += ["-B", f"/dev/null:{path}:ro"]
     if not spec.network:
         argv += ["--net", "--network", "none"]
     for key, value in sorted(spec.env.items()):

@@ -13,15 +13,25 @@ deposits are histogrammed per range. An event is seeded by its number and the
 input file's GUID, so a range gives the same output bytes wherever and
 however often it runs.
 
-Protocol mode (default): the pilot's channel is a Unix stream socket whose
-path is given by ``--channel`` or the ``PILOT_ES_CHANNEL`` environment
-variable. Messages are UTF-8 text lines ending in ``\\n`` (AthenaMP's
-messages never hold a newline; a line is at most 1 MiB):
+Protocol mode (default): toysim is a client of yampl's ``LOCAL`` transport,
+as AthenaMP is: a ZeroMQ DEALER with no identity connected to
+``ipc:///tmp/zmq_<channel>``, one frame per message. It learns the channel
+the way AthenaMP does, from its job options on the command line: a
+``--preExec`` (run as Python, as transforms run it) that sets
+``jps.AthenaMPFlags.EventRangeChannel`` or ``ConfigFlags.MP.EventRangeChannel``,
+or ``--mtes-channel`` inside ``--athenaopts`` when it runs as AthenaMT
+(``--CA --multithreaded=true``); the default is ``EventService_EventRanges``.
 
 * payload -> pilot: ``Ready for events``
 * pilot -> payload: a JSON list with one range, or ``No more events``
 * payload -> pilot: ``<output path>,ID:<eventRangeID>,CPU:<s>,WALL:<s>``
-  or ``ERR_<ACRONYM> <eventRangeID>: <diagnostic>``
+  (``CPU:N/A,WALL:N/A`` as AthenaMT), ``ERR_ATHENAMP_PROCESS <id>: <reason>``,
+  or ``ERR_ATHENAMP_PARSE "<range text>": Wrong format``
+
+Ranges are read with AthenaMP's own naive parser (strip ``[{``/``}]``, split
+on commas, then on the first colon), so a pilot that sends something
+AthenaMP would misread fails here too. As AthenaMT, ``PFN`` is required and
+``No more events`` must arrive exactly.
 
 Command mode (``--start/--last/--lfn/--guid/--output``): process one range,
 write the output, print the same done line on stdout and exit 0; on an
@@ -39,11 +49,12 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import signal
-import socket
 import struct
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +63,14 @@ import numpy as np
 LAYERS = 8
 ETA_BINS = 20
 MAGIC = b"TOYSIM1\n"
-CHANNEL_VARIABLE = "PILOT_ES_CHANNEL"
+DEFAULT_CHANNEL = "EventService_EventRanges"
 READY = "Ready for events"
 NO_MORE = "No more events"
-MAX_LINE = 1 << 20
+# How long toysim waits for the pilot's answer before it gives up (AthenaMP
+# waits for ever; a toy must stay bounded), and how often it checks that the
+# pilot that started it is still there.
+REPLY_WAIT = 3600.0
+_PARENT_CHECK_MS = 1000
 EXIT_RANGE_FAILED = 65
 EXIT_CRASH = 3
 
@@ -216,56 +231,123 @@ def process_range(
     return f"{path.resolve()},ID:{rid},CPU:{cpu:.3f},WALL:{wall:.3f}"
 
 
-def parse_range_message(line: str) -> dict[str, Any] | str:
-    """The range in the pilot's message, or an ERR_ATHENAMP_PARSE line."""
+def parse_range_message(text: str, *, need_pfn: bool = False) -> dict[str, Any] | str:
+    """The range in the pilot's message, read as AthenaMP reads it; or an ERR_ line.
+
+    AthenaMP strips a leading ``[{`` and a trailing ``}]``, splits on commas,
+    cuts each pair at its first colon and trims spaces, double quotes and a
+    ``u'`` prefix. Toysim does the same, so a value holding a comma, or a
+    trailing NUL after the ``}]``, breaks here as it would break there.
+    """
+    body = text.strip(" ")
+    if not (body.startswith("[{") and body.endswith("}]")):
+        return f'ERR_ATHENAMP_PARSE "{text}": Wrong format'
+    fields: dict[str, str] = {}
+    for pair in body[2:-2].split(","):
+        key, sep, value = pair.partition(":")
+        if not sep:
+            return f'ERR_ATHENAMP_PARSE "{text}": Wrong format'
+        clean = [part.strip(" ").strip('"').removeprefix("u'").strip("'") for part in (key, value)]
+        fields[clean[0]] = clean[1]
+    required = ("eventRangeID", "startEvent", "lastEvent") + (("PFN",) if need_pfn else ())
+    if any(k not in fields for k in required):
+        return f'ERR_ATHENAMP_PARSE "{text}": Wrong format'
     try:
-        msg = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return f"ERR_ATHENAMP_PARSE unknown: message is not JSON: {exc}"
-    if isinstance(msg, dict):
-        msg = [msg]
-    if not isinstance(msg, list) or len(msg) != 1 or not isinstance(msg[0], dict):
-        return "ERR_ATHENAMP_PARSE unknown: expected a JSON list holding one range"
-    return msg[0]
+        start, last = int(fields["startEvent"]), int(fields["lastEvent"])
+    except ValueError:
+        return f'ERR_ATHENAMP_PARSE "{text}": Wrong values of range fields'
+    if not fields["eventRangeID"] or last < start or (need_pfn and not fields["PFN"]):
+        return f'ERR_ATHENAMP_PARSE "{text}": Wrong values of range fields'
+    return {**fields, "startEvent": start, "lastEvent": last}
 
 
-def run_protocol(channel: str, out_dir: Path, cpu_per_event: float, injected: Injected) -> int:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+class _Flags:
+    """Just enough of Athena's flag containers for a --preExec to set the channel."""
+
+    def __init__(self) -> None:
+        self.EventRangeChannel = DEFAULT_CHANNEL
+        self.MP = self
+        self.AthenaMPFlags = self
+
+
+def channel_from_options(args: argparse.Namespace) -> str:
+    """The channel the job options name, the way AthenaMP would find it."""
+    if args.athenaopts:
+        mt = argparse.ArgumentParser(add_help=False)
+        mt.add_argument("--mtes", action="store_true")
+        mt.add_argument("--mtes-channel", default="")
+        known, _ = mt.parse_known_args(shlex.split(args.athenaopts))
+        if known.mtes and known.mtes_channel:
+            return known.mtes_channel
+    flags = _Flags()
+    module = types.ModuleType("AthenaMP.AthenaMPFlags")
+    module.jobproperties = flags  # type: ignore[attr-defined]
+    package = types.ModuleType("AthenaMP")
+    package.AthenaMPFlags = module  # type: ignore[attr-defined]
+    saved = {k: sys.modules.get(k) for k in ("AthenaMP", "AthenaMP.AthenaMPFlags")}
+    sys.modules.update({"AthenaMP": package, "AthenaMP.AthenaMPFlags": module})
     try:
-        sock.connect(channel)
-    except OSError as exc:
-        sys.stderr.write(f"toysim: cannot connect to the pilot's channel {channel}: {exc}\n")
-        return 2
-    reader = sock.makefile("rb")
+        for values in args.preExec or []:
+            for code in values:
+                try:
+                    exec(code, {"ConfigFlags": flags, "flags": flags, "os": os})  # noqa: S102
+                except Exception as exc:  # a transform's preExec may need all of Athena
+                    sys.stderr.write(f"toysim: --preExec {code!r} not run here: {exc}\n")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return str(flags.EventRangeChannel)
 
-    def send(text: str) -> None:
-        sock.sendall(text.encode() + b"\n")
+
+def _orphaned(parent: int) -> bool:
+    return os.getppid() != parent
+
+
+def run_protocol(
+    channel: str, out_dir: Path, cpu_per_event: float, injected: Injected, *, mtes: bool = False
+) -> int:
+    import zmq  # the transport's library; command mode and the physics do not need it
+
+    context = zmq.Context(io_threads=1)
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 2000)  # let the last report leave before the process does
+    sock.connect(f"ipc:///tmp/zmq_{channel}")
+    parent = os.getppid()
+
+    def receive() -> str | None:
+        """The pilot's next message; None if it went away or never answered."""
+        for _ in range(int(REPLY_WAIT * 1000 / _PARENT_CHECK_MS)):
+            if sock.poll(_PARENT_CHECK_MS, zmq.POLLIN):
+                return sock.recv().decode("utf-8", "replace")
+            if _orphaned(parent):
+                return None
+        return None
 
     n_ranges = 0
     try:
         while True:
-            send(READY)
-            raw = reader.readline(MAX_LINE + 1)
-            if not raw:
-                sys.stderr.write("toysim: the pilot closed the channel\n")
+            sock.send(READY.encode())
+            text = receive()
+            if text is None:
+                sys.stderr.write("toysim: no answer from the pilot\n")
                 return 1
-            line = raw.decode("utf-8", "replace").strip()
-            if line == NO_MORE:
+            if (text == NO_MORE) if mtes else (NO_MORE in text):
                 break
-            msg = parse_range_message(line)
-            reply = (
-                msg
-                if isinstance(msg, str)
-                else process_range(msg, out_dir, cpu_per_event, injected)
-            )
-            send(reply)
+            msg = parse_range_message(text, need_pfn=mtes)
+            if isinstance(msg, str):
+                reply = msg
+            else:
+                reply = process_range(msg, out_dir, cpu_per_event, injected)
+                if mtes and not reply.startswith("ERR_"):
+                    reply = reply.rsplit(",CPU:", 1)[0] + ",CPU:N/A,WALL:N/A"
+            sock.send(reply.encode())
             n_ranges += 1
-    except (BrokenPipeError, ConnectionResetError) as exc:
-        sys.stderr.write(f"toysim: channel lost: {exc}\n")
-        return 1
     finally:
-        reader.close()
         sock.close()
+        context.term()
     print(f"toysim: processed {n_ranges} ranges")
     return 0
 
@@ -296,7 +378,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pilot.payloads.toysim", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--channel", help=f"Unix socket of the pilot (default: ${CHANNEL_VARIABLE})")
+    a = p.add_argument_group("job options (how AthenaMP learns its channel)")
+    a.add_argument("--preExec", nargs="+", action="append", metavar="CODE")
+    a.add_argument("--CA", action="store_true", help="ComponentAccumulator configuration")
+    a.add_argument("--multithreaded", default="false", help="true: run as AthenaMT (MTES)")
+    a.add_argument("--athenaopts", default="", help="options for athena (--mtes-channel)")
     p.add_argument("--cpu-per-event", type=float, default=0.0, metavar="SECONDS")
     p.add_argument("--output-dir", default=".", help="where outputs are written (protocol mode)")
     p.add_argument("--crash-on-range-substring", metavar="TEXT")
@@ -324,11 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write("toysim: command mode needs both --start and --last\n")
             return 2
         return run_command(args, out_dir, injected)
-    channel = args.channel or os.environ.get(CHANNEL_VARIABLE)
-    if not channel:
-        sys.stderr.write(f"toysim: no channel: give --channel or set {CHANNEL_VARIABLE}\n")
-        return 2
-    return run_protocol(channel, out_dir, args.cpu_per_event, injected)
+    mtes = args.CA and args.multithreaded.lower() == "true"
+    return run_protocol(
+        channel_from_options(args), out_dir, args.cpu_per_event, injected, mtes=mtes
+    )
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def test_a_hanging_payload_is_killed_by_its_lease(server, launched, work):
     assert problems == []
     assert counts == {"finished": 15, "failed": 1}
     hung = [r for r in server.store.ranges() if r["status"] == "failed"]
-    assert hung[0]["range_id"].split("-")[3] == "5" and hung[0]["error_code"] == 1224
+    assert hung[0]["range_id"].split("-")[3] == "5" and hung[0]["error_code"] == 1375  # LEASETIME
     assert rc == 0
 
 

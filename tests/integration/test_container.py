@@ -16,14 +16,6 @@ from pilot.job import Job
 from pilot.payload.container import ContainerSpec, wrap
 from pilot.workflow import run_job
 from tests.conftest import PYTHON, job_dict
-from tests.tools.debian import ensure_tool
-
-
-@pytest.fixture(scope="module")
-def bwrap() -> None:
-    reason = ensure_tool("bwrap", "bubblewrap")
-    if reason:
-        pytest.skip(reason)
 
 
 def test_queue_container_type() -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pilot.comm.panda import PandaClient, PandaUpstream
+from pilot.comm.spool import Spool
 from pilot.server.serve import EmbeddedServer
 from tests.conftest import PYTHON, REPO, job_dict
 
@@ -190,6 +192,10 @@ def test_event_service_server_down_and_500_quirk_every_range_once(tmp_path: Path
         counts = server.store.range_update_counts()
         assert len(counts) == 80 and set(counts.values()) == {1}, counts
         assert server.store.range_counts(panda_id) == {"finished": 80}
+        # a final update the server missed waits in the spool for the next pilot, which
+        # sends it first thing; either way it is recorded once
+        client = PandaClient(server.url, token=token, retries=0)
+        assert PandaUpstream(client, Spool(tmp_path / "w" / "spool")).flush()[1] == 0
         (record,) = server.final_records(panda_id)
         assert record["fields"]["state"] == "finished"
     finally:

@@ -1,4 +1,4 @@
-"""The invariant of DESIGN.md: every range handed out upstream ends in exactly one
+"""The invariant of docs/DESIGN.md: every range handed out upstream ends in exactly one
 terminal report or is released; none is reported twice; each finished range's output
 exists with the reported checksum."""
 

@@ -117,7 +117,8 @@ def test_hung_range_is_failed_and_the_payload_restarted(tmp_path):
     results = by_id(drive(ex, make_ranges(4)))
     assert ex.finished and ex.restarts == 1
     assert results["3-7-1-2-0"].status is RangeStatus.FAILED
-    assert "no progress" in results["3-7-1-2-0"].error_diag
+    assert results["3-7-1-2-0"].error_code == ErrorCode.LEASETIME
+    assert "payload killed: no report of a range for 1 s" in results["3-7-1-2-0"].error_diag
     assert sum(r.status is RangeStatus.FINISHED for r in results.values()) == 3
 
 
@@ -148,24 +149,25 @@ def test_wanted_and_duplicate_ranges(tmp_path):
 
 ROGUE = textwrap.dedent(
     """
-    import json, os, socket
-    s = socket.socket(socket.AF_UNIX); s.connect(os.environ["PILOT_ES_CHANNEL"])
-    f = s.makefile("rb")
-    def send(t): s.sendall(t.encode() + b"\\n")
-    send("Ready for events")
-    rng = json.loads(f.readline())[0]
-    rid = rng["eventRangeID"]
-    send("complete nonsense")
-    send("/tmp/x,ID:9-9-9-9-9,CPU:1,WALL:1")
-    send("ERR_TE_FATAL 9-9-9-9-8: not mine")
+    import json, re, sys, zmq
+    name = re.search(r'EventRangeChannel="([^"]+)"', " ".join(sys.argv)).group(1)
+    s = zmq.Context().socket(zmq.DEALER); s.connect("ipc:///tmp/zmq_" + name)
+    s.send(b"Ready for events")
+    rid = json.loads(s.recv())[0]["eventRangeID"]
+    s.send(b"complete nonsense")
+    s.send(b"\\xff\\xfe garbage")
+    s.send(b"x" * (2 << 20))
+    s.send_multipart([b"two", b"frames"])
+    s.send(b"/tmp/x,ID:9-9-9-9-9,CPU:1,WALL:1")
+    s.send(b"ERR_TE_FATAL 9-9-9-9-8: not mine")
     open("out.dat", "w").write("data")
-    send("out.dat,ID:%s,CPU:1,WALL:1" % rid)
-    send("out.dat,ID:%s,CPU:1,WALL:1" % rid)
-    send("Ready for events")
-    rng = json.loads(f.readline())[0]
-    send("/etc/hostname,ID:%s,CPU:1,WALL:1" % rng["eventRangeID"])
-    send("Ready for events")
-    assert f.readline().strip() == b"No more events"
+    s.send(("out.dat,ID:%s,CPU:1,WALL:1" % rid).encode())
+    s.send(("out.dat,ID:%s,CPU:1,WALL:1" % rid).encode())
+    s.send(b"Ready for events")
+    rng = json.loads(s.recv())[0]
+    s.send(("/etc/hostname,ID:%s,CPU:1,WALL:1" % rng["eventRangeID"]).encode())
+    s.send(b"Ready for events")
+    assert s.recv() == b"No more events"
     """
 )
 
@@ -179,6 +181,8 @@ def test_rogue_payload_messages_are_dropped_not_fatal(tmp_path):
     assert results["3-7-1-0-0"].status is RangeStatus.FINISHED
     assert results["3-7-1-1-0"].status is RangeStatus.FAILED
     assert results["3-7-1-1-0"].error_code == ErrorCode.BADOUTPUTFILENAME
+    # nonsense, not UTF-8, 2 MiB, two frames, two unknown ranges, one report twice
+    assert ex.bad_messages == 7
 
 
 def test_command_mode_failures(tmp_path):
@@ -202,12 +206,14 @@ def test_command_mode_broken_command_stops_after_max_restarts(tmp_path):
     assert len(ex.stop(grace=0.1)) == 3
 
 
-def test_payload_that_never_asks_for_events_is_restarted_then_given_up(tmp_path):
+def test_payload_that_never_asks_for_events_is_given_up_with_1317(tmp_path):
     job = make_job("-c 'import time; time.sleep(60)'")
     ex = EventExecutor(job, tmp_path, max_restarts=1, ready_timeout=0.5, mode="protocol")
     results = drive(ex, make_ranges(2))
-    assert results == [] and ex.error is not None and ex.restarts == 1
-    assert "did not ask for events" in ex.error.detail
+    assert results == [] and ex.error is not None and ex.restarts == 0
+    assert ex.error.code == ErrorCode.EXCEEDEDMAXWAITTIME
+    assert "did not ask for events within 0 s" in ex.error.detail
+    assert ex.payload.poll() is not None
     assert len(ex.stop(grace=0.1)) == 2
 
 
@@ -216,3 +222,23 @@ def test_payload_that_exits_at_once_is_restarted_then_given_up(tmp_path):
     results = drive(ex, make_ranges(2))
     assert results == [] and ex.error is not None and ex.restarts == 2
     assert len(ex.stop(grace=0.1)) == 2
+
+
+def test_toysim_as_athenamt_gets_pfn_and_reports_na_times(tmp_path):
+    (tmp_path / "EVNT.root").write_text("input")
+    ex = EventExecutor(make_job(f"{TOYSIM} --CA --multithreaded=true"), tmp_path)
+    results = by_id(drive(ex, make_ranges(3)))
+    assert ex.finished and ex.error is None
+    assert "--athenaopts=' --mtes --mtes-channel=" in ex.payload_command
+    assert all(r.status is RangeStatus.FINISHED for r in results.values())
+    assert all(r.cpu == 0.0 and r.wall == 0.0 for r in results.values())  # CPU:N/A,WALL:N/A
+
+
+def test_a_range_athenamp_would_split_fails_alone_with_a_clear_error(tmp_path):
+    ranges = make_ranges(3)
+    ranges[1] = EventRange("3-7-1-1-0", 11, 20, "EVNT.root", "guid,with,commas")
+    results = by_id(drive(EventExecutor(make_job(TOYSIM), tmp_path), ranges))
+    bad = results.pop("3-7-1-1-0")
+    assert bad.status is RangeStatus.FAILED and bad.error_code == ErrorCode.ESRECOVERABLE
+    assert "GUID" in bad.error_diag and "commas" in bad.error_diag
+    assert all(r.status is RangeStatus.FINISHED for r in results.values())

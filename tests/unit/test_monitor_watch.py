@@ -20,7 +20,10 @@ def idle(tmp_path: Path):
 
 
 def test_walltime_due_time_and_sticky_breach(idle: PayloadProcess, tmp_path: Path) -> None:
-    monitor = JobMonitor(idle, tmp_path, Limits(walltime_s=100), interval=30, disk_interval=60)
+    monitor = JobMonitor(
+        idle, tmp_path, Limits(walltime_s=100), interval=30, disk_interval=60,
+        connection_interval=40,
+    )  # fmt: skip
     t0 = monitor.started
     assert monitor.check(now=t0) is None
     assert monitor.next_due(now=t0) == pytest.approx(30)
@@ -31,6 +34,15 @@ def test_walltime_due_time_and_sticky_breach(idle: PayloadProcess, tmp_path: Pat
     assert breach is not None and breach.code == ErrorCode.REACHEDMAXTIME
     assert monitor.check(now=t0 + 102) is breach  # kept until the caller acts on it
     assert "1213 REACHEDMAXTIME" in monitor.evidence()
+
+
+def test_sockets_are_looked_at_more_often_than_the_rest(idle: PayloadProcess, tmp_path: Path):
+    monitor = JobMonitor(idle, tmp_path, Limits(), interval=30, connection_interval=1.5)
+    t0 = monitor.started
+    assert monitor.check(now=t0) is None
+    assert monitor.next_due(now=t0) == pytest.approx(1.5)
+    assert monitor.check(now=t0 + 1.5) is None
+    assert monitor.next_due(now=t0 + 1.5) == pytest.approx(1.5)
 
 
 def test_looping_waits_for_the_limit(idle: PayloadProcess, tmp_path: Path) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from pilot.eventservice.channelname import with_channel
 from pilot.payloads import toysim
 
 
@@ -66,14 +69,49 @@ def test_command_mode_segfault_is_a_real_signal(tmp_path):
     assert proc.returncode == -11
 
 
-def test_no_channel_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.delenv(toysim.CHANNEL_VARIABLE, raising=False)
-    proc = _run([], tmp_path)
-    assert proc.returncode == 2 and "no channel" in proc.stderr
+def _channel_of(command: str) -> str:
+    """The channel toysim finds in the pilot's edit of ``command``."""
+    args = toysim.parser().parse_args(shlex.split(command)[3:])
+    return toysim.channel_from_options(args)
 
 
-def test_bad_range_message_gives_parse_error():
-    assert toysim.parse_range_message("garbage").startswith("ERR_ATHENAMP_PARSE")
-    assert toysim.parse_range_message("[1, 2]").startswith("ERR_ATHENAMP_PARSE")
-    rng = toysim.parse_range_message('[{"eventRangeID": "1-2-3-4-5", "startEvent": 1}]')
-    assert isinstance(rng, dict)
+@pytest.mark.parametrize(
+    "command",
+    [
+        "python -m pilot.payloads.toysim",
+        "python -m pilot.payloads.toysim --CA",
+        "python -m pilot.payloads.toysim --CA --multithreaded=true",
+        "python -m pilot.payloads.toysim --CA --multithreaded=True --athenaopts='--threads=4'",
+        "python -m pilot.payloads.toysim --preExec 'x = 1'",
+        "python -m pilot.payloads.toysim --CA --preExec 'ConfigFlags.Exec.MaxEvents = 5'",
+        "python -m pilot.payloads.toysim --preExec"
+        " 'from AthenaMP.AthenaMPFlags import jobproperties as jps;jps.AthenaMPFlags.Foo=1'",
+    ],
+)
+def test_channel_is_read_from_the_job_options_the_pilot_wrote(command):
+    assert _channel_of(command) == "EventService_EventRanges"
+    assert _channel_of(with_channel(command, "EventService_EventRanges_7_ab")) == (
+        "EventService_EventRanges_7_ab"
+    )
+
+
+def test_channel_from_the_environment_when_the_command_reads_it(monkeypatch):
+    monkeypatch.setenv("PILOT_EVENTRANGECHANNEL", "EventService_EventRanges_env")
+    command = (
+        "python -m pilot.payloads.toysim --preExec"
+        " 'ConfigFlags.MP.EventRangeChannel=os.environ[\"PILOT_EVENTRANGECHANNEL\"]'"
+    )
+    assert _channel_of(command) == "EventService_EventRanges_env"
+
+
+def test_ranges_are_read_as_athenamp_reads_them():
+    text = '[{"eventRangeID": "1-2-3-4-5", "startEvent": 1, "lastEvent": 2, "PFN": "/d/f"}]'
+    rng = toysim.parse_range_message(text, need_pfn=True)
+    assert rng == {"eventRangeID": "1-2-3-4-5", "startEvent": 1, "lastEvent": 2, "PFN": "/d/f"}
+    for bad in ("garbage", "[1, 2]", text + "\0", text.replace("/d/f", "/d,f")):
+        assert toysim.parse_range_message(bad).startswith('ERR_ATHENAMP_PARSE "'), bad
+    no_pfn = '[{"eventRangeID": "1-2-3-4-5", "startEvent": 1, "lastEvent": 2}]'
+    assert isinstance(toysim.parse_range_message(no_pfn), dict)
+    assert "Wrong format" in toysim.parse_range_message(no_pfn, need_pfn=True)
+    backwards = '[{"eventRangeID": "1-2-3-4-5", "startEvent": 3, "lastEvent": 2}]'
+    assert "Wrong values" in toysim.parse_range_message(backwards)

@@ -112,7 +112,12 @@ def test_sigterm_is_ignored_and_a_killed_child_is_replaced(tmp_path):
         link._proc.kill()
         link._proc.wait(10)
         got = answer(link)
-        assert isinstance(got, Ranges) and got.error == "link died" and link.restarts == 1
+        # Either the fetch was still out (answered as lost), or the child answered just
+        # before the kill landed and the loss was seen right after: replaced either way.
+        assert isinstance(got, Ranges) and got.error in ("link died", "")
+        assert link.restarts == 1
+        if not got.error:
+            assert len(got.intake.cols) == 5
         link.fetch(1, 0, 501, 9, 9, 5)  # the new child starts from its own upstream object
         assert len(answer(link).intake.cols) == 5
     finally:

@@ -180,3 +180,37 @@ def test_a_backlog_of_results_goes_upstream_in_few_calls(tmp_path):
     yoda.push_updates(time.monotonic())
     assert up.calls == [1000, 1000, 500]  # not 25 calls of 100
     assert yoda.reported == 2500 and not yoda.unreported()
+
+
+def test_the_journal_is_on_stable_storage_before_every_upstream_call(tmp_path, monkeypatch):
+    """The durability rule: no upstream call while a journal record is not fsynced."""
+    import os
+
+    syncs = {"n": 0}
+    real_fsync = os.fsync
+
+    def counting_fsync(fd):
+        syncs["n"] += 1
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    book = Book(Ledger(), Journal(tmp_path / "journal", group=True, sync_every=1 << 30))
+    book.epoch(1)
+    for j in JOBS:
+        book.add_job(j)
+    unsynced_at_call: list[int] = []
+
+    class Watched(MemoryUpstream):
+        def get_event_ranges(self, *args, **kwargs):
+            unsynced_at_call.append(book.journal._unsynced)
+            return super().get_event_ranges(*args, **kwargs)
+
+        def update_event_ranges(self, *args, **kwargs):
+            unsynced_at_call.append(book.journal._unsynced)
+            return super().update_event_ranges(*args, **kwargs)
+
+    up = Watched({501: make_ranges(9, 501, 60), 502: make_ranges(9, 502, 40)})
+    rc, yoda = run_world(tmp_path, up, book=book)
+    assert rc == 0
+    assert len(unsynced_at_call) >= 4 and set(unsynced_at_call) == {0}
+    assert 0 < syncs["n"] <= len(unsynced_at_call) + 2  # group commit: one fsync per call
