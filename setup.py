@@ -35,8 +35,26 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1", "openmpi>=5.0"],
-        "test": ["pytest>=7", "mpi4py>=3.1", "openmpi>=5.0", "matplotlib>=3.5"],
-        "dev": ["pytest>=7", "ruff", "mpi4py>=3.1", "openmpi>=5.0", "matplotlib>=3.5"],
+        # rucio-clients: the rucio copytool talks to Rucio through its own client
+        # API (download by DID with checksum checks, upload with registration);
+        # writing our own against the REST API would repeat what it does and miss
+        # its RSE protocol plugins. The tests bring up the matching server themselves.
+        "rucio": ["rucio-clients>=41,<42"],
+        "test": [
+            "pytest>=7",
+            "mpi4py>=3.1",
+            "openmpi>=5.0",
+            "matplotlib>=3.5",
+            "rucio-clients>=41,<42",
+        ],
+        "dev": [
+            "pytest>=7",
+            "ruff",
+            "mpi4py>=3.1",
+            "openmpi>=5.0",
+            "matplotlib>=3.5",
+            "rucio-clients>=41,<42",
+        ],
         # the timeline picture of `pilot demo`: matplotlib draws it far better
         # than code of our own would
         "demo": ["matplotlib>=3.5"],

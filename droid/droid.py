@@ -73,12 +73,16 @@ class Droid:
         self.seq = 0
         self.jobs: dict[int, Job] = {}
         self.executors: dict[int, Executor] = {}
+        self.gave_up: set[int] = set()  # jobs whose payload gave up here
         # leased ranges not yet given to a payload, per PandaID, as Yoda sent them
         self.queue: dict[int, deque[WorkBatch]] = {}
         self.rows: set[int] = set()  # ledger rows of everything held (queued or running)
         self.results: list[ResultBatch] = []  # not yet sent
         self.unacked: dict[int, int] = {}  # UPDATE seq -> results in it
         self.released: list[int] = []  # to give back with the next UPDATE / BYE
+        # given back because this droid's payload for their job gave up: Yoda charges
+        # an attempt, so a job whose payload fails everywhere ends instead of bouncing
+        self.refused: list[int] = []
         self.lease_s = 600.0
         self.hb_interval = 10.0
         self.low_per_slot = 1.0  # watermarks, from Yoda's CONFIG
@@ -120,11 +124,12 @@ class Droid:
             self.requested = True
 
     def _flush_results(self, force: bool = False) -> None:
-        if not self.results and not self.released:
+        if not self.results and not self.released and not self.refused:
             return
         if (
             not force
             and not self.released
+            and not self.refused
             and sum(len(b) for b in self.results) < self.o.update_batch
             and time.monotonic() - self._last_update < self.o.update_interval
         ):
@@ -132,8 +137,11 @@ class Droid:
         batch = ResultBatch.concat(self.results)
         self.results = []
         released, self.released = self.released, []
+        refused, self.refused = self.refused, []
         body = batch.body()
         body["released"] = released
+        if refused:
+            body["refused"] = refused
         self.unacked[self._send(Kind.UPDATE, body)] = len(batch)
         self._last_update = time.monotonic()
 
@@ -233,11 +241,11 @@ class Droid:
     def queued(self) -> int:
         return sum(len(w) for q in self.queue.values() for w in q)
 
-    def _give_back(self, rows: list[int]) -> None:
+    def _give_back(self, rows: list[int], refused: bool = False) -> None:
         """Ranges this droid will not run: back to Yoda with the next UPDATE or the BYE."""
         mine = [r for r in rows if r in self.rows]
         self.rows.difference_update(mine)
-        self.released.extend(mine)
+        (self.refused if refused else self.released).extend(mine)
 
     def _took(self, res: ResultBatch) -> bool:
         """Results from an executor: kept for the next UPDATE if the range is still held.
@@ -281,14 +289,23 @@ class Droid:
 
     def _feed(self) -> None:
         """Give each executor as many of its queued ranges as it wants; the rest stay here."""
+        for pid, ex in self.executors.items():
+            if getattr(ex, "error", None) is not None and pid not in self.gave_up:
+                # its payload gave up: what it holds goes back, an attempt charged each
+                self.gave_up.add(pid)
+                left = ex.stop(self.o.stop_grace)
+                self._took(ex.poll(0.0))
+                self._give_back(left, refused=True)
+                log.error("job %d: payload gave up, %d ranges given back", pid, len(left))
         for pid, q in list(self.queue.items()):
             if not q:
                 continue
             ex = self._executor(pid)
             if ex is None or getattr(ex, "error", None) is not None:
-                # no job for it, or its payload gave up: someone else may do better
+                # no job for it, or its payload gave up: someone else may do better,
+                # but each such return costs the range an attempt
                 for work in q:
-                    self._give_back(work.cols["row"].tolist())
+                    self._give_back(work.cols["row"].tolist(), refused=ex is not None)
                 q.clear()
                 continue
             n = ex.wanted()
@@ -405,8 +422,16 @@ class Droid:
             got = self.t.recv(min(1.0, deadline - time.monotonic()))
             if got is not None:
                 self._handle(got)
-        self._send(Kind.BYE, {"released": self.released, "done": self.done_count})
-        self.released = []
+        self._send(
+            Kind.BYE,
+            {
+                "released": self.released,
+                "refused": self.refused,
+                "done": self.done_count,
+                "cpu": _payload_cpu(),
+            },
+        )
+        self.released, self.refused = [], []
         deadline = time.monotonic() + 30.0
         while not self.stopped and not self.yoda_dead and time.monotonic() < deadline:
             got = self.t.recv(min(1.0, deadline - time.monotonic()))
@@ -423,3 +448,10 @@ class Droid:
                 log.warning("stopping the payload: %s", exc)
         if hasattr(self.t, "flush"):
             self.t.flush(2.0)
+
+
+def _payload_cpu() -> float:
+    """CPU seconds of the payloads this droid ran and reaped (its children), for the
+    job's cpuConsumptionTime."""
+    t = os.times()
+    return round(t.children_user + t.children_system, 3)

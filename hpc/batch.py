@@ -6,13 +6,15 @@ Flux and hands it to ``sbatch``, ``qsub``, ``bsub`` or ``flux batch``. The
 script's body is the same everywhere: set the environment, find the
 allocation's end (``python3 -m hpc.resources --end-time``, else start +
 requested walltime; passed to ``pilot hpc --walltime-end`` so that Yoda
-drains in time), go to the work directory (the access point in Harvester
-mode, as Harvester's own templates do), and run the MPI launcher in the
-background with TERM/INT/USR1/USR2 passed on to the ranks, so that
-``scancel --batch --signal=TERM`` (or ``qsig``/``bkill -s``) reaches them
-while the shell waits for them to drain. (``scancel --signal=TERM`` without
+drains in time), make and go to the work directory (the access point in
+Harvester mode, as Harvester's own templates do), and run the MPI launcher
+in the background with TERM/INT/USR1/USR2 passed on to the ranks, so that
+``scancel --signal=TERM`` (or ``qsig``/``bkill -s``) reaches them while the
+shell waits for them to drain. (``scancel --signal=TERM`` without
 ``--batch``/``--full`` signals only job steps, and ``mpiexec``'s ranks on
-the first node live in the batch step.)
+the first node live in the batch step: under Slurm a small relay step
+passes such signals on to the batch shell.) The launcher starts Yoda as one
+extra rank on the first node, so each rank slot asked for is a droid.
 
 Sites that already have a Harvester batch template use it as is
 (``--template``): its placeholders (``{nNode}``, ``{nCorePerNode}``,
@@ -62,29 +64,31 @@ def launcher_argv(req: BatchRequest) -> list[str]:
     """The MPI launcher's words, before the pilot command."""
     name = req.launcher_name
     if name == "srun":
+        # cyclic from the first node: it gets the extra Yoda rank (rank 0), which
+        # overcommits the allocation by one task
         argv = [
             "srun",
             "--mpi=pmi2",
             f"--nodes={req.nodes}",
-            f"--ntasks={req.total_ranks}",
-            f"--ntasks-per-node={req.ranks_per_node}",
+            f"--ntasks={req.launched_ranks}",
+            "--distribution=cyclic",
             f"--cpus-per-task={req.cores_per_rank}",
+            "--overcommit",
             "--kill-on-bad-exit=0",
         ]
-        if req.oversubscribe:
-            argv.append("--overcommit")
     elif name == "flux":
-        argv = ["flux", "run", "-N", str(req.nodes), "-n", str(req.total_ranks)]
+        argv = ["flux", "run", "-N", str(req.nodes), "-n", str(req.launched_ranks)]
         argv += ["-c", str(req.cores_per_rank)]
     else:
+        # round robin over the nodes from the first: rank 0 (Yoda) and one droid per
+        # rank slot there, one droid per rank slot elsewhere. Yoda's rank is one more
+        # than the slots, hence --oversubscribe; unbound, the droids' payloads spread
+        # over the node's cores as the kernel schedules them.
         argv = ["mpiexec"]
         if req.allow_run_as_root:
             argv.append("--allow-run-as-root")
-        argv += ["-n", str(req.total_ranks)]
-        pe = f":pe={req.cores_per_rank}" if req.cores_per_rank > 1 else ""
-        argv += ["--map-by", f"ppr:{req.ranks_per_node}:node{pe}"]
-        if req.oversubscribe:
-            argv.append("--oversubscribe")
+        argv += ["-n", str(req.launched_ranks), "--map-by", "node", "--bind-to", "none"]
+        argv.append("--oversubscribe")
         if req.ulfm:
             argv += ["--with-ft", "ulfm"]
     return argv + list(req.launcher_args)
@@ -147,6 +151,33 @@ def _forwarding(req: BatchRequest) -> list[str]:
     return lines
 
 
+def _relay(req: BatchRequest) -> list[str]:
+    """Slurm: a job step that passes ``scancel --signal=SIG`` on to the batch shell.
+
+    Without ``--batch``/``--full``, ``scancel --signal`` signals job steps only,
+    and ``mpiexec``'s ranks on the first node are not in one (they are children
+    of the batch shell). This step (``--overlap``: it takes no CPU from the
+    ranks) sleeps; on TERM, INT, USR1 or USR2 it sends the same signal to the
+    batch shell, whose traps pass it on as for a ``--batch`` signal. With the
+    srun launcher the ranks are a step themselves and get the signal directly.
+    """
+    if req.scheduler != "slurm" or req.launcher_name == "srun":
+        return []
+    traps = "; ".join(
+        f'trap "kill -{sig} $PILOT_SHELL 2>/dev/null; exit 0" {sig}' for sig in FORWARDED_SIGNALS
+    )
+    inner = f"{traps}; sleep 2147483647 & wait"
+    return [
+        "# scancel --signal without --batch reaches job steps only: relay it to this shell",
+        "PILOT_RELAY=''",
+        "if command -v srun >/dev/null 2>&1; then",
+        f"    PILOT_SHELL=$$ srun --overlap --nodes=1 --ntasks=1 --cpus-per-task=1 --quiet"
+        f" --job-name=pilot-signal-relay --export=ALL bash -c {shlex.quote(inner)} &",
+        "    PILOT_RELAY=$!",
+        "fi",
+    ]
+
+
 def render_body(req: BatchRequest) -> str:
     """The scheduler-independent part of the script (``{pilotCommand}``)."""
     quote = shlex.quote
@@ -160,12 +191,18 @@ def render_body(req: BatchRequest) -> str:
     if req.path_prepend:
         lines.append(f'export PATH={quote(req.path_prepend)}:"$PATH"')
     lines += [f"export {key}={quote(value)}" for key, value in req.env]
+    fallback = f"$((PILOT_START + {req.walltime}))" if req.walltime else "''"
     lines += [
-        "# The allocation's end as the batch system tells it, else start + walltime.",
+        "# The allocation's end as the batch system tells it, else start + walltime",
+        "# (none known: the ranks run until the batch system stops them).",
         "PILOT_WALLTIME_END=$(python3 -m hpc.resources --end-time 2>/dev/null)",
         'case "$PILOT_WALLTIME_END" in',
-        f"    '' | *[!0-9]*) PILOT_WALLTIME_END=$((PILOT_START + {req.walltime})) ;;",
+        f"    '' | *[!0-9]*) PILOT_WALLTIME_END={fallback} ;;",
         "esac",
+    ]
+    if req.workdir:
+        lines.append(f"mkdir -p {quote(req.workdir)} || exit 1")
+    lines += [
         f"cd {quote(req.run_dir)} || exit 1",
         'echo "pilot batch job started on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ),'
         ' walltime end $PILOT_WALLTIME_END"',
@@ -174,14 +211,26 @@ def render_body(req: BatchRequest) -> str:
         'PILOT_LAUNCHER=""',
         *_forwarding(req),
     ]
+    relay = _relay(req)
+    end = '--walltime-end "$PILOT_WALLTIME_END"'
+    if not req.walltime:
+        end = '${PILOT_WALLTIME_END:+--walltime-end "$PILOT_WALLTIME_END"}'
     lines += [
-        f'{launch} --walltime-end "$PILOT_WALLTIME_END" &',
+        *relay,
+        f"{launch} {end} &",
         "PILOT_LAUNCHER=$!",
         "# wait returns early (>128) when a trapped signal arrives: wait again;",
         "# the last wait collects the launcher's own exit status.",
         'while kill -0 "$PILOT_LAUNCHER" 2>/dev/null; do wait "$PILOT_LAUNCHER"; done',
         'wait "$PILOT_LAUNCHER"',
         "PILOT_RC=$?",
+    ]
+    if relay:
+        lines += [
+            "trap '' TERM  # the relay's last word (it is stopped now) is not for the ranks",
+            'kill "$PILOT_RELAY" 2>/dev/null; wait "$PILOT_RELAY" 2>/dev/null',
+        ]
+    lines += [
         'echo "pilot batch job finished at $(date -u +%Y-%m-%dT%H:%M:%SZ), exit code $PILOT_RC"',
         'exit "$PILOT_RC"',
     ]
@@ -301,7 +350,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", required=True, choices=SCHEDULERS)
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument(
-        "--walltime", required=True, help="minutes, H:M:S, D-H:M:S, or 90s/30m/2h (as sbatch -t)"
+        "--walltime",
+        default="",
+        help="minutes, H:M:S, D-H:M:S, or 90s/30m/2h (as sbatch -t); default: the batch"
+        " system's limit for the queue",
     )
     upstream = parser.add_mutually_exclusive_group(required=True)
     upstream.add_argument("--url", help="PanDA server URL (with --queue)")
@@ -325,7 +377,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--copytool", default="", help="pilot hpc --copytool")
     parser.add_argument("--output-url", default="", help="pilot hpc --output-url")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--pilot-command", default="pilot", help="how ranks start the pilot")
+    parser.add_argument(
+        "--pilot-command",
+        default=shlex.join([sys.executable, "-m", "pilot.cli"]),
+        help="how ranks start the pilot (default: this pilot, with the Python that runs it:"
+        " a launcher may put another Python first on PATH)",
+    )
     parser.add_argument(
         "--path-prepend",
         default=os.path.dirname(sys.executable),
@@ -360,7 +417,7 @@ def request_from_args(args: argparse.Namespace) -> BatchRequest:
     return BatchRequest(
         scheduler=args.scheduler,
         nodes=args.nodes,
-        walltime=parse_walltime(args.walltime),
+        walltime=parse_walltime(args.walltime) if args.walltime else 0,
         url=args.url,
         queue=args.queue,
         harvester=os.path.abspath(args.harvester) if args.harvester else None,
@@ -389,6 +446,33 @@ def request_from_args(args: argparse.Namespace) -> BatchRequest:
     )
 
 
+def preflight(req: BatchRequest) -> list[str]:
+    """What cannot work, said at submit time rather than when the job starts hours later.
+
+    The work directory is made now (the script makes it again, for a file
+    system the login node does not see)."""
+    problems = []
+    if req.harvester and not os.path.isdir(req.harvester):
+        problems.append(f"the Harvester access point {req.harvester} is not a directory")
+    if req.workdir:
+        try:
+            os.makedirs(req.workdir, exist_ok=True)
+        except OSError as exc:
+            problems.append(f"cannot make the work directory {req.workdir}: {exc}")
+        else:
+            journal = os.path.join(req.workdir, "yoda.journal")
+            if req.resume and not os.path.exists(journal):
+                problems.append(f"--resume: {req.workdir} has no yoda.journal to resume from")
+            elif not req.resume and os.path.exists(journal):
+                problems.append(
+                    f"{req.workdir} holds the journal of an earlier job: --resume to go on"
+                    " with it, or another --workdir"
+                )
+    elif req.resume:
+        problems.append("--resume needs the --workdir of the job to resume")
+    return problems
+
+
 def submit_main(argv: list[str] | None = None, run: SubmitRunner | None = None) -> int:
     """``pilot hpc submit``: 0 submitted (job id on stdout), 1 failed, 2 bad usage."""
     args = _build_parser().parse_args(argv)
@@ -410,6 +494,11 @@ def submit_main(argv: list[str] | None = None, run: SubmitRunner | None = None) 
             Path(args.script_out).write_text(script, encoding="utf-8")
         sys.stdout.write(script)
         return 0
+    problems = preflight(req)
+    if problems:
+        for problem in problems:
+            print(f"pilot hpc submit: {problem}", file=sys.stderr)
+        return 2
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     path = Path(args.script_out or Path(req.log_dir) / f"{req.job_name}-{stamp}-{os.getpid()}.sh")
     try:

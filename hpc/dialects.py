@@ -28,7 +28,7 @@ class BatchRequest:
 
     scheduler: str
     nodes: int
-    walltime: int  # seconds
+    walltime: int = 0  # seconds; 0: the batch system's default limit
     url: str | None = None
     queue: str | None = None  # the PanDA queue
     harvester: str | None = None  # the Harvester access point
@@ -61,9 +61,11 @@ class BatchRequest:
             problems.append(
                 f"unknown scheduler {self.scheduler!r} (one of {', '.join(SCHEDULERS)})"
             )
-        for name in ("nodes", "walltime", "ranks_per_node", "cores_per_rank"):
+        for name in ("nodes", "ranks_per_node", "cores_per_rank"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if self.walltime < 0:
+            problems.append("walltime must not be negative")
         if self.slots < 0:
             problems.append("slots must be at least 1")
         if bool(self.url) == bool(self.harvester):
@@ -76,6 +78,11 @@ class BatchRequest:
             problems.append("--launcher srun needs --scheduler slurm")
         elif self.launcher_name == "flux" and self.scheduler != "flux":
             problems.append("--launcher flux needs --scheduler flux")
+        elif self.launcher_name == "flux" and self.total_ranks < 2:
+            problems.append(
+                "flux run starts exactly the ranks asked for and pilot hpc needs two"
+                " (Yoda and a droid): --ranks-per-node 2 or more nodes"
+            )
         if self.pbs_flavor not in ("pro", "torque"):
             problems.append("--pbs-flavor is pro or torque")
         for key, _ in self.env:
@@ -95,6 +102,13 @@ class BatchRequest:
     @property
     def total_ranks(self) -> int:
         return self.nodes * self.ranks_per_node
+
+    @property
+    def launched_ranks(self) -> int:
+        """The ranks the launcher starts: with mpiexec and srun, Yoda is one extra light
+        rank on the first node (it uses under 1% of a core), so every rank slot asked
+        for is a droid and ``--nodes 1`` works; flux starts what was asked for."""
+        return self.total_ranks if self.launcher_name == "flux" else self.total_ranks + 1
 
     @property
     def cores_per_node(self) -> int:
@@ -151,7 +165,7 @@ class SlurmDialect(Dialect):
                 else [f"--ntasks-per-node={req.ranks_per_node}"]
             ),
             f"--cpus-per-task={req.cores_per_rank}",
-            f"--time={days}-{_hms(rest)}",
+            *([f"--time={days}-{_hms(rest)}"] if req.walltime else []),
             f"--output={req.log_dir}/{req.job_name}-%j.out",
             f"--error={req.log_dir}/{req.job_name}-%j.err",
         ]
@@ -186,7 +200,7 @@ class PbsDialect(Dialect):
         lines = [
             f"-N {req.job_name}",
             f"-l {shape}",
-            f"-l walltime={_hms(req.walltime)}",
+            *([f"-l walltime={_hms(req.walltime)}"] if req.walltime else []),
             f"-o {req.log_dir}/",
             f"-e {req.log_dir}/",
         ]
@@ -216,7 +230,7 @@ class LsfDialect(Dialect):
             f"-n {req.total_ranks}",
             f'-R "span[ptile={req.ranks_per_node}]"',
             f'-R "affinity[core({req.cores_per_rank})]"',
-            f"-W {minutes // 60}:{minutes % 60:02d}",
+            *([f"-W {minutes // 60}:{minutes % 60:02d}"] if req.walltime else []),
             f"-o {req.log_dir}/{req.job_name}-%J.out",
             f"-e {req.log_dir}/{req.job_name}-%J.err",
         ]
@@ -246,7 +260,7 @@ class FluxDialect(Dialect):
             f"-N {req.nodes}",
             f"-n {req.total_ranks}",
             f"-c {req.cores_per_rank}",
-            f"-t {math.ceil(req.walltime / 60)}m",
+            *([f"-t {math.ceil(req.walltime / 60)}m"] if req.walltime else []),
             f"--output={req.log_dir}/{req.job_name}-{{{{id}}}}.out",
             f"--error={req.log_dir}/{req.job_name}-{{{{id}}}}.err",
         ]

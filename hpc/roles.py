@@ -19,6 +19,14 @@ Options mean what they mean for ``pilot run`` where both have them
     stage-out's error code (PanDA hands failed ranges to a later job). With
     ``--harvester`` outputs stay where they are: Harvester stages them out.
 
+``--harvester AP`` (with ``--harvester-map-type``, default: from where the job
+spec is)
+    A OneToOne worker's event-service job runs through Yoda, its requests and
+    ranges at the top of the access point; ordinary jobs (a ManyToOne worker's,
+    or a OneToOne worker's) run whole, one per rank (:mod:`hpc.wholejobs`).
+    Rank 0 refreshes ``worker_heartbeat.json`` every ``--harvester-heartbeat``
+    seconds and leaves every job final, then ``kill_worker.json``.
+
 Layout under the work directory: ``yoda.journal``, ``logs/rank<N>.log``,
 ``droid<N>/<PandaID>/`` (payload work directories) with the outputs renamed
 into ``droid<N>/<PandaID>/outputs/`` when complete.
@@ -31,13 +39,17 @@ MPI_Finalize. MPI is never aborted on the normal path.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
+import json
 import logging
 import os
 import signal
 import sys
+import tarfile
 import threading
 import time
+import uuid
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,6 +58,7 @@ from typing import Any
 from droid.droid import Droid, DroidOptions
 from droid.executors import event_executor
 from droid.nullexec import NullExecutor
+from hpc import wholejobs
 from hpc.transport import Envelope, Kind, MPITransport
 from hpc.tuning import tune_gc
 from pilot.data.copytools import make_copytool
@@ -69,6 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--url", help="PanDA server (or the embedded dispatcher)")
     src.add_argument("--harvester", metavar="DIR", help="Harvester access point")
     p.add_argument("--queue", help="PanDA queue (site) name, with --url")
+    p.add_argument(
+        "--harvester-map-type",
+        default="auto",
+        help="with --harvester: OneToOne, ManyToOne, or auto (from where the job spec is)",
+    )
+    p.add_argument(
+        "--harvester-heartbeat",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="with --harvester: how often rank 0 refreshes worker_heartbeat.json",
+    )
+    p.add_argument(
+        "--harvester-latency",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="with --harvester: how long Harvester takes to answer (sizes range requests)",
+    )
     p.add_argument("--workdir", default=".", help="shared work directory (default: .)")
     p.add_argument("--resume", action="store_true", help="rebuild the ledger from the journal")
     p.add_argument("--walltime-end", type=float, default=None, metavar="EPOCH")
@@ -82,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--copytool",
         default="",
-        help="copytool for the outputs: copy (default), http; Harvester mode: harvester",
+        help="copytool for the outputs: copy (default), http, rucio; Harvester mode: harvester",
     )
     p.add_argument("--slots", type=int, default=1, help="payload slots per droid")
     p.add_argument("--lease", type=float, default=600.0, metavar="S", help="range lease")
@@ -133,10 +165,18 @@ def _setup_logging(workdir: Path, rank: int, level: str) -> None:
 
 
 def range_source(
-    url: str = "", token: str | None = None, harvester: str = "", api: str = "auto"
+    url: str = "",
+    token: str | None = None,
+    harvester: str = "",
+    api: str = "auto",
+    map_type: str = "auto",
+    latency: float = 600.0,
 ) -> Any:
     """What hands out ranges and takes their results: the PanDA client for ``--url``, the
-    Harvester files for ``--harvester``. Built in rank 0 and again in its upstream link."""
+    Harvester files for ``--harvester``. Built in rank 0 and again in its upstream link.
+
+    Harvester answers in minutes: the source waits a moment for an answer, then says
+    "not yet" as an error, which rank 0 retries with backoff."""
     if url:
         from pilot.comm.panda import PandaClient, token_from_env
 
@@ -144,7 +184,12 @@ def range_source(
         return PandaClient(url, token=token, retries=2, timeout=(5.0, 30.0), api=api)
     from pilot.comm.harvester import HarvesterAccessPoint, HarvesterEventSource
 
-    return HarvesterEventSource(HarvesterAccessPoint(harvester, many_jobs=True), wait_timeout=2.0)
+    return HarvesterEventSource(
+        HarvesterAccessPoint(harvester, map_type=map_type),
+        block=2.0,
+        latency=latency,
+        pending_is_error=True,
+    )
 
 
 def hpc_token(args: argparse.Namespace) -> str | None:
@@ -168,6 +213,8 @@ def make_link(args: argparse.Namespace, upstream: Any) -> Link:
             "token": hpc_token(args),
             "harvester": args.harvester or "",
             "api": args.panda_api,
+            "map_type": args.harvester_map_type,
+            "latency": args.harvester_latency,
         },
         "log": str(Path(args.workdir) / "logs" / "link.log"),
         "fetched": str(Path(args.workdir) / FETCHED),
@@ -196,20 +243,56 @@ def make_upstream(args: argparse.Namespace) -> tuple[Any, Any]:
             return out
 
         return client, jobs
-    source = range_source(harvester=args.harvester)
+    source = range_source(
+        harvester=args.harvester,
+        map_type=args.harvester_map_type,
+        latency=args.harvester_latency,
+    )
 
     def harvester_jobs() -> list[dict[str, Any]]:
-        return [job.raw for job in source.ap.worker_jobs()]
+        return harvester_worker_jobs(source.ap)
 
     return source, harvester_jobs
 
 
-def harvester_job_update(access_point: Any) -> Any:
-    """Job states for Harvester: ``<PandaID>/worker_attributes.json`` and the heartbeat file.
+def harvester_worker_jobs(ap: Any) -> list[dict[str, Any]]:
+    """The event-service jobs rank 0 runs from the access point.
+
+    Jobs that cannot run here fail at once with their codes in their own
+    attributes: invalid specs; event-service jobs of a ManyToOne worker, which
+    Harvester never feeds ranges. (Ordinary jobs go to :mod:`hpc.wholejobs`.)
+    """
+    found = ap.scan_jobs()
+    failed = dict(found.failed)
+    jobs = []
+    for job in found.jobs:
+        if job.event_service and ap.many_jobs:
+            failed[job.panda_id] = PilotError(
+                ErrorCode.BADQUEUECONFIGURATION,
+                "event-service job in a ManyToOne worker: Harvester feeds event ranges "
+                "only to OneToOne workers",
+            )
+        else:
+            jobs.append(job.raw)
+    for pid, exc in failed.items():
+        log.error("job %s cannot run: %s", pid or "?", exc)
+    if failed:
+        import socket
+
+        ap.fail_worker(failed, node=socket.gethostname(), kill=not jobs)
+    return jobs
+
+
+def harvester_job_update(access_point: Any, context: Any = None) -> Any:
+    """Job states for Harvester: ``worker_attributes.json`` (at the top of a OneToOne
+    worker's access point) and, at the end, what ``pilot run`` leaves there.
 
     Harvester reads a job's state from its worker attributes; rank 0 writes
     them as the PanDA client would send updateJob, and Harvester reports
-    them to PanDA itself.
+    them to PanDA itself. A final state comes with the fields of ``pilot
+    run``'s final update (node, site, start and end times in PanDA's
+    format, cores, CPU of the droids' payloads), the job report, and the
+    log tarball of the ranks' logs in the stage-out dump.
     """
     from pilot.comm.harvester import HarvesterUpstream
 
@@ -217,9 +300,106 @@ def harvester_job_update(access_point: Any) -> Any:
 
     def update(fields: dict[str, Any]) -> None:
         job = SimpleNamespace(panda_id=int(fields["jobId"]))
+        if fields.get("state") in ("finished", "failed") and context is not None:
+            final_job, full = context.final(dict(fields))
+            if upstream.final_update(final_job, full):
+                return
+            raise PilotError(ErrorCode.FILEHANDLINGFAILURE, "final attributes not written")
         upstream.heartbeat(job, fields)  # type: ignore[arg-type]
 
     return update
+
+
+class FinalReport:
+    """What rank 0 knows of an event-service job at its end, as ``pilot run`` reports it."""
+
+    def __init__(self, args: argparse.Namespace, jobs: dict[int, dict[str, Any]]) -> None:
+        import socket
+
+        self.args = args
+        self.jobs = jobs
+        self.start = time.time()
+        self.node = socket.gethostname()
+        self.pilot_id = f"{self.node}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.yoda: Yoda | None = None
+
+    def _cpu(self) -> float:
+        if self.yoda is None:
+            return 0.0
+        return float(sum(d.cpu for d in self.yoda.s.droids.values()))
+
+    def final(self, fields: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        from pilot.job import Job
+
+        panda_id = int(fields["jobId"])
+        raw = self.jobs.get(panda_id, {"PandaID": panda_id, "transformation": "?"})
+        try:
+            job = Job.from_panda(raw)
+        except PilotError:
+            job = SimpleNamespace(panda_id=panda_id, all_outputs=[], log_file=None)
+        end = time.time()
+        ranks = (self.yoda.t.size - 1) if self.yoda is not None else 0
+        full = {
+            "siteName": self.args.queue or "LOCAL",
+            "node": self.node,
+            "pilotID": self.pilot_id,
+            "startTime": round(self.start, 3),
+            "endTime": round(end, 3),
+            "coreCount": max(1, ranks * max(1, self.args.slots)),
+            "cpuConsumptionTime": int(round(self._cpu())),
+            "cpuConsumptionUnit": "s",
+            "cpuConversionFactor": 1.0,
+            "pilotErrorCode": 0,
+            "pilotErrorDiag": "",
+            "exeErrorCode": 0,
+            "exeErrorDiag": "",
+            "transExitCode": 0,
+            **fields,
+        }
+        if str(full.get("attemptNr", "")).isdigit():
+            full["attemptNr"] = int(full["attemptNr"])
+        report = {
+            "PandaID": panda_id,
+            "state": full["state"],
+            "pilotErrorCode": full["pilotErrorCode"],
+            "pilotErrorDiag": full["pilotErrorDiag"],
+            "startTime": self.start,
+            "endTime": end,
+            "nEvents": full.get("nEvents", 0),
+            "ranks": ranks,
+            "reported": self.yoda.reported if self.yoda is not None else 0,
+        }
+        full["metaData"] = json.dumps(report)
+        log_spec = getattr(job, "log_file", None)
+        if log_spec is not None:
+            try:
+                self._log_tarball(log_spec)
+            except (OSError, tarfile.TarError) as exc:
+                log.error("log tarball not made: %s", exc)
+                log_spec.local_path = ""
+        return job, full
+
+    def _log_tarball(self, spec: Any) -> None:
+        """The ranks' logs and each payload's own logs, without the range outputs."""
+        from pilot.data.checksum import adler32_file
+
+        work = Path(self.args.workdir)
+        path = work / spec.lfn
+        top = spec.lfn.removesuffix(".tgz").removesuffix(".tar.gz") or "log"
+        with tarfile.open(path, "w:gz") as tar:
+            for item in sorted(work.rglob("*")):
+                rel = item.relative_to(work)
+                if not item.is_file() or item.is_symlink() or item == path:
+                    continue
+                if "outputs" in rel.parts or item.suffix not in (".log", ".txt", ".json"):
+                    continue
+                if item.stat().st_size > 50 * 2**20:
+                    continue
+                tar.add(item, arcname=f"{top}/{rel}")
+        spec.local_path = str(path)
+        spec.fsize = path.stat().st_size
+        spec.checksum = f"ad:{adler32_file(path)}"
+        spec.guid = spec.guid or str(uuid.uuid4())
 
 
 def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
@@ -257,7 +437,8 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
     )
     options = YodaOptions(retry_max=args.retry_max)
     # updateJob with --url; worker attributes for Harvester with --harvester
-    job_update = getattr(upstream, "update_job", None) or harvester_job_update(upstream.ap)
+    report = FinalReport(args, {int(j.get("PandaID", 0) or 0): j for j in book.jobs})
+    job_update = getattr(upstream, "update_job", None) or harvester_job_update(upstream.ap, report)
     yoda = Yoda(
         transport,
         upstream,
@@ -266,19 +447,40 @@ def run_yoda(args: argparse.Namespace, transport: MPITransport) -> int:
         job_update=job_update,
         link=make_link(args, upstream),
     )
+    report.yoda = yoda
     if not book.jobs:
         yoda.s.exhausted = True
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: yoda.request_drain())
     try:
-        rc = yoda.run()
+        with _heartbeat(args, upstream, yoda):
+            rc = yoda.run()
+            if args.harvester and rc == 0:
+                # Every result is with Harvester and this worker ends (drained or
+                # done): a job not yet final gets its final state now, or Harvester
+                # would see it running in a worker that is gone.
+                yoda.report_jobs(final=True, worker_end=True)
     finally:
         if book.journal is not None:
             book.journal.close()
     if args.harvester and rc == 0:
-        # every result is with Harvester: the worker is done (Harvester's kill_worker.json)
+        # the worker is done (Harvester's kill_worker.json)
         upstream.ap.request_kill("all ranges reported")
     return rc
+
+
+def _heartbeat(args: argparse.Namespace, upstream: Any, yoda: Yoda) -> Any:
+    """With ``--harvester``: rank 0 keeps ``worker_heartbeat.json`` fresh while ranges run
+    (Harvester kills a worker whose heartbeat is too old)."""
+    if not args.harvester:
+        return contextlib.nullcontext()
+    from pilot.comm.harvester import WorkerHeartbeat
+
+    return WorkerHeartbeat(
+        upstream.ap,
+        args.harvester_heartbeat,
+        info=lambda: {"ranks": yoda.t.size, "reported": yoda.reported},
+    )
 
 
 def output_storage(args: argparse.Namespace) -> SimpleNamespace:
@@ -331,10 +533,16 @@ def main(argv: list[str] | None = None) -> int:
     tune_gc()
     if transport.size < 2:
         log.error("pilot hpc needs at least 2 ranks (Yoda and one Droid)")
+        harvester_failed(
+            args, PilotError(ErrorCode.RESOURCEUNAVAILABLE, "pilot hpc started with one rank")
+        )
         return 2
     try:
         make_copytool(output_storage(args).copytool)  # a wrong name stops every rank at once
-        if transport.rank == 0:
+        if wholejobs.is_whole_jobs(args):  # ordinary jobs, whole, one per rank
+            run = wholejobs.run_rank0 if transport.rank == 0 else wholejobs.run_rank
+            rc = run(args, transport)
+        elif transport.rank == 0:
             rc = run_yoda(args, transport)
         else:
             rc = run_droid(args, transport)
@@ -342,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         rc = 1
         if transport.rank == 0:  # do not leave the droids waiting for a CONFIG
+            harvester_failed(args, exc)
             for rank in range(1, transport.size):
                 transport.send(rank, Envelope(Kind.STOP, body={"reason": exc.diag}))
     finally:
@@ -349,6 +558,28 @@ def main(argv: list[str] | None = None) -> int:
     finalize(rc)
     logging.shutdown()
     return rc
+
+
+def harvester_failed(args: argparse.Namespace, exc: PilotError) -> None:
+    """With ``--harvester``, an error that stops the worker still leaves Harvester the
+    jobs' failed attributes and the kill file (the access point's own layout when the
+    map type is readable, else the top of the access point)."""
+    if not args.harvester:
+        return
+    import socket
+
+    from pilot.comm.harvester import HarvesterAccessPoint
+
+    try:
+        ap = HarvesterAccessPoint(args.harvester, map_type=args.harvester_map_type)
+    except PilotError:
+        ap = HarvesterAccessPoint(args.harvester, map_type="OneToOne")
+    try:
+        if ap.kill_requested():
+            return  # the jobs' states are written already
+        ap.fail_worker({0: exc}, node=socket.gethostname())
+    except OSError as write_error:
+        log.error("cannot tell Harvester: %s", write_error)
 
 
 def finalize(rc: int, timeout: float = 20.0) -> None:

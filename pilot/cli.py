@@ -101,7 +101,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--copytool",
         default=None,
-        help="copytool for stage-in/out: copy (default), http; Harvester mode: harvester",
+        help="copytool for all transfers: copy, http, rucio; Harvester mode: harvester "
+        "(default: the queue's acopytools per activity, else copy)",
     )
     p.add_argument(
         "--queuedata-url", default="", help="queue description (schedconfig JSON): URL or file"
@@ -154,7 +155,7 @@ def _config(args: argparse.Namespace, **overrides: object) -> PilotConfig:
         site_name=args.site,
         input_url=args.input_url,
         output_url=args.output_url,
-        copytool=args.copytool or "copy",
+        copytool=args.copytool or "",
         heartbeat_interval=args.heartbeat,
         monitor_interval=args.monitor_interval,
         kill_grace=args.kill_grace,
@@ -166,27 +167,38 @@ def _config(args: argparse.Namespace, **overrides: object) -> PilotConfig:
         payload_proxy=args.payload_proxy or None,
     )
     values.update(overrides)
-    return PilotConfig(**values)  # type: ignore[arg-type]
+    config = PilotConfig(**values)  # type: ignore[arg-type]
+    return _with_rucio(config)
 
 
-def server_token(token_file: str | None) -> str | None:
-    """The bearer token of ``--token-file`` (PilotError when it cannot be read); None without
-    the option, and then the client takes PanDA's token variables (``$OIDC_AUTH_TOKEN``)."""
-    if not token_file:
-        return None
-    from pilot.comm.panda import read_token_file  # noqa: PLC0415
+def _with_rucio(config: PilotConfig) -> PilotConfig:
+    """Read the Rucio client configuration once, when a copytool of this pilot is rucio.
+    Without one the rucio copytool fails each job with its clear error (1342)."""
+    from pilot.data.choice import uses_rucio  # noqa: PLC0415
 
-    token = read_token_file(token_file)
-    if token is None:
-        raise PilotError(ErrorCode.NOPROXY, f"no token in --token-file {token_file}")
-    return token
+    if config.rucio is not None or not uses_rucio(config):
+        return config
+    from pilot.data.rucio import RucioSettings  # noqa: PLC0415
+
+    try:
+        return dataclasses.replace(config, rucio=RucioSettings.from_environ())
+    except PilotError as exc:
+        log.warning("rucio copytool: %s", exc.detail)
+        return config
 
 
 # Options of `pilot run` that only one way of getting jobs uses: given with another
 # they would be ignored, so they are refused instead.
 _MODE_OPTIONS = {
     "url": ("max_jobs", "job_label", "ca_path", "panda_api", "token_file"),
-    "harvester": ("harvester_many_jobs", "pull", "wait"),
+    "harvester": (
+        "harvester_map_type",
+        "harvester_many_jobs",
+        "harvester_heartbeat",
+        "harvester_latency",
+        "pull",
+        "wait",
+    ),
     "job_file": (),
 }
 
@@ -218,6 +230,19 @@ def _queue_settings(args: argparse.Namespace, server_url: str | None = None) -> 
     )
     queue_dict = queue.to_dict()
     return {"queue": queue_dict, "container": ContainerSpec.from_queue(queue_dict)}
+
+
+def server_token(token_file: str | None) -> str | None:
+    """The bearer token of ``--token-file`` (PilotError when it cannot be read); None without
+    the option, and then the client takes PanDA's token variables (``$OIDC_AUTH_TOKEN``)."""
+    if not token_file:
+        return None
+    from pilot.comm.panda import read_token_file  # noqa: PLC0415
+
+    token = read_token_file(token_file)
+    if token is None:
+        raise PilotError(ErrorCode.NOPROXY, f"no token in --token-file {token_file}")
+    return token
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -296,6 +321,7 @@ def _run_pull(args: argparse.Namespace) -> int:
         output_url=args.output_url or storage,
         queue=queue_dict,
         container=ContainerSpec.from_queue(queue_dict),
+        secret_files=(args.token_file,) if args.token_file else (),
     )
     upstream = PandaUpstream(
         client, Spool(workdir / "spool"), site_name=config.site_name, node=config.node
@@ -388,70 +414,120 @@ def _signals() -> Iterator[StopSignal]:
 
 
 def _run_harvester(args: argparse.Namespace) -> int:
-    """Push mode (the job spec is there at start) or pull mode (``--pull N``: ask, then wait)."""
+    """Push mode (the job spec is there at start) or pull mode (``--pull N``: ask, then wait).
+
+    Every way out leaves Harvester the jobs' attributes and, once all jobs
+    are done, the kill file; a job that cannot run (bad spec, or an
+    event-service job in a ManyToOne worker, which Harvester does not feed)
+    fails with its code in its own attributes while the others run.
+    """
     from pilot.comm.harvester import (  # noqa: PLC0415 - only this mode needs it
         HarvesterAccessPoint,
         HarvesterEventSource,
         HarvesterUpstream,
+        WorkerHeartbeat,
     )
     from pilot.eventservice.jobrunner import make_es_runner  # noqa: PLC0415
 
-    ap = HarvesterAccessPoint(args.harvester, many_jobs=args.harvester_many_jobs)
-    workdir = args.workdir or str(ap.root)
+    root = Path(args.harvester)
+    map_type = "ManyToOne" if args.harvester_many_jobs else args.harvester_map_type
+    try:
+        ap = HarvesterAccessPoint(root, map_type=map_type)
+    except PilotError as exc:
+        HarvesterAccessPoint(root, map_type="OneToOne").fail_worker({0: exc}, node=_node())
+        print(f"pilot: {int(exc.code)} {exc.acronym}: {exc.diag}", file=sys.stderr)
+        return 2
     try:
         queue_settings = _queue_settings(args)
     except PilotError as exc:
+        ap.fail_worker({0: exc}, node=_node())
         print(f"pilot: {int(exc.code)} {exc.acronym}: {exc.diag}", file=sys.stderr)
         return 1
     config = _config(
         args,
-        workdir=Path(workdir).resolve(),
+        workdir=Path(args.workdir or str(ap.root)).resolve(),
         input_url=args.input_url or str(ap.root.resolve()),
         copytool=args.copytool or "harvester",
         **queue_settings,
     )
+    running: dict[str, Any] = {"state": "starting"}
     try:
-        jobs = ap.wait_for_jobs(args.pull, timeout=args.wait) if args.pull else ap.worker_jobs()
+        beat = WorkerHeartbeat(ap, args.harvester_heartbeat, info=lambda: dict(running))
     except PilotError as exc:
-        ap.write_worker_attributes(
-            {
-                "jobStatus": "failed",
-                "pilotErrorCode": int(exc.code),
-                "pilotErrorDiag": exc.diag,
-                "node": config.node,
-            }
-        )
-        ap.request_kill(f"no valid job: {exc.diag}")
-        print(
-            f"pilot: no valid job in {ap.root}: {int(exc.code)} {exc.acronym}: {exc.diag}",
-            file=sys.stderr,
-        )
-        return 1
-    source = HarvesterEventSource(ap)
-    failed = 0
-    with _signals() as stop:
-        for job in jobs:
-            if stop.is_set():
-                break
-            result = run_job(
-                job,
-                config,
-                HarvesterUpstream(ap),
-                stop=stop,
-                monitor_factory=make_monitor,
-                es_runner=make_es_runner(source, source),
+        ap.fail_worker({0: exc}, node=config.node)
+        print(f"pilot: {int(exc.code)} {exc.acronym}: {exc.diag}", file=sys.stderr)
+        return 2
+    with beat:
+        try:
+            found = ap.wait_for_jobs(args.pull, timeout=args.wait) if args.pull else ap.scan_jobs()
+        except PilotError as exc:
+            ap.fail_worker({0: exc}, node=config.node)
+            print(
+                f"pilot: no valid job in {ap.root}: {int(exc.code)} {exc.acronym}: {exc.diag}",
+                file=sys.stderr,
             )
-            failed += not result.ok
-            _print_result(
-                result.state,
-                job.panda_id,
-                result.pilot_error_code,
-                result.pilot_error_diag,
-                result.workdir,
+            return 1
+        failed_to_start = dict(found.failed)
+        jobs = []
+        for job in found.jobs:
+            if job.event_service and ap.many_jobs:
+                failed_to_start[job.panda_id] = PilotError(
+                    ErrorCode.BADQUEUECONFIGURATION,
+                    "event-service job in a ManyToOne worker: Harvester feeds event ranges "
+                    "only to OneToOne workers",
+                )
+            else:
+                jobs.append(job)
+        for pid, exc in failed_to_start.items():
+            print(
+                f"job {pid or '?'}: failed before start: {int(exc.code)} {exc.acronym}: {exc.diag}",
+                file=sys.stderr,
             )
-    if ap.many_jobs:
-        ap.request_kill(f"{len(jobs)} jobs done, {failed} failed")
-    return 0 if failed == 0 and jobs else 1
+        if failed_to_start:
+            ap.fail_worker(failed_to_start, node=config.node, kill=not jobs)
+        if not jobs:
+            return 1
+        source = HarvesterEventSource(ap, latency=args.harvester_latency)
+        upstream = HarvesterUpstream(ap, finish_worker=False)
+        failed = len(failed_to_start)
+        with _signals() as stop:
+            for job in jobs:
+                if stop.is_set():
+                    break
+                running.update(state="running", PandaID=job.panda_id)
+                job_config = config
+                if ap.many_jobs:
+                    job_dir = ap.job_dir(job.panda_id).resolve()
+                    job_config = dataclasses.replace(
+                        config,
+                        workdir=job_dir if not args.workdir else config.workdir,
+                        input_url=args.input_url or str(job_dir),
+                    )
+                result = run_job(
+                    job,
+                    job_config,
+                    upstream,
+                    stop=stop,
+                    monitor_factory=make_monitor,
+                    es_runner=make_es_runner(source, source),
+                )
+                failed += not result.ok
+                _print_result(
+                    result.state,
+                    job.panda_id,
+                    result.pilot_error_code,
+                    result.pilot_error_diag,
+                    result.workdir,
+                )
+        running.update(state="done")
+        ap.request_kill(f"{len(jobs) + len(failed_to_start)} jobs done, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+def _node() -> str:
+    import socket  # noqa: PLC0415
+
+    return socket.gethostname()
 
 
 def _bad_definition(job_path: Path, config: PilotConfig, exc: PilotError) -> int:
@@ -519,9 +595,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--harvester", metavar="DIR", help="Harvester access point (shared-file mode)")
     run.add_argument(
+        "--harvester-map-type",
+        default="auto",
+        help="Harvester map type: OneToOne, ManyToOne, or auto (from where the job spec is)",
+    )
+    run.add_argument(
         "--harvester-many-jobs",
         action="store_true",
-        help="several PandaIDs per worker, per-job sub-directories",
+        help="same as --harvester-map-type ManyToOne",
+    )
+    run.add_argument(
+        "--harvester-heartbeat",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="how often worker_heartbeat.json is refreshed (default 20 s)",
+    )
+    run.add_argument(
+        "--harvester-latency",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="how long Harvester takes to answer a request for event ranges (sizes requests)",
     )
     run.add_argument(
         "--pull", type=int, default=0, metavar="N", help="Harvester pull mode: request N jobs"

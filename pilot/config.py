@@ -30,8 +30,10 @@ class PilotConfig:
     # storage: where inputs are read from and outputs written to (URL or path)
     input_url: str = ""
     output_url: str = ""
-    copytool: str = "copy"
+    # "" = the queue's acopytools/copytools, else copy (pilot.data.choice)
+    copytool: str = ""
     copytool_options: dict[str, Any] = field(default_factory=dict)
+    rucio: Any = None  # pilot.data.rucio.RucioSettings, read once when a copytool needs it
     stage_attempts: int = 2
     stagein_timeout: float = 3600.0
     stageout_timeout: float = 3600.0
@@ -62,6 +64,9 @@ class PilotConfig:
     # a proxy meant for payloads (copied into each job's work directory); the pilot's
     # own credentials never reach a payload (pilot.payload.secrets)
     payload_proxy: str | None = None
+    # files holding the pilot's own credentials that its environment does not name
+    # (--token-file): covered in the payload's container like the rest
+    secret_files: tuple[str, ...] = ()
 
     def job_workdir(self, panda_id: int) -> Path:
         return self.workdir / f"PandaJob_{panda_id}"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pilot.data.names import check_scope
 from pilot.errors import ErrorCode, PilotError
 
 MAX_LFN = 255
@@ -326,7 +327,7 @@ def _inputs(d: dict) -> list[FileSpec]:
                 lfn=lfn,
                 kind="input",
                 guid=cols["GUID"][i],
-                scope=cols["scopeIn"][i],
+                scope=check_scope(cols["scopeIn"][i], f"scopeIn of {lfn}", "input"),
                 fsize=_size(cols["fsize"][i], lfn),
                 checksum=checksum,
                 dataset=cols["realDatasetsIn"][i],
@@ -354,6 +355,7 @@ def _outputs(d: dict) -> tuple[list[FileSpec], FileSpec | None]:
         if i == log_index:
             continue
         scope = scopes[scope_i] if scope_i < len(scopes) else (scopes[-1] if scopes else "")
+        check_scope(scope, f"scopeOut of {lfn}")
         scope_i += 1
         outputs.append(
             FileSpec(
@@ -372,7 +374,7 @@ def _outputs(d: dict) -> tuple[list[FileSpec], FileSpec | None]:
             lfn=log_lfn,
             kind="log",
             guid=_str(d, "logGUID", ""),
-            scope=_str(d, "scopeLog", ""),
+            scope=check_scope(_str(d, "scopeLog", ""), "scopeLog"),
             dataset=cols["realDatasets"][i] if i is not None else "",
             destination_dblock=cols["destinationDblock"][i] if i is not None else "",
             ddm_endpoint=cols["ddmEndPointOut"][i] if i is not None else "",

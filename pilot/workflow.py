@@ -23,9 +23,10 @@ from typing import Any, Protocol
 
 from pilot.comm.base import Upstream
 from pilot.config import PilotConfig
-from pilot.data.copytools import Copytool, make_copytool
+from pilot.data.choice import copytool_for
+from pilot.data.copytools import Copytool
 from pilot.data.staging import TransferSink, stage_in, stage_out
-from pilot.data.traces import TraceSender, TraceSink
+from pilot.data.traces import TraceSink, trace_sender
 from pilot.errors import ErrorCode, PilotError, diagnose_payload, error_diag, signal_code
 from pilot.fileio import atomic_write_json, tail
 from pilot.job import Job
@@ -170,7 +171,7 @@ def run_job(
         return _finish(result, config, upstream, critical=[str(exc)])
     handlers = _attach_logging(workdir)
     if transfer_sink is None:
-        sender = TraceSender.for_workdir(config.trace_url, workdir)
+        sender = trace_sender(config)
         transfer_sink = TraceSink(sender, job, local_site=config.site_name, pq=config.site_name)
     try:
         log.info("job %d: %s %s", job.panda_id, job.transformation, job.job_pars)
@@ -194,15 +195,18 @@ def _run_steps(
     sink: TransferSink | None,
 ) -> None:
     workdir = result.workdir
-    copytool = None
+    copytool = log_tool = None
+    made: dict[str, Copytool] = {}
     try:
-        copytool = make_copytool(config.copytool, **config.copytool_options)
+        reader = copytool_for(config, "pr", made)
+        copytool = copytool_for(config, "pw", made)
+        log_tool = copytool_for(config, "pl", made)
         t0 = time.monotonic()
         if job.in_files:
             stage_in(
                 job,
                 workdir,
-                copytool,
+                reader,
                 config.input_url or ".",
                 sink=sink,
                 attempts=config.stage_attempts,
@@ -253,7 +257,7 @@ def _run_steps(
                 result.outputs.extend(job.out_files)
         except PilotError as exc:
             result.fail(exc)
-    _stage_out_log(job, config, result, copytool, sink)
+    _stage_out_log(job, config, result, log_tool, sink)
     result.timings["stageout"] = time.monotonic() - t0
 
 
@@ -466,7 +470,7 @@ def payload_container(job: Job, config: PilotConfig) -> ContainerSpec | None:
         spec,
         network=spec.network and not connection_policy(config).denies_all,
         ro_binds=(*spec.ro_binds, str(TRACER_DIR)),
-        hide=(*spec.hide, *secret_paths(os.environ)),
+        hide=(*spec.hide, *secret_paths(os.environ), *config.secret_files),
     )
 
 

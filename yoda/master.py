@@ -249,22 +249,28 @@ class Yoda:
 
     # -- job state -----------------------------------------------------------
 
-    def job_fields(self, job_index: int) -> dict[str, Any] | None:
+    def job_fields(self, job_index: int, *, worker_end: bool = False) -> dict[str, Any] | None:
         """updateJob fields of a job whose ranges are all done and reported, else None.
 
         A job with at least one finished range is ``finished`` (PanDA retries the
         failed ranges in a later job); with none it is ``failed``: 1238 ESNOEVENTS
-        if it never had a range, else 1224 ESRECOVERABLE.
+        if it never had a range, else 1224 ESRECOVERABLE. With ``worker_end`` (a
+        Harvester worker ends here, drained: no later allocation resumes it) ranges
+        given back or never fetched do not hold the job open: PanDA hands them to
+        another job once this one is final.
         """
         job = self.book.jobs[job_index]
         panda_id = self._job_keys(job)[0]
-        if panda_id not in self._dry:
+        if panda_id not in self._dry and not worker_end:
             return None
         led = self.s.ledger
         rows = led.rows[: led.n]  # columns are read one at a time: no copy of the table
         state = rows["state"]
         mine = rows["job"] == job_index
-        if (state[mine] <= State.LEASED).any():  # READY or LEASED: not done yet
+        if worker_end:
+            if (state[mine] == State.LEASED).any():  # still out with a droid
+                return None
+        elif (state[mine] <= State.LEASED).any():  # READY or LEASED: not done yet
             return None
         pending = [self.book.unsent.rows(), *(b.rows for b in self._in_flight.values())]
         if (rows["job"][np.concatenate(pending)] == job_index).any():
@@ -295,13 +301,14 @@ class Yoda:
             return False
         return True
 
-    def report_jobs(self, *, final: bool) -> None:
-        """``running`` once per job, and the final state of every job that is complete."""
+    def report_jobs(self, *, final: bool, worker_end: bool = False) -> None:
+        """``running`` once per job, and the final state of every job that is complete
+        (with ``worker_end``: of every job, see :meth:`job_fields`)."""
         for index, job in enumerate(self.book.jobs):
             panda_id = self._job_keys(job)[0]
             if self._job_state.get(panda_id) in ("finished", "failed"):
                 continue
-            fields = self.job_fields(index) if final else None
+            fields = self.job_fields(index, worker_end=worker_end) if final else None
             if fields is None:
                 if panda_id not in self._job_state:
                     if self._update_job({"jobId": panda_id, "state": "running"}):

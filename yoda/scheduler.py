@@ -72,6 +72,7 @@ class Droid:
     bye: bool = False
     draining: bool = False
     acked: int = -1
+    cpu: float = 0.0  # CPU seconds of its payloads, told with BYE
 
     def high(self, p: Policy) -> int:
         return max(1, int(round(p.high_per_slot * self.slots)))
@@ -229,6 +230,9 @@ class Scheduler:
         released = body.get("released") or []
         if released:
             out += self._take_back(d, released, charge=False)
+        refused = body.get("refused") or []
+        if refused:  # its payload gave up on their job: an attempt each
+            out += self._take_back(d, refused, charge=True)
         if d.want > 0:  # a request that overtook these results (WORK is probed before RESULT)
             out += self._serve(d, now)
         return out
@@ -239,6 +243,8 @@ class Scheduler:
             if isinstance(row, int) and row in d.leased:
                 mine.append(row)
                 d.leased.discard(row)
+        if charge:
+            return self._release_or_fail(mine, charge=True)
         self.book.release(mine, charge=charge)
         return self.serve_waiting_after_release(mine)
 
@@ -262,10 +268,15 @@ class Scheduler:
         d = self.droids[env.source]
         body = env.body if isinstance(env.body, dict) else {}
         out = self._take_back(d, body.get("released") or [], charge=False)
+        out += self._take_back(d, body.get("refused") or [], charge=True)
         if d.leased:  # said goodbye holding leases it did not report: not its fault to charge
             out += self._lose(d, charge=False)
         d.bye = True
         d.want = 0
+        try:
+            d.cpu = float(body.get("cpu") or 0.0)
+        except (TypeError, ValueError):
+            d.cpu = 0.0
         return out + [(d.rank, self._env(Kind.STOP, {}))]
 
     # -- failures and the clock ---------------------------------------------

@@ -19,6 +19,8 @@ from urllib.parse import unquote, urlparse
 from pilot.data.checksum import CHUNK, StreamChecksum
 from pilot.errors import ErrorCode, PilotError
 
+DEFAULT_NAME = "copy"
+
 
 @dataclass
 class TransferResult:
@@ -29,6 +31,7 @@ class TransferResult:
     md5: str = ""
     seconds: float = 0.0
     url: str = ""
+    rse: str = ""  # the storage endpoint that served or took the file, when known
 
 
 class Copytool(Protocol):
@@ -144,7 +147,7 @@ class InPlaceTool:
 
 
 def make_copytool(name: str, **options: object) -> Copytool:
-    """Copytool by its schedconfig name (``copy``, ``http``)."""
+    """Copytool by its schedconfig name (``copy``, ``http``, ``rucio``)."""
     if name in ("copy", "cp", "mv", "copy_local"):
         return CopyTool(symlink_inputs=bool(options.get("symlink_inputs", False)))
     if name == "harvester":
@@ -157,6 +160,17 @@ def make_copytool(name: str, **options: object) -> Copytool:
                 ErrorCode.UNKNOWNCOPYTOOL, f"copytool {name!r} is not available"
             ) from None
         return HttpCopyTool(**options)  # type: ignore[arg-type]
+    if name == "rucio":
+        import importlib.util  # noqa: PLC0415
+
+        if importlib.util.find_spec("rucio") is None:
+            raise PilotError(
+                ErrorCode.MIDDLEWAREIMPORTFAILURE,
+                "copytool 'rucio' needs rucio-clients: pip install 'panda-hpc-pilot[rucio]'",
+            )
+        from pilot.data.rucio import RucioCopyTool  # noqa: PLC0415 - optional part
+
+        return RucioCopyTool(options.get("rucio"))  # type: ignore[arg-type]
     raise PilotError(ErrorCode.UNKNOWNCOPYTOOL, f"copytool {name!r} is unknown")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from pilot.credentials import redact_url
 from pilot.data.checksum import file_checksum
 from pilot.data.copytools import Copytool, TransferResult, remove_quietly, url_to_path
+from pilot.data.names import did, storage_url
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import FileSpec, Job
 
@@ -34,6 +35,32 @@ _FINAL = {
     ErrorCode.MISSINGOUTPUTFILE,
     ErrorCode.NOSTORAGEPROTOCOL,
     ErrorCode.UNKNOWNCOPYTOOL,
+    ErrorCode.NOREPLICAS,
+    ErrorCode.FILEEXISTS,
+    ErrorCode.NOSTORAGE,
+    ErrorCode.BADOUTPUTFILENAME,
+    ErrorCode.MIDDLEWAREIMPORTFAILURE,
+    ErrorCode.STAGEINAUTHENTICATIONFAILURE,
+    ErrorCode.NOPROXY,
+}
+# Codes that say more than "stage-in/out failed" and reach the final update as they are.
+_KEEP_IN = _FINAL | {
+    ErrorCode.STAGEINTIMEOUT,
+    ErrorCode.RUCIOSERVICEUNAVAILABLE,
+    ErrorCode.SERVICENOTAVAILABLE,
+}
+_KEEP_OUT = {
+    ErrorCode.MISSINGOUTPUTFILE,
+    ErrorCode.NOREMOTESPACE,
+    ErrorCode.STAGEOUTTIMEOUT,
+    ErrorCode.PUTADMISMATCH,
+    ErrorCode.FILEEXISTS,
+    ErrorCode.NOSTORAGE,
+    ErrorCode.NOPROXY,
+    ErrorCode.BADOUTPUTFILENAME,
+    ErrorCode.MIDDLEWAREIMPORTFAILURE,
+    ErrorCode.RUCIOSERVICEUNAVAILABLE,
+    ErrorCode.SERVICENOTAVAILABLE,
 }
 
 
@@ -53,19 +80,21 @@ class TransferEvent:
     time_end: float = 0.0
     size: int = 0
     hostname: str = field(default_factory=socket.gethostname)
+    remote_site: str = ""  # the RSE that served or took the file, when the copytool knows
 
 
 TransferSink = Callable[[TransferEvent], None]
 
 
 def _file_url(base: str, spec: FileSpec) -> str:
-    base = base.rstrip("/")
-    return f"{base}/{spec.scope}/{spec.lfn}" if spec.scope else f"{base}/{spec.lfn}"
+    """``<base>/<scope>/<lfn>``; scope and name are checked again here, because a
+    FileSpec need not come from a validated job."""
+    return storage_url(base, spec.scope, spec.lfn, spec.kind)
 
 
 def _candidates(base: str, spec: FileSpec) -> list[str]:
     urls = [_file_url(base, spec)]
-    flat = f"{base.rstrip('/')}/{spec.lfn}"
+    flat = storage_url(base, "", spec.lfn, spec.kind)
     if flat not in urls:
         urls.append(flat)
     return urls
@@ -101,9 +130,11 @@ def stage_in(
     for spec in job.in_files:
         dest = workdir / spec.lfn
         last: PilotError | None = None
+        by_did = getattr(copytool, "by_did", False)
+        urls = [did(spec.scope, spec.lfn, "input")] if by_did else _candidates(source, spec)
         for attempt in range(max(1, attempts)):
-            for url in _candidates(source, spec):
-                if _is_local_missing(url):
+            for url in urls:
+                if not by_did and _is_local_missing(url):
                     last = PilotError(ErrorCode.MISSINGINPUTFILE, f"{spec.lfn} not found at {url}")
                     continue
                 event = TransferEvent(
@@ -111,12 +142,17 @@ def stage_in(
                 )
                 try:
                     event.transfer_start = time.time()
-                    result = copytool.get(url, dest, checksum=spec.checksum, timeout=timeout)
+                    if by_did:
+                        result = copytool.get_did(spec, dest, timeout=timeout)  # type: ignore[attr-defined]
+                    else:
+                        result = copytool.get(url, dest, checksum=spec.checksum, timeout=timeout)
                     event.validate_start = time.time()
+                    event.remote_site, event.url = result.rse, result.url or url
                     _verify(spec, result, dest)
                 except PilotError as exc:
                     remove_quietly(dest)
                     last = exc
+                    event.remote_site = event.remote_site or spec.ddm_endpoint
                     event.state, event.reason = "STAGEIN_ATTEMPT_FAILED", exc.diag
                     event.time_end = time.time()
                     _emit(sink, event)
@@ -135,7 +171,7 @@ def stage_in(
             log.warning("stage-in of %s failed (attempt %d): %s", spec.lfn, attempt + 1, last)
         if spec.status != "transferred":
             err = last or PilotError(ErrorCode.STAGEINFAILED, spec.lfn)
-            if err.code not in _FINAL and err.code not in (ErrorCode.STAGEINTIMEOUT,):
+            if err.code not in _KEEP_IN:
                 err = PilotError(ErrorCode.STAGEINFAILED, err.diag)
             raise err
     return job.in_files
@@ -171,7 +207,8 @@ def stage_out(
             )
         if local.stat().st_size == 0 and spec.kind == "output":
             raise PilotError(ErrorCode.EMPTYOUTPUTFILE, f"{spec.lfn} is empty")
-        url = _file_url(destination, spec)
+        by_did = getattr(copytool, "by_did", False)
+        url = did(spec.scope, spec.lfn, spec.kind) if by_did else _file_url(destination, spec)
         last: PilotError | None = None
         for attempt in range(max(1, attempts)):
             event = TransferEvent(
@@ -179,9 +216,13 @@ def stage_out(
             )
             try:
                 event.transfer_start = time.time()
-                result = copytool.put(local, url, timeout=timeout)
+                if by_did:
+                    result = copytool.put_did(spec, local, timeout=timeout)  # type: ignore[attr-defined]
+                else:
+                    result = copytool.put(local, url, timeout=timeout)
             except PilotError as exc:
                 last = exc
+                event.remote_site = spec.ddm_endpoint
                 event.state, event.reason, event.time_end = (
                     "STAGEOUT_ATTEMPT_FAILED",
                     exc.diag,
@@ -193,6 +234,7 @@ def stage_out(
                     break
                 continue
             event.state, event.size, event.time_end = "DONE", result.size, time.time()
+            event.remote_site, event.url = result.rse or spec.ddm_endpoint, result.url or url
             _emit(sink, event)
             spec.fsize, spec.checksum, spec.surl = (
                 result.size,
@@ -203,11 +245,7 @@ def stage_out(
             break
         if spec.status != "transferred":
             err = last or PilotError(ErrorCode.STAGEOUTFAILED, spec.lfn)
-            if err.code not in (
-                ErrorCode.MISSINGOUTPUTFILE,
-                ErrorCode.NOREMOTESPACE,
-                ErrorCode.STAGEOUTTIMEOUT,
-            ):
+            if err.code not in _KEEP_OUT:
                 err = PilotError(ErrorCode.STAGEOUTFAILED, err.diag)
             raise err
     return files

@@ -6,8 +6,15 @@ uses them verbatim (hence the camelCase attributes). Times are epoch seconds.
 
 A trace is bookkeeping, never part of the job's outcome: a trace server that
 is down, slow or answers garbage is logged as a warning, and the trace is
-appended to a JSON-lines file in the work directory (``unsent_traces.jsonl``)
-so the record is kept and can be replayed with :meth:`TraceSender.resend`.
+appended to a JSON-lines spool (``unsent_traces.jsonl``) so the record is
+kept; :func:`trace_sender` replays the pilot's spool before each job.
+
+With the rucio copytool the traces go to the Rucio server's ``/traces/``
+unless ``--trace-url`` says otherwise, and only the pilot's: the Rucio
+clients' own traces are switched off. Rucio's ``/traces/`` takes traces
+without authentication; a trace server that is not on this machine gets the
+Rucio token (``X-Rucio-Auth-Token``) and, over HTTPS, the X.509 proxy too,
+as a site's Rucio behind an authenticating proxy asks.
 """
 
 from __future__ import annotations
@@ -16,18 +23,21 @@ import getpass
 import hashlib
 import json
 import logging
+import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
 import pilot
-from pilot.credentials import redact_url
+from pilot.credentials import is_loopback, redact_url
 from pilot.errors import PilotError, error_diag
 from pilot.job import FileSpec, Job
 
@@ -136,6 +146,7 @@ class Trace:
             event.spec,
             event.direction,
             local_site=local_site,
+            remote_site=getattr(event, "remote_site", ""),
             protocol=event.protocol,
             pq=pq,
         )
@@ -183,6 +194,8 @@ class TraceSender:
         *,
         unsent: str | Path | None = None,
         session: requests.Session | None = None,
+        auth: Callable[[], TraceAuth] | None = None,
+        always_auth: bool = False,
     ) -> None:
         self.url = url
         self.timeout = timeout
@@ -190,6 +203,25 @@ class TraceSender:
         self.session = session or requests.Session()
         self.sent = 0
         self.failed = 0
+        self._auth = auth
+        self._auth_value: TraceAuth | None = None
+        self.always_auth = always_auth
+
+    @property
+    def needs_auth(self) -> bool:
+        """Authenticate where the trace server is not this machine (or when told to)."""
+        if self._auth is None or not self.url:
+            return False
+        return self.always_auth or not is_loopback(urlsplit(self.url).hostname or "")
+
+    def _credentials(self) -> TraceAuth:
+        if self._auth_value is None:
+            try:
+                self._auth_value = self._auth() if self._auth else TraceAuth()
+            except PilotError as exc:  # no token: the trace goes without one
+                log.warning("traces go without authentication: %s", exc.detail)
+                self._auth_value = TraceAuth()
+        return self._auth_value
 
     @classmethod
     def for_workdir(cls, url: str, workdir: str | Path, timeout: float = 20.0) -> TraceSender:
@@ -201,12 +233,22 @@ class TraceSender:
         if not self.url:
             self._keep(body, "no trace URL configured")
             return False
+        headers = {"Content-Type": "application/json"}
+        extra: dict[str, Any] = {}
+        if self.needs_auth:
+            cred = self._credentials()
+            headers.update(cred.headers)
+            if cred.cert and self.url.startswith("https://"):
+                extra["cert"] = cred.cert
+            if cred.verify is not None:
+                extra["verify"] = cred.verify
         try:
             resp = self.session.post(
                 self.url,
                 data=json.dumps(body),
-                headers={"Content-Type": "application/json"},
+                headers=headers,
                 timeout=self.timeout,
+                **extra,
             )
             ok = 200 <= resp.status_code < 300
             reason = f"HTTP {resp.status_code}"
@@ -238,14 +280,23 @@ class TraceSender:
             log.warning("cannot keep unsent trace in %s: %s", self.unsent, exc.strerror)
 
     def resend(self) -> int:
-        """Send the traces kept in ``unsent`` again; returns how many went through."""
+        """Send the traces kept in ``unsent`` again; returns how many went through.
+
+        The first one that fails stops the replay (the server is still away):
+        the rest stay, and a down server costs one attempt, not one per trace.
+        The spool is taken by renaming it first, so other processes (droids
+        share a work directory) may append to a new one meanwhile and two
+        replays never send the same trace twice; what is left is appended back."""
         if self.unsent is None or not self.unsent.exists():
             return 0
+        keep_path = self.unsent
+        taken = keep_path.with_name(f"{keep_path.name}.{os.getpid()}.replay")
         try:
-            lines = self.unsent.read_text(encoding="utf-8").splitlines()
+            os.replace(keep_path, taken)
+            lines = taken.read_text(encoding="utf-8").splitlines()
         except OSError:
-            return 0
-        keep_path, self.unsent = self.unsent, None  # do not re-append while replaying
+            return 0  # another process took it, or it cannot be read
+        self.unsent = None  # do not re-append while replaying
         left, done = [], 0
         try:
             for line in lines:
@@ -253,13 +304,20 @@ class TraceSender:
                     body = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(body, dict) and self.send(body):
+                if left:
+                    left.append(line)
+                elif isinstance(body, dict) and self.send(body):
                     done += 1
                 elif isinstance(body, dict):
                     left.append(line)
         finally:
             self.unsent = keep_path
-        keep_path.write_text("".join(x + "\n" for x in left), encoding="utf-8")
+            try:
+                with open(keep_path, "a", encoding="utf-8") as fh:  # the spool stays, maybe empty
+                    fh.write("".join(x + "\n" for x in left))
+                taken.unlink()
+            except OSError as exc:
+                log.warning("cannot put unsent traces back in %s: %s", keep_path, exc.strerror)
         return done
 
 
@@ -276,6 +334,46 @@ class TraceSink:
 
     def __call__(self, event: Any) -> None:
         self.sender.send(Trace.from_event(event, self.job, local_site=self.local_site, pq=self.pq))
+
+
+@dataclass
+class TraceAuth:
+    """What an authenticated trace carries: headers (a Rucio token), a client certificate."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    cert: str | None = None
+    verify: str | bool | None = None
+
+
+SPOOL_DIR = "trace-spool"
+
+
+def trace_sender(config: Any, timeout: float = 20.0) -> TraceSender:
+    """The pilot's trace sender: ``config.trace_url``, else the Rucio server's ``/traces/`` when
+    a copytool is rucio; unsent traces spooled under the pilot's work directory and the
+    spool replayed now (bounded: it stops at the first trace that does not go)."""
+    from pilot.data.choice import uses_rucio  # noqa: PLC0415 - avoids an import cycle
+
+    url = getattr(config, "trace_url", "") or ""
+    settings = getattr(config, "rucio", None)
+    if settings is None and uses_rucio(config):
+        from pilot.data.rucio import RucioSettings  # noqa: PLC0415
+
+        try:
+            settings = RucioSettings.from_environ()
+        except PilotError as exc:
+            log.warning("no Rucio configuration for traces: %s", exc.detail)
+    if not url and settings is not None:
+        url = settings.trace_url
+    sender = TraceSender(
+        url,
+        timeout,
+        unsent=Path(config.workdir) / SPOOL_DIR / UNSENT_NAME,
+        auth=settings.trace_auth if settings is not None else None,
+    )
+    if url:
+        sender.resend()
+    return sender
 
 
 def _strip_query(url: str) -> str:

@@ -11,16 +11,20 @@ fails the job with the signal's code.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from pilot.data.copytools import make_copytool
+from pilot.data.choice import copytool_for
+from pilot.data.names import check_scope, storage_url
+from pilot.data.staging import TransferEvent
+from pilot.data.traces import TraceSink, trace_sender
 from pilot.errors import ErrorCode, PilotError, signal_code
 from pilot.eventservice.loop import RangeSource, run_event_service
 from pilot.eventservice.model import RangeResult
-from pilot.job import Job
+from pilot.job import FileSpec, Job
 from pilot.monitor.connections import ConnectionWatch, connection_policy, network_isolated
 from pilot.payload.command import payload_environment
 from pilot.payload.secrets import job_secrets
@@ -39,22 +43,42 @@ def range_stage_out(job: Job, config: Any) -> Callable[[RangeResult], RangeResul
     A range counts as done only once its output is safely stored: a range
     reported finished whose file then dies with the node is an event lost.
     With the ``harvester`` copytool there is nothing to do: Harvester stages
-    the file out from the dump, where it already is.
+    the file out from the dump, where it already is. The copytool is the
+    queue's for ``es_events`` (or ``--copytool``); with ``rucio`` each output
+    is uploaded to the job's ddmEndPointOut, registered with a new GUID in the
+    job's output dataset, and traced like the job's own files.
     """
-    copytool = make_copytool(config.copytool, **config.copytool_options)
+    copytool = copytool_for(config, "es_events")
     if copytool.name == "harvester":
         return None  # the output was measured when collected; reading it again tells nothing
-    base = (config.output_url or str(Path(config.workdir) / "storage")).rstrip("/")
-    scope = (
-        job.out_files[0].scope if job.out_files else (job.log_file.scope if job.log_file else "")
-    )
-    prefix = f"{base}/{scope}" if scope else base
+    base = config.output_url or str(Path(config.workdir) / "storage")
+    first = job.out_files[0] if job.out_files else job.log_file
+    scope = check_scope(first.scope if first else "", "output scope")
+    by_did = getattr(copytool, "by_did", False)
+    sink = None
+    if by_did:
+        sender = trace_sender(config)
+        if sender.url:
+            sink = TraceSink(sender, job, local_site=getattr(config, "site_name", ""))
 
     def put(result: RangeResult) -> RangeResult:
         if not result.output_path:
             return result
         src = Path(result.output_path)
-        moved = copytool.put(src, f"{prefix}/{src.name}", timeout=config.stageout_timeout)
+        if by_did:
+            spec = FileSpec(
+                src.name,
+                "output",
+                guid=str(uuid.uuid4()),
+                scope=scope,
+                dataset=first.dataset if first else "",
+                ddm_endpoint=first.ddm_endpoint if first else "",
+                destination_dblock=first.destination_dblock if first else "",
+            )
+            moved = _traced_put(copytool, spec, src, config.stageout_timeout, sink)
+        else:
+            url = storage_url(base, scope, src.name)
+            moved = copytool.put(src, url, timeout=config.stageout_timeout)
         if moved.adler32 != result.adler32 or moved.size != result.fsize:
             raise PilotError(
                 ErrorCode.PUTADMISMATCH,
@@ -64,6 +88,25 @@ def range_stage_out(job: Job, config: Any) -> Callable[[RangeResult], RangeResul
         return replace(result, output_path=moved.url or result.output_path)
 
     return put
+
+
+def _traced_put(copytool: Any, spec: FileSpec, src: Path, timeout: float, sink: Any) -> Any:
+    """One range output through a DID copytool, with its transfer event traced."""
+    event = TransferEvent("put", spec, "", copytool.name, "INIT_REPORT", time_start=time.time())
+    event.transfer_start = time.time()
+    try:
+        moved = copytool.put_did(spec, src, timeout=timeout)
+    except PilotError as exc:
+        event.state, event.reason, event.time_end = "STAGEOUT_ATTEMPT_FAILED", exc.diag, time.time()
+        event.remote_site = spec.ddm_endpoint
+        if sink is not None:
+            sink(event)
+        raise
+    event.state, event.size, event.time_end = "DONE", moved.size, time.time()
+    event.remote_site, event.url = moved.rse, moved.url
+    if sink is not None:
+        sink(event)
+    return moved
 
 
 def make_es_runner(

@@ -56,7 +56,9 @@ MAX_LOOPS = 10_000_000  # every loop is bounded; this one by far more than a job
 class RangeSource(Protocol):
     def get_event_ranges(
         self, panda_id: int, jobset_id: int, task_id: int, n_ranges: int
-    ) -> list[dict[str, Any]]: ...
+    ) -> list[dict[str, Any]] | None:
+        """Ranges; ``[]`` when there are no more; ``None`` while an answer is on its way."""
+        ...
 
 
 @dataclass
@@ -201,6 +203,7 @@ def run_event_service(
     last_report = time.monotonic()
     no_more = False
     empty_fetches = 0
+    not_before = 0.0  # a source with an answer pending is asked again from then on
     next_look = 0.0
 
     def take(results: list[RangeResult]) -> None:
@@ -240,11 +243,14 @@ def run_event_service(
                 summary.released = ex.stop(kill_grace)
                 break
             want = ex.wanted()
-            if not no_more and want > 0 and fetch.ready(now):
+            if not no_more and want > 0 and fetch.ready(now) and now >= not_before:
                 n = n_ranges_per_request or want
                 try:
                     raw = source.get_event_ranges(job.panda_id, job.jobset_id, job.task_id, n)
-                    new = _parse_ranges(raw, seen)
+                    pending = raw is None  # an answer is on its way (Harvester): not an error
+                    if pending:
+                        not_before = now + poll_interval
+                    new = _parse_ranges(raw or [], seen)
                 except PilotError as exc:
                     fetch.failed(now)
                     log.warning("getEventRanges failed (%d in a row): %s", fetch.failures, exc)
@@ -255,20 +261,21 @@ def run_event_service(
                         no_more = True
                         ex.no_more_ranges()
                 else:
-                    fetch.ok()
-                    empty_fetches = 0 if new else empty_fetches + 1
-                    # An empty answer means no more; a non-empty one with nothing new
-                    # (all duplicates or malformed) three times in a row, too.
-                    if not raw or empty_fetches >= 3:
-                        no_more = True
-                        ex.no_more_ranges()
-                    for r in new:
-                        ranges[r.event_range_id] = r
-                    ex.add_ranges(new)
-                    continue  # maybe more wanted; results are picked up next round
+                    if not pending:  # only an answer clears the failures
+                        fetch.ok()
+                        empty_fetches = 0 if new else empty_fetches + 1
+                        # An empty answer means no more; a non-empty one with nothing new
+                        # (all duplicates or malformed) three times in a row, too.
+                        if not raw or empty_fetches >= 3:
+                            no_more = True
+                            ex.no_more_ranges()
+                        for r in new:
+                            ranges[r.event_range_id] = r
+                        ex.add_ranges(new)
+                        continue  # maybe more wanted; results are picked up next round
             wait = poll_interval
             if not no_more and want > 0:
-                wait = min(wait, max(0.0, fetch.next_at - now))
+                wait = min(wait, max(0.0, fetch.next_at - now, not_before - now))
             take(ex.poll(wait))
             now = time.monotonic()
             if connections is not None and now >= next_look:

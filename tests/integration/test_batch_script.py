@@ -42,7 +42,7 @@ def _render(tmp: Path, mode: str) -> tuple[Path, Path]:
             "--queue",
             "Q",
             "--ranks-per-node",
-            "2",
+            "1",  # and Yoda: two ranks
             "--oversubscribe",
             "--log-dir",
             str(tmp),

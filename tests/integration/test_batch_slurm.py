@@ -50,7 +50,7 @@ def _submit(tmp: Path, mode: str, *extra: str) -> str:
     argv = [
         "--scheduler", "slurm", "--nodes", "1", "--walltime", "2",
         "--url", "http://127.0.0.1:9", "--queue", "TEST_QUEUE",
-        "--ranks-per-node", "2", "--oversubscribe",
+        "--ranks-per-node", "1", "--oversubscribe",  # and Yoda: two ranks
         "--log-dir", str(tmp / "logs"), "--workdir", str(tmp / "work"),
         "--pilot-command", f"{sys.executable} {fake}",
         "--env", f"FAKE_PILOT_OUT={out}", "--env", f"FAKE_PILOT_MODE={mode}",
@@ -139,7 +139,7 @@ def test_resources_inside_a_real_allocation(hello_job) -> None:
     assert res["scheduler"] == "slurm"
     assert res["job_id"] == job_id
     assert res["nodes"] == [socket.gethostname().split(".")[0]]
-    assert res["ranks_per_node"] == 2
+    assert res["ranks_per_node"] == 1  # the allocation's rank slots; Yoda is one more
     assert res["cores_per_node"] >= 1
     # --walltime 2 (minutes): the allocation ends 120 s after it started.
     assert res["end_time"] is not None

@@ -179,7 +179,10 @@ def test_payload_finds_no_pilot_secret(request, config, tmp_path, secrets, conta
     cfg = config
     if contained:
         request.getfixturevalue("bwrap")
-        cfg = replace(config, container=ContainerSpec("bwrap"))
+        served = tmp_path / "dispatcher.token"  # a --token-file: named in no variable
+        served.write_text("pilot-secret-dispatcher")
+        job = Job.from_panda(job_dict(3002, jobpars=f"{script} {looks} {served}"))
+        cfg = replace(config, container=ContainerSpec("bwrap"), secret_files=(str(served),))
     result, record = run(job, cfg)
     assert result.state == "finished", result.pilot_error_diag
     seen = json.loads((cfg.job_workdir(3002) / "snoop.json").read_text())

@@ -39,8 +39,8 @@ def load_silent_task(server: EmbeddedServer) -> int:
 
 def pilot_argv(server: EmbeddedServer, workdir: Path, *extra: str) -> list[str]:
     return [PYTHON, "-m", "pilot.cli", "run", "--url", server.url, "--queue", "TEST_QUEUE",
-            "--workdir", str(workdir), "--kill-grace", "2",
-            "--token-file", str(server.token_file), *extra]  # fmt: skip
+            "--workdir", str(workdir), "--kill-grace", "2", "--token-file",
+            str(server.token_file), *extra]  # fmt: skip
 
 
 def test_payload_that_never_connects_fails_the_job_in_bounded_time(server, tmp_path):

@@ -100,3 +100,111 @@ def test_pull_mode_requests_a_job(tmp_path: Path) -> None:
     assert proc.returncode == 0, out + err
     assert json.loads((ap / "worker_attributes.json").read_text())["jobStatus"] == "finished"
     assert PANDA_ID != 3003
+
+
+def many_to_one(ap: Path, jobs: dict[int, dict]) -> None:
+    """Harvester's layout for a ManyToOne worker: one job spec per AP/<PandaID>/."""
+    for pid, d in jobs.items():
+        (ap / str(pid)).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(ap / str(pid) / "HPCJobs.json", {str(pid): d})
+    atomic_write_json(ap / "worker_pandaids.json", list(jobs))
+
+
+def test_many_to_one_ordinary_jobs_each_in_its_directory(tmp_path: Path) -> None:
+    ap = tmp_path / "ap"
+    jobs = {
+        4101: job_dict(
+            4101, jobpars=f"{BEHAVE} write out.dat 300", outFiles="out.dat,log.4101.tgz"
+        ),
+        4102: job_dict(4102, jobpars=f"{BEHAVE} exit 3 broken"),
+        4103: job_dict(4103, jobpars=f"{BEHAVE} exit 0"),
+    }
+    many_to_one(ap, jobs)
+    proc = pilot("--harvester", str(ap))
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # one job failed
+    states = {
+        pid: json.loads((ap / str(pid) / "worker_attributes.json").read_text()) for pid in jobs
+    }
+    assert [states[p]["jobStatus"] for p in jobs] == ["finished", "failed", "finished"]
+    assert states[4102]["pilotErrorCode"] > 0 and states[4102]["transExitCode"] == 3
+    for pid, attrs in states.items():
+        assert len(attrs["startTime"]) == len("2026-01-01 00:00:00") == len(attrs["endTime"])
+        assert (ap / str(pid) / "jobReport.json").exists()
+        kinds = {
+            e["type"]
+            for e in json.loads((ap / str(pid) / "event_status.dump.json").read_text())[str(pid)]
+        }
+        assert "log" in kinds
+    dump = json.loads((ap / "4101" / "event_status.dump.json").read_text())["4101"]
+    out = next(e for e in dump if e["type"] == "output")
+    assert Path(out["path"]).parent.parent == ap / "4101"  # ran in the job's directory
+    assert not (ap / "worker_attributes.json").exists()
+    assert (ap / "kill_worker.json").exists()
+
+
+def test_event_service_job_in_a_many_to_one_worker_fails_alone(tmp_path: Path) -> None:
+    ap = tmp_path / "ap"
+    es = job_dict(4201, jobpars="-m pilot.payloads.toysim", eventService="True")
+    many_to_one(ap, {4201: es, 4202: job_dict(4202, jobpars=f"{BEHAVE} exit 0")})
+    proc = pilot("--harvester", str(ap))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    attrs = json.loads((ap / "4201" / "worker_attributes.json").read_text())
+    assert attrs["jobStatus"] == "failed" and attrs["pilotErrorCode"] == 1341
+    assert "ManyToOne" in attrs["pilotErrorDiag"]
+    assert (
+        json.loads((ap / "4202" / "worker_attributes.json").read_text())["jobStatus"] == "finished"
+    )
+    assert not (ap / "worker_requestevents.json").exists()
+    assert (ap / "kill_worker.json").exists()
+
+
+def test_many_to_one_bad_job_spec_is_reported_in_its_directory(tmp_path: Path) -> None:
+    ap = tmp_path / "ap"
+    (ap / "4301").mkdir(parents=True)
+    (ap / "4301" / "HPCJobs.json").write_text('{"4301": {"PandaID": 4301, "transf')
+    (ap / "worker_pandaids.json").write_text("[4301]")
+    proc = pilot("--harvester", str(ap))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    attrs = json.loads((ap / "4301" / "worker_attributes.json").read_text())
+    assert attrs["jobStatus"] == "failed" and attrs["pilotErrorCode"] == 1302
+    assert (ap / "kill_worker.json").exists()
+
+
+def test_unknown_map_type_is_refused_with_attributes_and_kill_file(tmp_path: Path) -> None:
+    ap = tmp_path / "ap"
+    ap.mkdir()
+    job_file(ap)
+    proc = pilot("--harvester", str(ap), "--harvester-map-type", "OneToMany")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "OneToMany" in proc.stderr
+    attrs = json.loads((ap / "worker_attributes.json").read_text())
+    assert attrs["jobStatus"] == "failed" and attrs["pilotErrorCode"] == 1341
+    assert (ap / "kill_worker.json").exists()
+
+
+def test_unreadable_job_spec_is_reported(tmp_path: Path) -> None:
+    ap = tmp_path / "ap"
+    ap.mkdir()
+    (ap / "HPCJobs.json").write_bytes(b"\xff\xfe\x00garbage")
+    proc = pilot("--harvester", str(ap))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    attrs = json.loads((ap / "worker_attributes.json").read_text())
+    assert attrs["jobStatus"] == "failed" and attrs["pilotErrorCode"] == 1303
+    assert (ap / "kill_worker.json").exists()
+
+
+def test_harvester_options_apply_only_with_harvester(tmp_path: Path) -> None:
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(job_dict(3101, jobpars=f"{BEHAVE} exit 0")))
+    proc = pilot("--job-file", str(job), "--harvester-heartbeat", "5")
+    assert proc.returncode == 2 and "applies only with --harvester" in proc.stderr
+
+
+def test_a_zero_heartbeat_interval_is_refused(tmp_path: Path) -> None:
+    ap = tmp_path / "ap"
+    ap.mkdir()
+    job_file(ap)
+    proc = pilot("--harvester", str(ap), "--harvester-heartbeat", "0")
+    assert proc.returncode == 2 and "heartbeat interval" in proc.stderr
+    assert json.loads((ap / "worker_attributes.json").read_text())["jobStatus"] == "failed"
+    assert (ap / "kill_worker.json").exists()

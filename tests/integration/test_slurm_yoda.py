@@ -10,6 +10,7 @@ is bounded.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -68,7 +69,7 @@ def _submit(tmp: Path, server, *extra: str) -> str:
     logs.mkdir(exist_ok=True)
     script = logs / f"job{len(list(logs.glob('job*.sh')))}.sh"
     argv = [
-        "--scheduler", "slurm", "--nodes", "1", "--ranks-per-node", str(RANKS),
+        "--scheduler", "slurm", "--nodes", "1", "--ranks-per-node", str(RANKS - 1),  # + Yoda
         "--oversubscribe", "--ulfm", "--walltime", "10",
         "--url", server.url, "--queue", QUEUE,
         "--workdir", str(work), "--log-dir", str(logs), "--job-name", "yoda-slurm-test",
@@ -89,7 +90,7 @@ def _submit(tmp: Path, server, *extra: str) -> str:
     text = script.read_text(encoding="utf-8")
     assert f"-m pilot.cli hpc --url {server.url} --queue {QUEUE}" in text
     assert "--with-ft ulfm" in text and "--oversubscribe" in text
-    assert f"#SBATCH --ntasks={RANKS}\n#SBATCH --overcommit" in text
+    assert f"#SBATCH --ntasks={RANKS - 1}\n#SBATCH --overcommit" in text
     return submit_script("slurm", script).job_id
 
 
@@ -169,3 +170,71 @@ def test_scancel_term_drains_and_loses_nothing(server, tmp_path: Path) -> None:
     assert problems == [], log
     assert counts == {"finished": n}
     assert [j["status"] for j in server.store.jobs()] == ["finished"]
+
+
+def _first_try(tmp: Path, server, *extra: str) -> tuple[str, Path]:
+    """What a new user types first: ``pilot hpc submit --scheduler slurm --nodes 1 --url
+    URL --queue Q --workdir NEW``, all else the defaults (no walltime: the partition's)."""
+    new = tmp / "NEW"
+    assert not new.exists()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pilot.cli", "hpc", "submit", "--scheduler", "slurm",
+         "--nodes", "1", "--url", server.url, "--queue", QUEUE, "--workdir", str(new), *extra],
+        cwd=tmp, capture_output=True, text=True, timeout=60, check=False,
+        # the user's PanDA token, where PanDA's tools look for it (sbatch passes it on)
+        env={**os.environ, "OIDC_AUTH_TOKEN": str(server.token_file)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert new.is_dir()  # made at submit time
+    return proc.stdout.strip(), new
+
+
+def _first_logs(tmp: Path) -> str:
+    parts = [f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in tmp.glob("*.out")]
+    for p in sorted((tmp / "NEW" / "logs").glob("rank*.log")):
+        parts.append(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}")
+    return "\n".join(parts)
+
+
+def test_first_try_with_the_defaults_runs_the_job_to_the_end(server, tmp_path: Path) -> None:
+    _load(server, 30)
+    job_id, work = _first_try(tmp_path, server)
+    try:
+        state = wait_for_job(job_id, timeout=180)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{_first_logs(tmp_path)}") from exc
+    log = _first_logs(tmp_path)
+    assert state == "COMPLETED", log
+    problems, counts = invariant(server, work)
+    assert problems == [] and counts == {"finished": 30}, log
+    assert [j["status"] for j in server.store.jobs()] == ["finished"]
+    assert {p.name for p in work.glob("droid*")} == {"droid1"}  # Yoda + one droid
+
+
+def test_first_try_scancel_signal_term_drains_and_loses_nothing(server, tmp_path: Path) -> None:
+    n = 150
+    _load(server, n, cpu_per_event=0.02)
+    job_id, work = _first_try(tmp_path, server)
+    try:
+        wait_for(lambda: accepted_terminal(server) >= 10, 120, f"first results of job {job_id}")
+        # no --batch: Slurm signals the job's steps; the script's relay step passes it on
+        slurm("scancel", "--signal=TERM", job_id)
+        state = wait_for_job(job_id, timeout=150)
+    except AssertionError as exc:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30, check=False)
+        raise AssertionError(f"{exc}\nstate {job_state(job_id)}\n{_first_logs(tmp_path)}") from exc
+    log = _first_logs(tmp_path)
+    assert state == "COMPLETED", log
+    assert "SIGTERM, forwarding" in log
+    rep = replay(work / "yoda.journal")
+    led = rep.ledger
+    assert led.count(State.LEASED) == 0 and not rep.unsent, log
+    released = {led.range_id(r) for r in range(led.n) if led.state(r) is State.READY}
+    problems, _ = invariant(server, work, require_all=False)
+    assert problems == [], log
+    by_status: dict[str, set[str]] = {}
+    for r in server.store.ranges():
+        by_status.setdefault(r["status"], set()).add(r["range_id"])
+    assert set(by_status) <= {"finished", "sent", "ready"}
+    assert by_status.get("sent", set()) == released  # given back, for the next job
+    assert 0 < len(by_status.get("finished", ())) < n, "the drain came after the task ended"

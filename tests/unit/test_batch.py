@@ -71,8 +71,9 @@ def test_slurm_script(tmp_path: Path) -> None:
         "--partition=debug",
         "--account=atlas",
     ]
+    # Yoda is one extra rank on the first node: 8 droids for the 8 rank slots
     assert launch_line(script) == [
-        "mpiexec", "-n", "8", "--map-by", "ppr:4:node:pe=2",
+        "mpiexec", "-n", "9", "--map-by", "node", "--bind-to", "none", "--oversubscribe",
         "pilot", "hpc", "--url", "https://panda.example:25443", "--queue", "CERN_HPC",
         "--slots", "2", "--walltime-end", "END",
     ]  # fmt: skip
@@ -89,11 +90,11 @@ def test_slurm_srun_launcher_and_long_walltime() -> None:
     script = render_script(req(launcher="srun", walltime=2 * 86400 + 61, oversubscribe=True))
     assert "#SBATCH --time=2-00:01:01" in script
     assert launch_line(script)[:8] == [
-        "srun", "--mpi=pmi2", "--nodes=2", "--ntasks=8", "--ntasks-per-node=4",
-        "--cpus-per-task=2", "--kill-on-bad-exit=0", "--overcommit",
+        "srun", "--mpi=pmi2", "--nodes=2", "--ntasks=9", "--distribution=cyclic",
+        "--cpus-per-task=2", "--overcommit", "--kill-on-bad-exit=0",
     ]  # fmt: skip
-    # srun forwards signals to its tasks itself: no per-child forwarding.
-    assert "pgrep" not in script
+    # srun forwards signals to its tasks itself: no per-child forwarding, no relay.
+    assert "pgrep" not in script and "pilot-signal-relay" not in script
 
 
 def test_pbs_pro_script(tmp_path: Path) -> None:
@@ -107,7 +108,8 @@ def test_pbs_pro_script(tmp_path: Path) -> None:
         "-q prod",
         "-A HEP",
     ]
-    assert launch_line(script)[:5] == ["mpiexec", "-n", "8", "--map-by", "ppr:4:node:pe=2"]
+    assert launch_line(script)[:5] == ["mpiexec", "-n", "9", "--map-by", "node"]
+    assert "pilot-signal-relay" not in script  # qsig reaches the batch shell itself
     bash_syntax_ok(script, tmp_path)
 
 
@@ -159,7 +161,7 @@ def test_mpiexec_options() -> None:
         req(cores_per_rank=1, allow_run_as_root=True, oversubscribe=True, ulfm=True)
     )
     assert argv == [
-        "mpiexec", "--allow-run-as-root", "-n", "8", "--map-by", "ppr:4:node",
+        "mpiexec", "--allow-run-as-root", "-n", "9", "--map-by", "node", "--bind-to", "none",
         "--oversubscribe", "--with-ft", "ulfm",
     ]  # fmt: skip
 
@@ -329,7 +331,8 @@ CLI = ["--nodes", "1", "--walltime", "10", "--harvester", "/ap"]
 
 def test_submit_main_writes_and_submits(tmp_path: Path, capsys) -> None:
     fake = FakeSubmit(CommandResult(0, "Job <5> is submitted to queue <q>.\n", ""))
-    code = submit_main(["--scheduler", "lsf", *CLI, "--log-dir", str(tmp_path)], run=fake)
+    cli = ["--nodes", "1", "--walltime", "10", "--harvester", str(tmp_path)]
+    code = submit_main(["--scheduler", "lsf", *cli, "--log-dir", str(tmp_path)], run=fake)
     assert code == 0
     assert capsys.readouterr().out.strip() == "5"
     written = list(tmp_path.glob("panda-pilot-*.sh"))
@@ -384,7 +387,8 @@ def test_submit_main_usage_errors(argv: list[str], capsys) -> None:
 
 def test_submit_main_reports_a_failed_submit(tmp_path: Path, capsys) -> None:
     fake = FakeSubmit(CommandResult(1, "", "sbatch: error: Batch job submission failed"))
-    code = submit_main(["--scheduler", "slurm", *CLI, "--log-dir", str(tmp_path)], run=fake)
+    cli = ["--nodes", "1", "--walltime", "10", "--harvester", str(tmp_path)]
+    code = submit_main(["--scheduler", "slurm", *cli, "--log-dir", str(tmp_path)], run=fake)
     assert code == 1
     assert "submission failed" in capsys.readouterr().err
 
@@ -393,3 +397,48 @@ def test_both_upstreams_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as exc:
         submit_main(["--scheduler", "slurm", *CLI, "--url", "http://x", "--queue", "Q"])
     assert exc.value.code == 2
+
+
+# -- a new user's first try --------------------------------------------------------
+
+
+def test_defaults_give_yoda_and_a_droid_on_one_node(tmp_path: Path) -> None:
+    """``--nodes 1`` and nothing else: no walltime (the queue's limit), Yoda plus one
+    droid, the work directory made by the script, a relay for scancel --signal."""
+    r = BatchRequest(scheduler="slurm", nodes=1, url="http://x", queue="Q", workdir="/w/new")
+    script = render_script(r)
+    assert not any(d.startswith("--time") for d in directives(script, "#SBATCH"))
+    assert "#SBATCH --ntasks-per-node=1" in script
+    launch = next(x for x in script.splitlines() if x.startswith("mpiexec"))
+    assert launch.startswith("mpiexec -n 2 ")
+    assert launch.endswith('${PILOT_WALLTIME_END:+--walltime-end "$PILOT_WALLTIME_END"} &')
+    assert "PILOT_WALLTIME_END='' ;;" in script
+    assert script.index("mkdir -p /w/new || exit 1") < script.index("cd /w/new || exit 1")
+    assert "srun --overlap" in script and "pilot-signal-relay" in script
+    assert script.index("trap '' TERM") > script.index("PILOT_RC=$?")
+    bash_syntax_ok(script, tmp_path)
+
+
+def test_flux_cannot_add_a_rank_and_says_so() -> None:
+    with pytest.raises(PilotError) as err:
+        req("flux", nodes=1, ranks_per_node=1, url="http://x")
+    assert "pilot hpc needs two" in err.value.detail
+
+
+def test_submit_time_errors_for_what_cannot_work(tmp_path: Path, capsys) -> None:
+    fake = FakeSubmit(CommandResult(0, "1\n", ""))
+    base = ["--scheduler", "slurm", "--nodes", "1", "--log-dir", str(tmp_path)]
+    missing = tmp_path / "no-such-ap"
+    assert submit_main([*base, "--harvester", str(missing)], run=fake) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    work = tmp_path / "new" / "work"
+    url = ["--url", "http://x", "--queue", "Q", "--workdir", str(work)]
+    assert submit_main([*base, *url, "--resume"], run=fake) == 2
+    assert "no yoda.journal" in capsys.readouterr().err
+    assert work.is_dir()  # made at submit time
+    (work / "yoda.journal").write_bytes(b"")
+    assert submit_main([*base, *url], run=fake) == 2
+    assert "--resume to go on" in capsys.readouterr().err
+    assert fake.calls == []
+    assert submit_main([*base, *url, "--resume"], run=fake) == 0
+    assert len(fake.calls) == 1

@@ -26,7 +26,7 @@ def job_def(pid: int) -> dict:
 
 
 def test_worker_jobs_follow_worker_pandaids(tmp_path):
-    ap = HarvesterAccessPoint(tmp_path, many_jobs=True)
+    ap = HarvesterAccessPoint(tmp_path)
     (tmp_path / "HPCJobs.json").write_text(json.dumps({str(p): job_def(p) for p in (5, 6, 7)}))
     assert sorted(j.panda_id for j in ap.worker_jobs()) == [5, 6, 7]
     (tmp_path / "worker_pandaids.json").write_text("[7, 5]")
@@ -36,20 +36,21 @@ def test_worker_jobs_follow_worker_pandaids(tmp_path):
         ap.worker_jobs()
 
 
-def test_many_jobs_ranges_come_from_the_job_directory(tmp_path):
-    ap = HarvesterAccessPoint(tmp_path, many_jobs=True)
-    src = HarvesterEventSource(ap, wait_timeout=30, first_delay=0.02)
+def test_event_requests_and_ranges_are_at_the_top_in_every_map_type(tmp_path):
+    ap = HarvesterAccessPoint(tmp_path, map_type="ManyToOne")
+    src = HarvesterEventSource(ap, block=30, first_delay=0.02)
     rng = {"eventRangeID": "3-6-1-1-0", "startEvent": 1, "lastEvent": 2, "LFN": "f", "GUID": "g"}
 
     def harvester():
-        request = json.loads((tmp_path / "6" / "worker_requestevents.json").read_text())
-        assert request["6"]["nRanges"] == 4
-        (tmp_path / "6" / "JobsEventRanges.json").write_text(json.dumps({"6": [rng]}))
+        request = json.loads((tmp_path / "worker_requestevents.json").read_text())
+        assert request["6"]["nRanges"] == 16
+        (tmp_path / "JobsEventRanges.json").write_text(json.dumps({"6": [rng]}))
 
     t = threading.Timer(0.1, harvester)
     t.start()
     assert src.get_event_ranges(6, 2, 3, 4) == [rng]
     t.join()
+    assert not (tmp_path / "6").exists()
 
 
 def test_silent_harvester_ends_the_job_with_a_clear_error(tmp_path):

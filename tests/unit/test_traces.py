@@ -63,3 +63,23 @@ def test_unwritable_unsent_file_is_only_logged(tmp_path: Path) -> None:
     blocker.write_text("")
     sender = TraceSender("", unsent=blocker / "sub" / "unsent.jsonl")
     assert sender.send(Trace()) is False
+
+
+def test_a_replay_takes_the_spool_so_appends_meanwhile_are_kept(tmp_path: Path) -> None:
+    """Droids share a spool: what another process appends during a replay is not lost,
+    and a second replay finds nothing of the first one's to send again."""
+    spool = tmp_path / "unsent.jsonl"
+    spool.write_text('{"filename": "a"}\n{"filename": "b"}\n')
+    posted: list[str] = []
+
+    class Session:
+        def post(self, url, data, headers, timeout, **kw):
+            posted.append(json.loads(data)["filename"])
+            with open(spool, "a") as fh:  # another droid keeps a trace meanwhile
+                fh.write(json.dumps({"filename": f"new{len(posted)}"}) + "\n")
+            return type("R", (), {"status_code": 201, "close": lambda self: None})()
+
+    sender = TraceSender("http://127.0.0.1:9/traces/", unsent=spool, session=Session())
+    assert sender.resend() == 2 and posted == ["a", "b"]
+    assert [json.loads(x)["filename"] for x in spool.read_text().splitlines()] == ["new1", "new2"]
+    assert not list(tmp_path.glob("*.replay"))
