@@ -12,6 +12,11 @@ already final, and the embedded dispatcher records it only as a duplicate
 (it deduplicates final states on ``(jobId, attemptNr)``). No extra field is
 added, since a real PanDA server is strict about updateJob's parameters.
 
+Entries keep the legacy method and field names (``updateJob``, ``jobId``,
+``state`` ...) whatever API carried the first try: the client maps them to
+``/api/v1`` when it sends them, so a spool written against an old server is
+delivered to a current one, and the other way round.
+
 An update the server understood and refused (unknown job, bad field) cannot
 succeed by being sent again: it moves to ``rejected/`` for an operator, it
 is never silently dropped.

@@ -178,7 +178,9 @@ def update_job(
     if result.disposition == "unknown":
         # the server tells the pilot of a job it does not know to stop
         return envelope(True, data={"StatusCode": 0, "command": "tobekilled"})
-    command = None if result.command in ("", "NULL") else result.command
+    # panda-server 1.0.4 sends "NULL" (a string) when it has no command for the pilot, and
+    # "alreadydone" to a final update of a job whose final state it has already
+    command = "alreadydone" if result.disposition == "duplicate" else result.command or "NULL"
     return envelope(True, data={"StatusCode": result.status_code, "command": command})
 
 

@@ -155,3 +155,34 @@ def test_running_updates_answered_none_count_as_taken(tmp_path: Path) -> None:
         ranges = client.get_event_ranges(pid, 0, 5, 2)
         running = [{"eventRangeID": r["eventRangeID"], "eventStatus": "running"} for r in ranges]
         assert client.update_event_ranges(running) == [True, True]
+
+
+def test_spool_written_against_an_old_server_is_delivered_to_a_current_one(
+    tmp_path: Path,
+) -> None:
+    from pilot.comm.panda import PandaUpstream
+    from pilot.comm.spool import Spool
+    from pilot.job import Job
+
+    db = tmp_path / "s.db"
+    old = EmbeddedServer(db, legacy_only=True).start()
+    port, token = old.port, old.token
+    (pid,) = old.load_jobs({"transformation": "x"})
+    client = PandaClient(old.url, token=token, retries=0)
+    upstream = PandaUpstream(client, Spool(tmp_path / "spool"), site_name="Q", node="n1")
+    job = Job.from_panda(client.get_job("Q"))
+    assert client.api_in_use is Api.LEGACY
+    old.stop()  # gone before the final update: spooled
+    final = {"state": "finished", "pilotErrorCode": 0, "startTime": "2026-01-01 00:00:00"}
+    assert upstream.final_update(job, final) is False
+    current = EmbeddedServer(db, port=port, token=token).start()  # upgraded in the meantime
+    try:
+        fresh = PandaClient(current.url, token=token, retries=0)  # the next pilot's client
+        assert PandaUpstream(fresh, upstream.spool).flush() == (1, 0)
+        assert fresh.api_in_use is Api.V1
+        (record,) = current.final_records(pid)
+        assert record["fields"]["state"] == "finished"
+        assert record["fields"]["startTime"] == "2026-01-01 00:00:00"
+        assert "timestamp" not in record["fields"]  # went over v1, which has no such parameter
+    finally:
+        current.stop()

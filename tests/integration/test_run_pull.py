@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pilot.comm.panda import PandaClient, PandaUpstream
+from pilot.comm.spool import Spool
 from pilot.server.serve import EmbeddedServer
 from tests.conftest import PYTHON, REPO, job_dict
 
@@ -155,3 +157,49 @@ def test_token_and_api_options(server: EmbeddedServer, tmp_path: Path) -> None:
     (record,) = server.final_records(panda_id)
     assert record["fields"]["state"] == "finished"
     assert "timestamp" in record["fields"]  # a legacy update: v1 has no such parameter
+
+
+def test_event_service_server_down_and_500_quirk_every_range_once(tmp_path: Path) -> None:
+    """The server goes away mid-job and comes back, and every update_event_ranges answer is
+    panda-server 1.0.4's HTTP 500 after the write: each range is still recorded exactly once."""
+    quirk = {"update_event_ranges_500"}
+    db = tmp_path / "panda.db"
+    server = EmbeddedServer(db, quirks=quirk).start()
+    port, token = server.port, server.token
+    task = {
+        "nRanges": 80,
+        "nEventsPerRange": 2,
+        "LFN": "EVNT.toy",
+        "job": {"transformation": PYTHON, "jobPars": "-m pilot.payloads.toysim --cpu-per-event 0.02",
+                "scopeLog": "toy", "logFile": "toy.log.tgz", "computingSite": "TEST_QUEUE"},
+    }  # fmt: skip
+    (panda_id,) = server.load_task(task)["PandaIDs"]
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "pilot.cli", "run", "--url", server.url, "--queue", "TEST_QUEUE",
+         "--workdir", str(tmp_path / "w"), "--token-file", str(server.token_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # until a few ranges are recorded
+            if sum(server.store.range_update_counts().values()) >= 5 or proc.poll() is not None:
+                break
+            threading.Event().wait(0.05)
+        server.stop()  # the server is down while the payload goes on
+        threading.Event().wait(2.0)
+        server = EmbeddedServer(db, port=port, token=token, quirks=quirk).start()
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        counts = server.store.range_update_counts()
+        assert len(counts) == 80 and set(counts.values()) == {1}, counts
+        assert server.store.range_counts(panda_id) == {"finished": 80}
+        # a final update the server missed waits in the spool for the next pilot, which
+        # sends it first thing; either way it is recorded once
+        client = PandaClient(server.url, token=token, retries=0)
+        assert PandaUpstream(client, Spool(tmp_path / "w" / "spool")).flush()[1] == 0
+        (record,) = server.final_records(panda_id)
+        assert record["fields"]["state"] == "finished"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        server.stop()
