@@ -275,6 +275,8 @@ def test_event_service_job_ranges_in_batches(backend: Backend) -> None:
 def _pilot(real: realpanda.RealPanda, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "pilot.cli", "run", "--url", real.url, "--queue", QUEUE,
             "--max-jobs", "1", "--workdir", str(workdir), "--kill-grace", "2",
+            # the queue names rucio, which this test has no server of: storage on disk
+            "--copytool", "copy",
             "--queuedata-url", f"{real.url}/cache/schedconfig/{QUEUE}.all.json", *extra]  # fmt: skip
     return subprocess.run(argv, capture_output=True, text=True, timeout=600)
 
