@@ -16,7 +16,6 @@ Usage: ``python benchmarks/bench_api.py [--jobs 100] [--batch 100] [--rounds 2]`
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,33 +24,12 @@ from pathlib import Path
 
 import psutil
 import requests
+from bench_dispatcher import server_cpu as cpu
+from bench_dispatcher import start_server
 
 from pilot.comm.panda import PandaClient
 
-TOKEN = "bench"
-
-
-def start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
-    url_file = workdir / "url"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pilot.cli", "serve", "--db", str(workdir / "s.db"), "--port", "0",
-         "--token", TOKEN, "--url-file", str(url_file)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    delay = 0.02
-    for _ in range(60):
-        if url_file.is_file() and url_file.read_text().strip():
-            return proc, url_file.read_text().strip()
-        time.sleep(delay)
-        delay = min(delay * 2, 0.5)
-    proc.kill()
-    raise SystemExit("pilot serve did not start")
-
-
-def cpu(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return t.user + t.system
+TOKEN = "bench"  # the token bench_dispatcher's server is started with
 
 
 def load(url: str, jobs: int, ranges: int) -> None:
@@ -109,7 +87,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per API")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_server(Path(tmp))
+        proc, url = start_server(Path(tmp), Path(tmp) / "s.db")
         try:
             server = psutil.Process(proc.pid)
             load(url, args.jobs * 2 * args.rounds, args.batch)
