@@ -120,36 +120,35 @@ def make_es_runner(
 ) -> Callable[..., dict[str, Any]]:
     """A workflow ``es_runner`` bound to one range source and reporter."""
 
-    def _run(job: Job, workdir: Path, config: Any, stop: Any, hook: Any, deadline: Any) -> Any:
-        return run_event_service(
-            job,
-            workdir,
-            source,
-            reporter,
-            env=payload_environment(
-                job, workdir, extra=config.extra_env, payload_proxy=config.payload_proxy
-            ),
-            range_timeout=range_timeout if range_timeout is not None else config.es_range_timeout,
-            ready_timeout=config.es_ready_timeout,
-            final_wait=config.es_final_wait,
-            container=payload_container(job, config),
-            connections=ConnectionWatch(
-                workdir, connection_policy(config), isolated=network_isolated(config)
-            ),
-            report_interval=report_interval,
-            deadline=deadline,
-            stop_event=stop,  # type: ignore[arg-type]
-            stage_out=hook,
-            kill_grace=config.kill_grace,
-            zip_outputs=zip_outputs,
-        )
-
     def run(job: Job, workdir: Path, config: Any, stop: _Stop | None) -> dict[str, Any]:
         hook = stage_out if stage_out is not None else range_stage_out(job, config)
         limit = wall_limit(job, config)
         deadline = time.time() + limit if limit != float("inf") else None
+        policy = connection_policy(config)  # host names in an allow-list resolve once
+        lease = range_timeout if range_timeout is not None else config.es_range_timeout
         with job_secrets(workdir, job.raw):
-            summary = _run(job, workdir, config, stop, hook, deadline)
+            summary = run_event_service(
+                job,
+                workdir,
+                source,
+                reporter,
+                env=payload_environment(
+                    job, workdir, extra=config.extra_env, payload_proxy=config.payload_proxy
+                ),
+                range_timeout=lease,
+                ready_timeout=config.es_ready_timeout,
+                final_wait=config.es_final_wait,
+                container=payload_container(job, config),
+                connections=ConnectionWatch(
+                    workdir, policy, isolated=network_isolated(config, policy)
+                ),
+                report_interval=report_interval,
+                deadline=deadline,
+                stop_event=stop,  # type: ignore[arg-type]
+                stage_out=hook,
+                kill_grace=config.kill_grace,
+                zip_outputs=zip_outputs,
+            )
         error = summary.error
         if stop is not None and stop.signum is not None:
             error = PilotError(signal_code(stop.signum), f"pilot received signal {stop.signum}")

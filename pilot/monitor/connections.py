@@ -261,9 +261,9 @@ def connection_policy(config: Any) -> ConnectionPolicy:
     )
 
 
-def network_isolated(config: Any) -> bool:
+def network_isolated(config: Any, policy: ConnectionPolicy) -> bool:
     """True when the payload gets no network at all: a container under deny-all."""
-    return getattr(config, "container", None) is not None and connection_policy(config).denies_all
+    return getattr(config, "container", None) is not None and policy.denies_all
 
 
 def parse_rule(text: str) -> list[AllowRule]:
