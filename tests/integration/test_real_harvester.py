@@ -202,21 +202,9 @@ def test_one_to_one_event_service_on_one_node(harvester: RealHarvester, tmp_path
 def test_one_to_one_event_service_under_mpi(harvester: RealHarvester, tmp_path: Path) -> None:
     ap = tmp_path / "ap"
     job = getjob(7006, "-m pilot.payloads.toysim", eventService="True")
-    argv = mpi_argv(3) + [
-        PYTHON,
-        "-m",
-        "pilot.cli",
-        "hpc",
-        "--harvester",
-        str(ap),
-        "--workdir",
-        str(tmp_path / "work"),
-        "--hb-interval",
-        "1",
-        "--harvester-heartbeat",
-        "1",
-    ]
-    sc = scenario(tmp_path, [job], argv, ranges={"7006": make_ranges(77, 7006, 30)})
+    sc = scenario(
+        tmp_path, [job], hpc_argv(tmp_path, ap), ranges={"7006": make_ranges(77, 7006, 30)}
+    )
     sc["env"]["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
     res = harvester.drive(sc, tmp_path)
     assert res["pilot_rc"] == 0 and res["killed"], (tmp_path / "pilot.log").read_text()[-3000:]
