@@ -296,7 +296,6 @@ def _run_pull(args: argparse.Namespace) -> int:
     from pilot.comm.panda import PandaClient, PandaUpstream, pull_jobs  # noqa: PLC0415
     from pilot.comm.spool import Spool  # noqa: PLC0415
     from pilot.eventservice.jobrunner import make_es_runner  # noqa: PLC0415
-    from pilot.queue import resolve_queue  # noqa: PLC0415
 
     try:
         client = PandaClient.from_env(
@@ -305,23 +304,19 @@ def _run_pull(args: argparse.Namespace) -> int:
             token=server_token(args.token_file),
             api=args.panda_api or "auto",
         )
-        queue = resolve_queue(
-            args.site, queuedata_url=args.queuedata_url or None, server_url=args.url
-        )
+        queue_settings = _queue_settings(args, server_url=args.url)
     except PilotError as exc:
         print(f"pilot: {int(exc.code)} {exc.acronym}: {exc.diag}", file=sys.stderr)
         return 1
     workdir = Path(args.workdir or "pilot-work").resolve()
     storage = str(workdir / "storage")
-    queue_dict = queue.to_dict()
     config = _config(
         args,
         workdir=workdir,
         input_url=args.input_url or storage,
         output_url=args.output_url or storage,
-        queue=queue_dict,
-        container=ContainerSpec.from_queue(queue_dict),
         secret_files=(args.token_file,) if args.token_file else (),
+        **queue_settings,
     )
     upstream = PandaUpstream(
         client, Spool(workdir / "spool"), site_name=config.site_name, node=config.node
