@@ -304,9 +304,7 @@ class EventExecutor(HeldRanges):
         self.payload.kill_tree(grace=5.0, reason_code=ErrorCode.EXCEEDEDMAXWAITTIME, reason=why)
         for rid in list(self._in_flight):
             self._fail(rid, RangeStatus.FAILED, ErrorCode.EXCEEDEDMAXWAITTIME, why)
-        self._exited = True
-        self._close_pidfd()
-        self._close_channel()
+        self._ended()
         if not (self._told and not self._queue):
             self.error = PilotError(ErrorCode.EXCEEDEDMAXWAITTIME, why)
 
@@ -327,16 +325,12 @@ class EventExecutor(HeldRanges):
                 rid, RangeStatus.FAILED, code, f"payload {'killed' if reason else 'died'}: {why}"
             )
         if self._told and not self._queue:
-            self._exited = True
-            self._close_pidfd()
-            self._close_channel()
+            self._ended()
             log.info("event-service payload exited with %d after the last range", rc)
             return
         hopeless = diag.pilot_error_code == ErrorCode.TRANSFORMNOTFOUND and not self._said_ready
         if self.restarts >= self.max_restarts or hopeless:
-            self._exited = True
-            self._close_pidfd()
-            self._close_channel()
+            self._ended()
             code = diag.pilot_error_code or ErrorCode.ESRECOVERABLE
             self.error = PilotError(
                 code, f"payload failed {self.restarts + 1} times, giving up; last: {why}"
@@ -346,6 +340,12 @@ class EventExecutor(HeldRanges):
         self.restarts += 1
         log.warning("payload exited (%s): restart %d of %d", why, self.restarts, self.max_restarts)
         self._launch()
+
+    def _ended(self) -> None:
+        """The payload is gone for good: no restart, its channel and pidfd closed."""
+        self._exited = True
+        self._close_pidfd()
+        self._close_channel()
 
     def _close_channel(self) -> None:
         if self._channel is not None:
