@@ -37,7 +37,7 @@ def find_ranks(proc: subprocess.Popen, size: int, timeout: float = 60) -> dict[i
         for c in psutil.Process(proc.pid).children(recursive=True):
             try:
                 rank = c.environ().get("OMPI_COMM_WORLD_RANK")
-                if rank is not None and "hpc.roles" in " ".join(c.cmdline()):
+                if rank is not None and "pilot.ranks" in " ".join(c.cmdline()):
                     found[int(rank)] = c
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
@@ -85,7 +85,7 @@ def main() -> None:
                 *mpiexec_argv(n_droids + 1),
                 sys.executable,
                 "-m",
-                "hpc.roles",
+                "pilot.ranks",
                 "--url",
                 server.url,
                 "--token-file",

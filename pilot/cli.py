@@ -78,7 +78,7 @@ def hpc_main(argv: list[str]) -> int:
     if argv and argv[0] in _HPC_TOOLS:
         module, func = _HPC_TOOLS[argv[0]]
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
-    return int(importlib.import_module("hpc.roles").main(argv) or 0)
+    return int(importlib.import_module("pilot.ranks").main(argv) or 0)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -56,7 +56,7 @@ def start_hpc(server, workdir: Path, *extra: str, n: int = 4, jobs: int = 1) -> 
     argv = mpi_argv(n) + [
         sys.executable,
         "-m",
-        "hpc.roles",
+        "pilot.ranks",
         "--url",
         server.url,
         "--token-file",
@@ -172,7 +172,7 @@ def _rank_procs(proc: subprocess.Popen) -> dict[int, psutil.Process]:
     for child in children:
         try:
             rank = child.environ().get("OMPI_COMM_WORLD_RANK")
-            if rank is not None and "hpc.roles" in " ".join(child.cmdline()):
+            if rank is not None and "pilot.ranks" in " ".join(child.cmdline()):
                 found[int(rank)] = child
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

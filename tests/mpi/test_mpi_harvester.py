@@ -27,7 +27,7 @@ def run_hpc(tmp_path: Path, ap: Path, *extra: str, timeout: float = 120) -> int:
     argv = mpi_argv(3) + [
         sys.executable,
         "-m",
-        "hpc.roles",
+        "pilot.ranks",
         "--harvester",
         str(ap),
         "--workdir",
@@ -162,7 +162,7 @@ def test_a_drained_worker_leaves_the_job_final(tmp_path: Path, monkeypatch):
     ap.mkdir()
     harvester = FakeHarvester(ap, 5301, 400, pars="--cpu-per-event 0.02").start()
     argv = mpi_argv(3) + [
-        sys.executable, "-m", "hpc.roles", "--harvester", str(ap),
+        sys.executable, "-m", "pilot.ranks", "--harvester", str(ap),
         "--workdir", str(tmp_path / "work"), "--hb-interval", "1",
         "--harvester-heartbeat", "1", "--term-grace", "10",
     ]  # fmt: skip
@@ -205,7 +205,7 @@ def test_many_to_one_drain_leaves_every_job_final(tmp_path: Path):
         (ap / str(pid) / "HPCJobs.json").write_text(json.dumps({str(pid): d}))
     (ap / "worker_pandaids.json").write_text(json.dumps(list(jobs)))
     argv = mpi_argv(3) + [
-        sys.executable, "-m", "hpc.roles", "--harvester", str(ap),
+        sys.executable, "-m", "pilot.ranks", "--harvester", str(ap),
         "--workdir", str(tmp_path / "work"), "--harvester-heartbeat", "1",
     ]  # fmt: skip
     log = open(tmp_path / "mpiexec.log", "wb")

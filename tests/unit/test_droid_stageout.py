@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from droid.executors import PerRange
-from hpc.roles import build_parser, output_storage
+from droid.rank import output_storage
 from hpc.wire import FAILED, FINISHED
 from pilot.errors import ErrorCode, PilotError
 from pilot.eventservice.model import RangeResult, RangeStatus
+from pilot.ranks import build_parser
 from yoda.ledger import Ledger
 
 

@@ -1,5 +1,9 @@
 """``pilot hpc --harvester AP`` with ordinary jobs: whole jobs, one per rank at a time.
 
+A rank role beside :func:`pilot.workflow.run_job`, whose job life it runs on each
+rank; :mod:`pilot.ranks` picks it. (Not in ``hpc``, which holds only what the roles
+share: transport, wire, batch systems, resources.)
+
 Harvester feeds a ManyToOne worker several ordinary jobs, each job's spec in
 ``AP/<PandaID>/``, and never feeds it event ranges. So there is nothing for
 Yoda to split: rank 0 hands out whole jobs, one at a time, to the ranks that
@@ -37,7 +41,7 @@ from pilot.job import Job
 from pilot.monitor.watch import make_monitor
 from pilot.workflow import StopSignal, run_job
 
-log = logging.getLogger("hpc.wholejobs")
+log = logging.getLogger("pilot.wholejobs")
 
 DEATH_CODE = ErrorCode.INTERNALPILOTPROBLEM
 

@@ -1,0 +1,61 @@
+"""The ranks > 0 of ``pilot hpc``: a Droid with its executor and output storage.
+
+:mod:`pilot.ranks` parses the command line and calls :func:`run_droid` on
+every rank but 0. Work directories: ``droid<rank>/<PandaID>/`` with the
+outputs renamed into ``droid<rank>/<PandaID>/outputs/`` when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+from droid.droid import Droid, DroidOptions
+from droid.executors import event_executor
+from droid.nullexec import NullExecutor
+from hpc.transport import Transport
+
+log = logging.getLogger("droid.rank")
+
+
+def output_storage(args: argparse.Namespace) -> SimpleNamespace:
+    """Where the droids store finished ranges' outputs, with ``pilot run``'s defaults:
+    the ``copy`` copytool into ``WORKDIR/storage`` with ``--url``; with ``--harvester``
+    the outputs stay where they are and Harvester stages them out."""
+    return SimpleNamespace(
+        copytool=args.copytool or ("harvester" if args.harvester else "copy"),
+        copytool_options={},
+        output_url=args.output_url,
+        workdir=str(Path(args.workdir).resolve()),
+        stageout_timeout=3600.0,
+    )
+
+
+def run_droid(args: argparse.Namespace, transport: Transport) -> int:
+    workdir = Path(args.workdir) / f"droid{transport.rank}"
+    if args.executor == "null":
+
+        def factory(job, wd, slots, lease_s):
+            return NullExecutor(job, wd, slots, write_outputs=True)
+
+    else:
+        factory = partial(event_executor, storage=output_storage(args))
+    droid = Droid(transport, workdir, factory, DroidOptions(slots=max(1, args.slots)))
+
+    # The batch system signals every rank; Yoda's DRAIN follows. Until then the
+    # droid takes nothing new and finishes what runs.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: droid.request_drain())
+    rc = droid.run()
+    if droid.yoda_dead:
+        # Not the normal path: with rank 0 gone, MPI_Finalize may wait for it forever.
+        # The payloads are stopped and the results are Yoda's journal's business now.
+        log.error("leaving without MPI_Finalize: rank 0 is dead")
+        logging.shutdown()
+        os._exit(3)
+    return rc
