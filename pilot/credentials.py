@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -93,3 +94,15 @@ def token_allowed(url: str) -> bool:
     if parts.scheme == "https":
         return True
     return is_loopback(parts.hostname or "")
+
+
+@dataclass
+class TraceAuth:
+    """What an authenticated trace carries: headers (a Rucio token), a client certificate.
+
+    Here, not in :mod:`pilot.data.traces`, because the Rucio copytool builds it while
+    the trace sender asks the Rucio settings for it: both import this one way."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    cert: str | None = None
+    verify: str | bool | None = None

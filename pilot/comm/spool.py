@@ -20,16 +20,19 @@ delivered to a current one, and the other way round.
 An update the server understood and refused (unknown job, bad field) cannot
 succeed by being sent again: it moves to ``rejected/`` for an operator, it
 is never silently dropped.
+
+The spool sends through any :class:`SpoolClient` and never imports the PanDA
+client, which imports it (docs/DESIGN.md, "What each package may import");
+``pilot status --flush`` (:mod:`pilot.server.submit`) builds the client and
+calls :func:`flush_spool`.
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import logging
 import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -173,22 +176,6 @@ class Spool:
             return sent, 0
 
 
-def main_flush(argv: list[str] | None = None) -> int:
-    """``pilot status --flush``: send what the spool holds. Exit 0 when nothing is left."""
-    from pilot.comm.panda import PandaClient  # the client imports this module
-
-    parser = argparse.ArgumentParser(prog="pilot status --flush")
-    parser.add_argument("--spool", required=True, help="spool directory")
-    parser.add_argument("--url", required=True, help="PanDA server URL")
-    parser.add_argument(
-        "--token", default=None, help="bearer token (default: the file $OIDC_AUTH_TOKEN names)"
-    )
-    parser.add_argument("--retries", type=int, default=2)
-    args = parser.parse_args(argv)
-    extra = {"token": args.token} if args.token else {}
-    return flush_spool(args.spool, PandaClient.from_env(args.url, retries=args.retries, **extra))
-
-
 def flush_spool(directory: str | Path, client: SpoolClient) -> int:
     """Flush and print a one-line summary; 0 when nothing is left, 1 otherwise."""
     spool = Spool(directory)
@@ -196,7 +183,3 @@ def flush_spool(directory: str | Path, client: SpoolClient) -> int:
     refused = len(spool.rejected())
     print(f"spool {directory}: sent {sent}, left {left}, refused (kept) {refused}")
     return 0 if left == 0 else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main_flush())

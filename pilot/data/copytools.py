@@ -4,44 +4,24 @@ A copytool moves one file between a storage URL and a local path and tells
 what it moved (size and checksums, computed while copying so a file is read
 once). Stage-in/out (``pilot.data.staging``) chooses the copytool from the
 queue configuration and turns failures into PanDA codes per direction.
+
+:func:`make_copytool` knows every copytool, so this module imports the
+others (``http``, ``rucio``) and none of them imports it: what they share is
+in :mod:`pilot.data.transfer` (docs/DESIGN.md, "What each package may import").
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import unquote, urlparse
 
 from pilot.data.checksum import CHUNK, StreamChecksum
+from pilot.data.transfer import Copytool, TransferResult, remove_quietly  # noqa: F401 - re-exported
 from pilot.errors import ErrorCode, PilotError
 
 DEFAULT_NAME = "copy"
-
-
-@dataclass
-class TransferResult:
-    """What one transfer moved."""
-
-    size: int
-    adler32: str
-    md5: str = ""
-    seconds: float = 0.0
-    url: str = ""
-    rse: str = ""  # the storage endpoint that served or took the file, when known
-
-
-class Copytool(Protocol):
-    name: str
-
-    def get(
-        self, url: str, dest: Path, *, checksum: str = "", timeout: float = 0
-    ) -> TransferResult: ...
-
-    def put(self, src: Path, url: str, *, timeout: float = 0) -> TransferResult: ...
 
 
 def url_to_path(url: str) -> Path:
@@ -172,13 +152,3 @@ def make_copytool(name: str, **options: object) -> Copytool:
 
         return RucioCopyTool(options.get("rucio"))  # type: ignore[arg-type]
     raise PilotError(ErrorCode.UNKNOWNCOPYTOOL, f"copytool {name!r} is unknown")
-
-
-def remove_quietly(path: Path) -> None:
-    try:
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)
-    except OSError:
-        pass

@@ -57,7 +57,7 @@ import urllib3
 
 from pilot.credentials import find_token, install_log_redaction, redact_url, token_allowed
 from pilot.data.checksum import StreamChecksum
-from pilot.data.copytools import TransferResult
+from pilot.data.transfer import TransferResult
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import parse_checksum
 

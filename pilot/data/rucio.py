@@ -49,9 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pilot.credentials import TraceAuth
 from pilot.data.checksum import CHUNK, StreamChecksum
-from pilot.data.copytools import TransferResult, remove_quietly
 from pilot.data.names import check_name, did
+from pilot.data.transfer import TransferResult, remove_quietly
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import FileSpec
 
@@ -140,11 +141,9 @@ class RucioSettings:
     def trace_url(self) -> str:
         return f"{self.host}/traces/"
 
-    def trace_auth(self) -> Any:
+    def trace_auth(self) -> TraceAuth:
         """Credentials for a trace server that is not local: this account's Rucio token,
         the X.509 proxy as client certificate, the CA path."""
-        from pilot.data.traces import TraceAuth  # noqa: PLC0415
-
         client = self.client(30.0, "put")
         headers = {"X-Rucio-Auth-Token": client.auth_token}
         if client.account:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from pilot.credentials import redact_url
 from pilot.data.checksum import file_checksum
-from pilot.data.copytools import Copytool, TransferResult, remove_quietly, url_to_path
+from pilot.data.copytools import url_to_path
 from pilot.data.names import did, storage_url
+from pilot.data.transfer import Copytool, TransferResult, remove_quietly
 from pilot.errors import ErrorCode, PilotError
 from pilot.job import FileSpec, Job
 

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import requests
 
 import pilot
-from pilot.credentials import is_loopback, redact_url
+from pilot.credentials import TraceAuth, is_loopback, redact_url
 from pilot.errors import PilotError, error_diag
 from pilot.job import FileSpec, Job
 
@@ -334,15 +334,6 @@ class TraceSink:
 
     def __call__(self, event: Any) -> None:
         self.sender.send(Trace.from_event(event, self.job, local_site=self.local_site, pq=self.pq))
-
-
-@dataclass
-class TraceAuth:
-    """What an authenticated trace carries: headers (a Rucio token), a client certificate."""
-
-    headers: dict[str, str] = field(default_factory=dict)
-    cert: str | None = None
-    verify: str | bool | None = None
 
 
 SPOOL_DIR = "trace-spool"
