@@ -14,8 +14,9 @@ Figures printed (all measured in this run):
 * protocol mode: ranges/s through :class:`EventExecutor` with toysim at
   ``--cpu-per-event 0`` (one event per range), and the pilot's own CPU per
   range (messages, output move, adler32);
-* the single-node loop with an in-memory dispatcher and the on-disk spool
-  (fsync per batch), same payload;
+* the single-node engine (Yoda and one Droid in one process, the journal
+  fsynced before every upstream call) with an in-memory dispatcher, same
+  payload: what the ledger, journal and scheduler add to the executor;
 * per-range command mode (one process per range), for comparison.
 
 Usage: ``python benchmarks/bench_eventservice.py [--ranges N]``
@@ -35,10 +36,10 @@ from pathlib import Path
 import zmq
 
 from pilot.eventservice.executor import EventExecutor
-from pilot.eventservice.loop import run_event_service
 from pilot.eventservice.messages import DoneMessage, ReadyMessage, parse_message, range_message
 from pilot.eventservice.yampl import RangeChannel, unique_channel_name
 from pilot.job import EventRange, Job
+from pilot.onenode import OneNode, run_event_service
 
 ECHO_CLIENT = textwrap.dedent(
     """
@@ -191,7 +192,9 @@ class Dispatcher:
 def loop_rate(n: int, workdir: Path) -> tuple[float, float, int]:
     d = Dispatcher(n)
     t0, c0 = time.perf_counter(), time.process_time()
-    s = run_event_service(make_job(""), workdir, d, d, batch_size=100, n_ranges_per_request=100)
+    s = run_event_service(
+        make_job(""), workdir, d, OneNode(batch_size=100, n_ranges_per_request=100)
+    )
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert s.n_finished == n == d.updated, (s.n_finished, d.updated)
     return n / wall, cpu / n, s.n_finished
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rate, cpu, _ = loop_rate(n, tmp / "loop")
         print(
-            f"loop      + dispatcher + spool      {rate:9.0f} ranges/s   pilot CPU {cpu * 1e6:7.1f} us/range"
+            f"one node  + Yoda, Droid, journal    {rate:9.0f} ranges/s   pilot CPU {cpu * 1e6:7.1f} us/range"
         )
         m = args.command_ranges
         pars = (

@@ -287,6 +287,12 @@ class Droid:
             self.executors[panda_id] = ex
         return ex
 
+    def adopt(self, panda_id: int, executor: Executor) -> None:
+        """Run ``panda_id``'s ranges on an executor already started by the caller (the
+        one-node arrangement starts its payload before any range is fetched, so a payload
+        that cannot start costs no range)."""
+        self.executors[panda_id] = executor
+
     def _feed(self) -> None:
         """Give each executor as many of its queued ranges as it wants; the rest stay here."""
         for pid, ex in self.executors.items():
@@ -398,7 +404,10 @@ class Droid:
                 self._give_back_running()
             if self._all_done():  # the last results go with the goodbye
                 return self._goodbye()
-            if time.monotonic() - self._last_heard > self.o.yoda_timeout:
+            if not (self.requested or self.unacked):
+                # Yoda owes nothing: its silence while a long range runs is no sign of death
+                self._last_heard = time.monotonic()
+            elif time.monotonic() - self._last_heard > self.o.yoda_timeout:
                 log.error("no word from Yoda for %.0f s: stopping", self.o.yoda_timeout)
                 break
             # wait: short after activity, longer when idle (never a spin)

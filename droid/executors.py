@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hpc.wire import ResultBatch, WorkBatch
-from pilot.eventservice.loop import stored
 from pilot.eventservice.model import RangeResult
+from pilot.eventservice.stageout import stored
 from pilot.job import EventRange, Job
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class RangeExecutor(Protocol):
 class PerRange:
     """A per-range executor behind the batch interface. With ``stage_out``, a finished
     range's output is stored before its result is handed over, as in the single-node
-    event service (:func:`pilot.eventservice.loop.stored`)."""
+    event service (:func:`pilot.eventservice.stageout.stored`)."""
 
     def __init__(
         self,
@@ -127,7 +127,7 @@ def event_executor(
     output the way ``pilot run`` does (:func:`range_stage_out`); Harvester's copytool
     leaves it where it is."""
     from pilot.eventservice.executor import EventExecutor
-    from pilot.eventservice.jobrunner import range_stage_out
+    from pilot.eventservice.stageout import range_stage_out
 
     inner = EventExecutor(
         job,

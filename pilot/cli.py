@@ -295,7 +295,7 @@ def _run_pull(args: argparse.Namespace) -> int:
     """Pull mode: getJob until the server has none (or ``--max-jobs``), each job to its final update."""
     from pilot.comm.panda import PandaClient, PandaUpstream, pull_jobs  # noqa: PLC0415
     from pilot.comm.spool import Spool  # noqa: PLC0415
-    from pilot.eventservice.jobrunner import make_es_runner  # noqa: PLC0415
+    from pilot.onenode import make_es_runner  # noqa: PLC0415
 
     try:
         client = PandaClient.from_env(
@@ -328,7 +328,7 @@ def _run_pull(args: argparse.Namespace) -> int:
     except PilotError as exc:
         log.warning("spool not flushed: %s", exc)
     counts = {"finished": 0, "failed": 0}
-    es_runner = make_es_runner(client, client)
+    es_runner = make_es_runner(client)
     params = {"prodSourceLabel": args.job_label, "node": config.node, **_node_resources(workdir)}
     with _signals() as stop:
         try:
@@ -422,7 +422,7 @@ def _run_harvester(args: argparse.Namespace) -> int:
         HarvesterUpstream,
         WorkerHeartbeat,
     )
-    from pilot.eventservice.jobrunner import make_es_runner  # noqa: PLC0415
+    from pilot.onenode import make_es_runner  # noqa: PLC0415
 
     root = Path(args.harvester)
     map_type = "ManyToOne" if args.harvester_many_jobs else args.harvester_map_type
@@ -495,7 +495,7 @@ def _run_harvester(args: argparse.Namespace) -> int:
                     upstream,
                     stop=stop,
                     monitor_factory=make_monitor,
-                    es_runner=make_es_runner(source, source),
+                    es_runner=make_es_runner(source),
                 )
                 failed += not result.ok
                 _print_result(

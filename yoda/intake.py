@@ -14,7 +14,6 @@ the same ranges (``tests/unit/test_yoda_parse.py``).
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
@@ -25,7 +24,6 @@ from pilot.errors import ErrorCode, PilotError
 from pilot.job import EventRange, check_lfn, is_null
 from yoda.ledger import ADD_DTYPE, columns_of
 
-_RANGE_ID = re.compile(r"[0-9]+-[0-9]+-[0-9]+-[0-9]+-[0-9]+")
 _FIELDS = operator.itemgetter("eventRangeID", "startEvent", "lastEvent", "LFN", "GUID", "scope")
 # the ledger's column widths: proc u32, attempt u16, events per range u32
 _PROC_MAX, _ATTEMPT_MAX, _NEV_MAX = 2**32 - 1, 2**16 - 1, 2**32 - 1
@@ -53,27 +51,10 @@ def _plain_lfn(lfn: Any) -> bool:
 
 
 def parse_ranges(items: list[Any]) -> list[EventRange | PilotError]:
-    """Validate upstream ranges one by one: the plain common case checked inline,
-    anything unusual through :meth:`EventRange.from_panda` (its diagnostics)."""
+    """Validate upstream ranges one by one with :meth:`EventRange.from_panda` (the one
+    judge of a range, and its diagnostics)."""
     out: list[EventRange | PilotError] = []
     for d in items:
-        if type(d) is dict:
-            rid, start, last = d.get("eventRangeID"), d.get("startEvent"), d.get("lastEvent")
-            lfn = d.get("LFN")
-            guid, scope, pfn = _text(d.get("GUID")), _text(d.get("scope")), _text(d.get("PFN"))
-            if (
-                type(rid) is str
-                and _RANGE_ID.fullmatch(rid)
-                and type(start) is int
-                and type(last) is int
-                and 0 <= start <= last
-                and _plain_lfn(lfn)
-                and guid is not None
-                and scope is not None
-                and pfn is not None
-            ):
-                out.append(EventRange(rid, start, last, lfn, guid, scope, pfn))
-                continue
         try:
             out.append(EventRange.from_panda(d))
         except PilotError as exc:

@@ -52,13 +52,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Ranges:
-    """The answer to a fetch. ``intake`` None and no ``error``: the job has no more ranges."""
+    """The answer to a fetch. ``intake`` None and no ``error``: the job has no more ranges,
+    unless ``pending`` (the upstream's answer is on its way: ask again a little later)."""
 
     req: int
     job: int
     asked: int
     intake: Intake | None = None
     error: str = ""
+    pending: bool = False
 
 
 @dataclass
@@ -100,6 +102,8 @@ def fetch(
         got = up.get_event_ranges(panda_id, jobset_id, task_id, n)
     except PilotError as exc:
         return Ranges(req, job, n, error=str(exc))
+    if got is None:  # Harvester: asked, not answered yet
+        return Ranges(req, job, n, pending=True)
     if not got:
         return Ranges(req, job, n)
     intake = range_columns(got, panda_id)

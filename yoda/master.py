@@ -68,6 +68,11 @@ class YodaOptions:
     max_rejections: int = 5  # an entry the upstream refuses this often is given up
     final_flush_s: float = 60.0  # time to get the last updates through at the end
     bye_wait_s: float = 30.0  # after the drain deadline, how long to wait for BYEs
+    # getEventRanges failures in a row after which the job has no more ranges (and Yoda
+    # keeps the error: see Yoda.error); None: retry until the drain
+    max_fetch_failures: int | None = None
+    pending_wait: float = 1.0  # an upstream whose answer is on its way is asked again then
+    barren_answers: int = 3  # answers in a row with nothing new (duplicates): no more ranges
 
 
 class Yoda:
@@ -83,6 +88,7 @@ class Yoda:
         clock: Callable[[], float] = time.time,
         job_update: Callable[[dict[str, Any]], Any] | None = None,
         link: Link | None = None,
+        stop_when: Callable[[], bool] | None = None,
     ) -> None:
         self.t = transport
         self.link: Link = link if link is not None else InlineLink(upstream)
@@ -98,6 +104,12 @@ class Yoda:
         self._last_update = 0.0
         self._rejections: dict[int, int] = {}
         self._stop_requested = False
+        # asked before each message and at each turn: the one-node arrangement drains
+        # as soon as its payload gave up or the pilot was told to stop
+        self.stop_when = stop_when
+        self.error: PilotError | None = None  # why ranges stopped coming, if not "no more"
+        self._fetch_at = 0.0  # not before: an answer is on its way (Harvester)
+        self._barren: dict[int, int] = {}  # job index -> answers in a row adding nothing
         self.reported = 0
         self.fetched = 0
         self.job_update = job_update  # e.g. PandaClient.update_job (updateJob fields)
@@ -111,6 +123,13 @@ class Yoda:
     def request_drain(self) -> None:
         """Called from a SIGTERM handler: drain at the next turn of the loop."""
         self._stop_requested = True
+
+    def _check_stop(self, now: float) -> None:
+        if self.s.draining:
+            return
+        if self._stop_requested or (self.stop_when is not None and self.stop_when()):
+            log.warning("asked to stop: draining")
+            self._send(self.s.drain(now))
 
     # -- upstream ------------------------------------------------------------
 
@@ -129,6 +148,8 @@ class Yoda:
         Up to ``fetch_depth`` requests per job on their way, so that the link reads the
         next answer while this one is added; answers are picked up by :meth:`collect`."""
         if self.s.exhausted or self.s.draining or not self._fetch_retry.ready(now):
+            return
+        if now < self._fetch_at:
             return
         want = self.s.wanted(self.o.reserve) - sum(n for _, n in self._asked.values())
         if want <= 0:
@@ -162,14 +183,23 @@ class Yoda:
         if ans.error:
             wait = self._fetch_retry.failed(now)
             log.warning("getEventRanges failed (%s); retry in %.1f s", ans.error, wait)
+            limit = self.o.max_fetch_failures
+            if limit is not None and self._fetch_retry.failures >= limit:
+                self.error = PilotError(
+                    ErrorCode.COMMUNICATIONFAILURE,
+                    f"no event ranges after {limit} failures: {ans.error}",
+                )
+                log.error("job %d: %s", panda_id, self.error)
+                self._no_more(panda_id)
+            return 0
+        if ans.pending:
+            self._fetch_at = now + self.o.pending_wait
             return 0
         self._fetch_retry.ok()
         intake = ans.intake
         if intake is None:
             log.info("job %d has no more ranges", panda_id)
-            self._dry.add(panda_id)
-            if all(self._job_keys(j)[0] in self._dry for j in self.book.jobs):
-                self.s.exhausted = True
+            self._no_more(panda_id)
             return 0
         for exc in intake.errors[:10]:
             log.error("job %d: upstream range dropped: %s", panda_id, exc)
@@ -184,7 +214,17 @@ class Yoda:
             )
         rows = self.book.add_columns(ans.job, intake.cols, intake.files)
         self.fetched += len(rows)
+        barren = 0 if len(rows) else self._barren.get(ans.job, 0) + 1
+        self._barren[ans.job] = barren
+        if barren >= self.o.barren_answers:
+            log.error("job %d: %d answers in a row brought nothing new: no more", panda_id, barren)
+            self._no_more(panda_id)
         return len(rows)
+
+    def _no_more(self, panda_id: int) -> None:
+        self._dry.add(panda_id)
+        if all(self._job_keys(j)[0] in self._dry for j in self.book.jobs):
+            self.s.exhausted = True
 
     def unreported(self) -> int:
         """Results journaled and not yet taken by the upstream (waiting, or on their way)."""
@@ -352,15 +392,14 @@ class Yoda:
     def run(self, *, max_seconds: float | None = None) -> int:
         """The loop. Returns 0 when all went out, 1 if results are left in the journal."""
         start = self.clock()
+        self._last_update = start  # a first partial batch waits update_interval too
         self.s.expect(list(range(1, self.t.size)), start)
         self.report_jobs(final=False)
         next_tick = 0.0
         drain_deadline: float | None = None
         while True:
             now = self.clock()
-            if self._stop_requested and not self.s.draining:
-                log.warning("asked to stop: draining")
-                self._send(self.s.drain(now))
+            self._check_stop(now)
             if now >= next_tick:
                 self._send(self.s.tick(now))
                 next_tick = now + self.o.tick_interval
@@ -387,7 +426,9 @@ class Yoda:
             got = self.t.recv(timeout=min(self.o.tick_interval, self.o.update_interval))
             # drain everything queued before the periodic work: messages first
             while got is not None:
-                self._handle(got, self.clock())
+                now = self.clock()
+                self._check_stop(now)
+                self._handle(got, now)
                 got = self.t.recv(timeout=0.0) if self.t.probe() else None
         return self.finish()
 

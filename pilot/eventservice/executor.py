@@ -2,7 +2,7 @@
 
 :class:`EventExecutor` is driven from outside and never blocks for longer
 than the ``timeout`` given to :meth:`EventExecutor.poll`: the single-node
-loop (:mod:`pilot.eventservice.loop`) and an MPI Droid both call it between
+engine (:mod:`pilot.onenode`) and an MPI Droid both call it between
 their own duties. Ranges go in with :meth:`add_ranges`, results come out of
 :meth:`poll` as :class:`RangeResult` with the output renamed into place and
 checksummed.

@@ -273,7 +273,7 @@ def test_an_event_service_payload_that_connects_fails_its_job(config, tmp_path):
         )
         script = tmp_path / "es_connect.py"
         script.write_text(connect)
-        from pilot.eventservice.jobrunner import make_es_runner
+        from pilot.onenode import make_es_runner
 
         class Source:
             def __init__(self) -> None:
@@ -296,7 +296,7 @@ def test_an_event_service_payload_that_connects_fails_its_job(config, tmp_path):
         job = Job.from_panda(job_dict(3006, jobpars=str(script), eventService="True"))
         cfg = replace(config, connection_policy="deny-all")
         result = run_job(job, cfg, LocalUpstream(cfg.job_workdir(3006)),
-                         es_runner=make_es_runner(source, source))  # fmt: skip
+                         es_runner=make_es_runner(source))  # fmt: skip
         record = json.loads((cfg.job_workdir(3006) / "final_update.json").read_text())
         assert result.state == "failed" and result.pilot_error_code == 1008
         assert srv.endpoint in record["pilotErrorDiag"]

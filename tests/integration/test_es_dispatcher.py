@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 
 from pilot.comm.panda import PandaClient
-from pilot.eventservice.loop import run_event_service
 from pilot.eventservice.outputs import adler32_of
 from pilot.job import Job
+from pilot.onenode import OneNode, run_event_service
 from pilot.server.serve import EmbeddedServer
 
 
@@ -59,7 +58,7 @@ def test_500_ranges_each_reported_finished_once(server, tmp_path):
     # as users write it: transformation python3, jobPars -m pilot.payloads.toysim
     job = dispatch(server, client, 500, transformation="python3")
     assert job.event_service
-    s = run_event_service(job, tmp_path / "work", client, client, batch_size=100)
+    s = run_event_service(job, tmp_path / "work", client, OneNode(batch_size=100))
     assert s.error is None and s.n_finished == 500 and s.n_undelivered == 0
     assert s.n_events == 2000
     ranges = server.store.ranges(job.panda_id)
@@ -79,7 +78,7 @@ def test_crashing_payload_fails_chosen_ranges_with_codes(server, tmp_path):
     job = dispatch(
         server, client, 120, "--segfault-on-event 41 --fail-on-event 201 --fatal-on-event 301"
     )
-    s = run_event_service(job, tmp_path / "work", client, client, batch_size=50)
+    s = run_event_service(job, tmp_path / "work", client, OneNode(batch_size=50))
     assert s.error is None and s.restarts == 1
     ranges = {r["range_id"].split("-")[3]: r for r in server.store.ranges(job.panda_id)}
     assert ranges["11"]["status"] == "failed" and ranges["11"]["error_code"] == 1224
@@ -89,22 +88,3 @@ def test_crashing_payload_fails_chosen_ranges_with_codes(server, tmp_path):
     assert len(others) == 117 and all(r["status"] == "finished" for r in others)
     assert set(all_updates(server).values()) == {1}
     assert (s.n_finished, s.n_failed, s.n_fatal) == (117, 2, 1)
-
-
-def test_zipped_outputs_reported_with_version_1(server, tmp_path):
-    client = PandaClient(server.url, token=server.token, retries=2, backoff=0.1)
-    job = dispatch(server, client, 150, "--fail-on-event 21")
-    s = run_event_service(
-        job, tmp_path / "work", client, client, batch_size=50, zip_outputs=True, objstore_id=3
-    )
-    assert s.error is None and (s.n_finished, s.n_failed) == (149, 1)
-    ranges = server.store.ranges(job.panda_id)
-    assert sum(r["status"] == "finished" for r in ranges) == 149
-    assert set(all_updates(server).values()) == {1}
-    zipped: list[str] = []
-    for z in s.zips:
-        assert adler32_of(Path(z["path"])) == z["adler32"]
-        with zipfile.ZipFile(z["path"]) as zf:
-            assert len(zf.namelist()) == len(z["ids"])
-        zipped += z["ids"]
-    assert len(zipped) == len(set(zipped)) == 149

@@ -16,31 +16,32 @@ import time
 from pathlib import Path
 
 from pilot.comm.panda import PandaClient
-from pilot.eventservice.spool import SPOOL_NAME
+from pilot.errors import PilotError
 from pilot.job import Job
+from pilot.onenode import JOURNAL
 from pilot.server.serve import EmbeddedServer
+from yoda.journal import journal_results
 
 PILOT = textwrap.dedent(
     """
     import json, sys
     from pilot.comm.panda import PandaClient
-    from pilot.eventservice.loop import run_event_service
     from pilot.job import Job
+    from pilot.onenode import OneNode, run_event_service
     url, token, job_json, workdir, interval = sys.argv[1:6]
     client = PandaClient(url, token=token, retries=2, backoff=0.1)
-    s = run_event_service(Job.from_panda(json.loads(job_json)), workdir, client, client,
-                          batch_size=10**6, report_interval=float(interval))
+    options = OneNode(batch_size=10**6, report_interval=float(interval))
+    s = run_event_service(Job.from_panda(json.loads(job_json)), workdir, client, options)
     print(json.dumps({"finished": s.n_finished, "undelivered": s.n_undelivered}))
     """
 )
 
 
 def journaled(workdir: Path) -> int:
+    """Results the pilot's journal holds (what it wrote to the OS so far)."""
     try:
-        return sum(
-            '"op":"result"' in line for line in (workdir / SPOOL_NAME).read_text().splitlines()
-        )
-    except FileNotFoundError:
+        return len(journal_results(workdir / JOURNAL))
+    except (FileNotFoundError, PilotError):
         return 0
 
 

@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 from pilot.comm.harvester import HarvesterAccessPoint, HarvesterEventSource, HarvesterUpstream
-from pilot.eventservice.loop import run_event_service
+from pilot.eventservice.executor import EventExecutor
 from pilot.eventservice.outputs import adler32_of
 from pilot.fileio import atomic_write_json
+from pilot.onenode import OneNode, run_event_service
 
 PANDA_ID = 4242
 
@@ -107,15 +108,13 @@ def run(tmp_path: Path, n: int, pars: str = "", garbage_first: bool = False):
         ap = HarvesterAccessPoint(ap_dir)
         (job,) = ap.read_jobs()
         source = HarvesterEventSource(ap, wait_timeout=30, first_delay=0.02)
+        work = ap_dir / "work"
         summary = run_event_service(
             job,
-            ap_dir / "work",
+            work,
             source,
-            source,
-            output_dir=ap_dir / "outputs",
-            batch_size=100,
-            report_interval=0.5,
-            n_ranges_per_request=50,
+            OneNode(batch_size=100, report_interval=0.5, n_ranges_per_request=50),
+            executor=EventExecutor(job, work, output_dir=ap_dir / "outputs"),
         )
         HarvesterUpstream(ap).final_update(job, {"state": "finished", **summary.job_fields()})
     finally:

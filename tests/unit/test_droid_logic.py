@@ -153,3 +153,30 @@ def test_after_results_the_droid_looks_again_at_once(tmp_path):
     t.join(10)
     after = [polls[i + 1][0] for i in range(len(polls) - 1) if polls[i][1]]
     assert after and all(timeout == 0 for timeout in after), polls
+
+
+def test_a_long_range_is_no_reason_to_think_yoda_dead(tmp_path):
+    """Yoda says nothing while a range runs (nothing is owed): the droid waits for the
+    range, not for Yoda, however long its yoda_timeout is."""
+    hub = LocalHub(2)
+    yoda = hub.endpoint(0)
+
+    def factory(job, wd, s, lease_s):
+        return NullExecutor(job, wd, s, delay=1.5, write_outputs=True)
+
+    opts = DroidOptions(slots=1, update_interval=0, yoda_timeout=0.5)
+    droid = Droid(hub.endpoint(1), tmp_path, factory, opts)
+    t = threading.Thread(target=droid.run, daemon=True)
+    t.start()
+    assert yoda.recv(10).kind is Kind.HELLO
+    cfg = {"jobs": [JOB], "lease_s": 60, "hb_interval": 60, "low_per_slot": 0, "high_per_slot": 1}
+    yoda.send(1, Envelope(Kind.CONFIG, 1, 5, cfg))
+    expect(yoda, Kind.WORK_REQ)
+    yoda.send(1, Envelope(Kind.WORK, 2, 5, work([0], no_more=True)))
+    up = expect(yoda, Kind.UPDATE)  # 1.5 s later: three yoda_timeouts of silence
+    assert len(ResultBatch.from_body(up.body)) == 1
+    yoda.send(1, Envelope(Kind.ACK, 3, 5, {"upto": up.seq}))
+    assert expect(yoda, Kind.BYE).body["done"] == 1
+    yoda.send(1, Envelope(Kind.STOP, 4, 5, {}))
+    t.join(10)
+    assert not t.is_alive()

@@ -10,8 +10,8 @@ import pytest
 
 from pilot.comm.harvester import HarvesterAccessPoint, HarvesterEventSource
 from pilot.errors import ErrorCode, PilotError
-from pilot.eventservice.loop import run_event_service
 from pilot.job import Job
+from pilot.onenode import OneNode, run_event_service
 
 
 def job_def(pid: int) -> dict:
@@ -57,7 +57,7 @@ def test_silent_harvester_ends_the_job_with_a_clear_error(tmp_path):
     ap = HarvesterAccessPoint(tmp_path)
     src = HarvesterEventSource(ap, wait_timeout=0.2, first_delay=0.05)
     job = Job.from_panda(job_def(9))
-    s = run_event_service(job, tmp_path / "work", src, src, max_source_failures=2)
+    s = run_event_service(job, tmp_path / "work", src, OneNode(max_source_failures=2))
     assert s.error is not None and s.error.code == ErrorCode.COMMUNICATIONFAILURE
     assert "no event ranges" in s.error.detail
     assert s.n_ranges == 0

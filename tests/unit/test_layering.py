@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pilot", "yoda", "droid", "hpc")
 # The entry points on top: they wire the roles together and may import anything.
-TOP = {"pilot.cli", "pilot.ranks", "pilot.wholejobs"}
+TOP = {"pilot.cli", "pilot.ranks", "pilot.wholejobs", "pilot.onenode"}
 
 
 def _modules() -> dict[str, Path]:

@@ -13,8 +13,8 @@ from pilot.data.copytools import CopyTool
 from pilot.data.names import check_name, check_scope, did, storage_url
 from pilot.data.staging import stage_in, stage_out
 from pilot.errors import ErrorCode, PilotError
-from pilot.eventservice.jobrunner import range_stage_out
 from pilot.eventservice.model import RangeResult, RangeStatus
+from pilot.eventservice.stageout import range_stage_out
 from pilot.job import FileSpec, Job
 from tests.conftest import PYTHON, REPO, job_dict
 

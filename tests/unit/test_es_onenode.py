@@ -1,4 +1,5 @@
-"""The single-node event-service loop against an in-memory dispatcher."""
+"""The single-node event service (Yoda and one Droid in one process) against an
+in-memory dispatcher."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import sys
 import threading
 import time
 
+import pytest
+
 from pilot.errors import ErrorCode, PilotError
-from pilot.eventservice.loop import flush_spool, run_event_service
 from pilot.eventservice.outputs import adler32_of
 from pilot.job import Job
+from pilot.onenode import JOURNAL, OneNode, run_event_service
 
 
 class Dispatcher:
@@ -73,7 +76,7 @@ def make_job(pars: str) -> Job:
 
 def test_every_range_reported_once_with_outputs(tmp_path):
     d = Dispatcher(60)
-    s = run_event_service(make_job(""), tmp_path, d, d, batch_size=25, report_interval=0.5)
+    s = run_event_service(make_job(""), tmp_path, d, OneNode(batch_size=25, report_interval=0.5))
     assert s.error is None and s.error_code == 0
     assert s.n_finished == 60 and s.n_failed == s.n_fatal == 0
     assert s.n_events == 300 and s.n_delivered == 60 and s.n_undelivered == 0
@@ -88,7 +91,7 @@ def test_crashing_payload_fails_chosen_ranges_and_finishes_the_rest(tmp_path):
     job = make_job(
         "--crash-on-range-substring 3-7-1-7-0 --segfault-on-event 101 --fail-on-event 141"
     )
-    s = run_event_service(job, tmp_path, d, d, batch_size=10)
+    s = run_event_service(job, tmp_path, d, OneNode(batch_size=10))
     assert s.error is None and s.restarts == 2
     failed = {rid for rid, e in d.updates.items() if e["eventStatus"] == "failed"}
     assert failed == {"3-7-1-7-0", "3-7-1-20-0", "3-7-1-28-0"}
@@ -98,24 +101,25 @@ def test_crashing_payload_fails_chosen_ranges_and_finishes_the_rest(tmp_path):
 
 def test_upstream_down_then_back(tmp_path):
     d = Dispatcher(12, down_updates=2, down_gets=1)
-    s = run_event_service(make_job(""), tmp_path, d, d, batch_size=5, report_interval=0.0)
+    s = run_event_service(make_job(""), tmp_path, d, OneNode(batch_size=5, report_interval=0.0))
     assert s.n_finished == 12 and s.n_undelivered == 0
     assert set(d.updates) == d.dispatched and not d.duplicates
 
 
 def test_upstream_never_back_keeps_results_for_later(tmp_path):
     d = Dispatcher(6, down_updates=10**6)
-    s = run_event_service(make_job(""), tmp_path, d, d, final_flush_timeout=0.0)
+    s = run_event_service(make_job(""), tmp_path, d, OneNode(final_flush_timeout=0.0))
     assert s.n_finished == 6 and s.n_undelivered == 6 and not d.updates
+    assert (tmp_path / JOURNAL).exists()
     d.down_updates = 0
-    assert flush_spool(tmp_path, d) == 6
-    assert flush_spool(tmp_path, d) == 0
+    again = run_event_service(make_job(""), tmp_path, d)  # the same job, later: it resumes
+    assert again.n_delivered == 6 and again.n_undelivered == 0 and again.n_finished == 6
     assert len(d.updates) == 6 and not d.duplicates
 
 
 def test_no_ranges_at_all_is_esnoevents(tmp_path):
     d = Dispatcher(0)
-    s = run_event_service(make_job(""), tmp_path, d, d)
+    s = run_event_service(make_job(""), tmp_path, d)
     assert s.n_ranges == 0 and s.error_code == ErrorCode.ESNOEVENTS
 
 
@@ -126,7 +130,7 @@ def test_stop_releases_unfinished_ranges(tmp_path):
     timer.start()
     t0 = time.monotonic()
     s = run_event_service(
-        make_job("--hang-on-event 26"), tmp_path, d, d, stop_event=stop, kill_grace=1.0
+        make_job("--hang-on-event 26"), tmp_path, d, OneNode(kill_grace=1.0), stop=stop
     )
     timer.cancel()
     assert time.monotonic() - t0 < 30
@@ -145,7 +149,7 @@ def test_stage_out_hook_can_fail_a_range(tmp_path):
         result.output_path = "s3://bucket/" + result.output_path.rsplit("/", 1)[1]
         return result
 
-    s = run_event_service(make_job(""), tmp_path, d, d, stage_out=stage_out)
+    s = run_event_service(make_job(""), tmp_path, d, stage_out=stage_out)
     assert d.updates["3-7-1-2-0"]["eventStatus"] == "failed"
     assert d.updates["3-7-1-2-0"]["errorCode"] == ErrorCode.STAGEOUTFAILED
     assert s.n_finished == 3 and all(
@@ -158,6 +162,28 @@ def test_payload_that_cannot_start_is_a_clear_error(tmp_path):
     job = Job.from_panda(
         {"PandaID": 7, "taskID": 3, "jobsetID": 2, "transformation": "/no/such/trf"}
     )
-    s = run_event_service(job, tmp_path, d, d)
+    s = run_event_service(job, tmp_path, d)
     assert s.error is not None and s.error.code == ErrorCode.TRANSFORMNOTFOUND
     assert s.n_ranges == 0 and not d.dispatched
+
+
+def test_an_upstream_handing_out_the_same_ranges_again_ends_the_job(tmp_path):
+    d = Dispatcher(3)
+    first = list(d.todo)
+
+    def same_again(panda_id, jobset_id, task_id, n_ranges):
+        d.dispatched.update(r["eventRangeID"] for r in first)
+        return first  # every call: the same three ranges
+
+    d.get_event_ranges = same_again
+    s = run_event_service(make_job(""), tmp_path, d)
+    assert s.n_finished == 3 and len(d.updates) == 3 and not d.duplicates
+
+
+def test_a_journal_of_another_job_is_refused(tmp_path):
+    d = Dispatcher(2)
+    assert run_event_service(make_job(""), tmp_path, d).n_finished == 2
+    other = Job.from_panda({**make_job("").raw, "PandaID": 8})
+    with pytest.raises(PilotError) as err:
+        run_event_service(other, tmp_path, Dispatcher(2))
+    assert err.value.code == ErrorCode.FILEEXISTS and "journal of job [7]" in err.value.detail

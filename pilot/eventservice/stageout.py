@@ -1,40 +1,50 @@
-"""The event-service step of a job's life, as the workflow calls it.
+"""Where a finished range's output goes before its result is reported.
 
-The workflow does not know where ranges come from; the command line picks
-the source (the PanDA server or Harvester's files) and builds the runner
-here, which turns the event-service loop's summary into what the final
-update needs: nEvents, CPU, and the job's error code. A signal to the pilot
-stops the loop, releases unstarted ranges (not charged as failures) and
-fails the job with the signal's code.
+A range counts as done only once its output is safely stored: the single-node
+event service and every Droid store it through :func:`range_stage_out` (the
+queue's copytool for ``es_events``) and turn a failed store into a failed
+range (:func:`stored`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pilot.data.choice import copytool_for
 from pilot.data.names import check_scope, storage_url
 from pilot.data.staging import TransferEvent
 from pilot.data.traces import TraceSink, trace_sender
-from pilot.errors import ErrorCode, PilotError, signal_code
-from pilot.eventservice.loop import RangeSource, run_event_service
-from pilot.eventservice.model import RangeResult
+from pilot.errors import ErrorCode, PilotError
+from pilot.eventservice.model import RangeResult, RangeStatus
 from pilot.job import FileSpec, Job
-from pilot.monitor.connections import ConnectionWatch, connection_policy, network_isolated
-from pilot.payload.command import payload_environment
-from pilot.payload.secrets import job_secrets
-from pilot.workflow import payload_container, wall_limit
+
+log = logging.getLogger(__name__)
 
 
-class _Stop(Protocol):
-    signum: int | None
-
-    def is_set(self) -> bool: ...
+def stored(r: RangeResult, stage_out: Callable[[RangeResult], RangeResult]) -> RangeResult:
+    """A finished range once ``stage_out`` stored its output. If that fails the range
+    fails with the stage-out's error code (PanDA hands it to a later job): it is never
+    reported finished with its output left on a worker node."""
+    if r.status is not RangeStatus.FINISHED:
+        return r
+    try:
+        return stage_out(r)
+    except PilotError as exc:
+        log.warning("range %s: stage-out failed: %s", r.event_range_id, exc)
+        return RangeResult(
+            r.event_range_id,
+            RangeStatus.FAILED,
+            cpu=r.cpu,
+            wall=r.wall,
+            error_code=int(exc.code),
+            error_diag=exc.diag,
+        )
 
 
 def range_stage_out(job: Job, config: Any) -> Callable[[RangeResult], RangeResult] | None:
@@ -107,66 +117,3 @@ def _traced_put(copytool: Any, spec: FileSpec, src: Path, timeout: float, sink: 
     if sink is not None:
         sink(event)
     return moved
-
-
-def make_es_runner(
-    source: RangeSource,
-    reporter: Any,
-    *,
-    stage_out: Callable[[RangeResult], RangeResult] | None = None,
-    zip_outputs: bool = False,
-    range_timeout: float | None = None,
-    report_interval: float = 30.0,
-) -> Callable[..., dict[str, Any]]:
-    """A workflow ``es_runner`` bound to one range source and reporter."""
-
-    def run(job: Job, workdir: Path, config: Any, stop: _Stop | None) -> dict[str, Any]:
-        hook = stage_out if stage_out is not None else range_stage_out(job, config)
-        limit = wall_limit(job, config)
-        deadline = time.time() + limit if limit != float("inf") else None
-        policy = connection_policy(config)  # host names in an allow-list resolve once
-        lease = range_timeout if range_timeout is not None else config.es_range_timeout
-        with job_secrets(workdir, job.raw):
-            summary = run_event_service(
-                job,
-                workdir,
-                source,
-                reporter,
-                env=payload_environment(
-                    job, workdir, extra=config.extra_env, payload_proxy=config.payload_proxy
-                ),
-                range_timeout=lease,
-                ready_timeout=config.es_ready_timeout,
-                final_wait=config.es_final_wait,
-                container=payload_container(job, config),
-                connections=ConnectionWatch(
-                    workdir, policy, isolated=network_isolated(config, policy)
-                ),
-                report_interval=report_interval,
-                deadline=deadline,
-                stop_event=stop,  # type: ignore[arg-type]
-                stage_out=hook,
-                kill_grace=config.kill_grace,
-                zip_outputs=zip_outputs,
-            )
-        error = summary.error
-        if stop is not None and stop.signum is not None:
-            error = PilotError(signal_code(stop.signum), f"pilot received signal {stop.signum}")
-        elif error is None and summary.error_code:
-            error = PilotError(summary.error_code, "the event-service job got no event ranges")
-        return {
-            "nEvents": summary.n_events,
-            "nRanges": summary.n_ranges,
-            "finished": summary.n_finished,
-            "failed": summary.n_failed,
-            "fatal": summary.n_fatal,
-            "released": len(summary.released),
-            "delivered": summary.n_delivered,
-            "undelivered": summary.n_undelivered,
-            "restarts": summary.restarts,
-            "metrics": {"cpuConsumptionTime": round(summary.cpu, 3)},
-            "connections": summary.connections,
-            "error": error,
-        }
-
-    return run
