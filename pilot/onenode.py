@@ -150,6 +150,12 @@ def run_event_service(
     ex = PerRange(inner, stage_out)
     lease = o.range_timeout or NO_LEASE
     policy = Policy(
+        # One droid: nobody else could use what it holds, and ranges it has not
+        # started go back uncharged at a drain, so it holds enough that results and
+        # requests travel in batches (2 per slot, as under MPI, costs a message each way
+        # per range).
+        low_per_slot=16,
+        high_per_slot=64,
         lease_s=lease,
         walltime_end=o.deadline,
         drain_lead=o.kill_grace,

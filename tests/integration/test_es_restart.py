@@ -6,6 +6,7 @@ second pilot in the same work directory sends them along with its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+
+import psutil
 
 from pilot.comm.panda import PandaClient
 from pilot.errors import PilotError
@@ -69,8 +72,14 @@ def test_killed_pilot_then_resumed(tmp_path):
             if journaled(workdir) >= 10 or first.poll() is not None:
                 break
             time.sleep(0.05)
+        # its payload outlives a SIGKILLed pilot (as a batch system's cgroup would not let
+        # it): this test kills it too, so that it does not wait on a dead channel forever
+        payload = psutil.Process(first.pid).children(recursive=True)
         os.kill(first.pid, signal.SIGKILL)
         first.wait(30)
+        for p in payload:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
         n_first = journaled(workdir)
         assert n_first >= 10
         assert not server.store.range_update_counts()  # nothing was reported yet
