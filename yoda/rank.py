@@ -268,6 +268,14 @@ class FinalReport:
         spec.guid = spec.guid or str(uuid.uuid4())
 
 
+def open_journal(path: str | Path) -> Journal:
+    """A new journal as ``pilot hpc`` writes it (docs/DESIGN.md, "Durability"): group
+    commit, records held during a turn of the loop and handed to the OS in one write
+    before any message that depends on them, one fsync before each upstream call
+    (:meth:`yoda.master.Yoda._durable`). The benchmarks open theirs here too."""
+    return Journal(path, group=True)
+
+
 def run_yoda(args: argparse.Namespace, transport: Transport) -> int:
     workdir = Path(args.workdir)
     upstream, get_jobs = make_upstream(args)
@@ -283,7 +291,7 @@ def run_yoda(args: argparse.Namespace, transport: Transport) -> int:
             raise PilotError(
                 ErrorCode.FILEEXISTS, f"{path} exists: use --resume, or another --workdir"
             )
-        book, epoch = Book(Ledger(t0=time.time()), Journal(path, group=True)), 1
+        book, epoch = Book(Ledger(t0=time.time()), open_journal(path)), 1
         book.epoch(epoch)
         (workdir / FETCHED).unlink(missing_ok=True)
     if not book.jobs:
