@@ -26,9 +26,12 @@ the same probing transport (:class:`hpc.transport.MPITransport`: ``isend``,
 ``Iprobe`` per tag, ``recv`` of what is there, :class:`hpc.transport.Backoff`
 sleeps between empty probes). The engine must reach at least half of it.
 
-Beside both, the one-node figure: Yoda and one Droid in one process
-(threads over :class:`hpc.transport.LocalHub`), the same ranges, journal and
-zero-cost executor, no MPI.
+Beside both, the one-node figures, no MPI: Yoda and one Droid in one process
+(threads over :class:`hpc.transport.LocalHub`) with the same ranges, journal
+and zero-cost :class:`droid.nullexec.NullExecutor`; and the single-node event
+service as ``pilot run`` runs it (:func:`pilot.onenode.run_event_service`, the
+upstream called from Yoda's thread, the payload behind the per-range
+interface), with a payload that finishes each range at once.
 
     python benchmarks/bench_yoda_rate.py            # 2 and 4 ranks, 3 rounds each
     python benchmarks/bench_yoda_rate.py --ranges 1000000 --repeat 5
@@ -366,6 +369,96 @@ def one_node(n_ranges: int, slots: int, workdir: str, link_kind: str) -> None:
     print(json.dumps(_per_range(got, n_ranges)), flush=True)
 
 
+class InstantRanges:
+    """A payload that finishes each range the moment it has it, behind the per-range
+    interface the single-node event service drives (:class:`droid.executors.RangeExecutor`,
+    as :class:`pilot.eventservice.executor.EventExecutor` is): the arrangement's own cost."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.error = None
+        self._held: list[Any] = []
+        self._no_more = False
+
+    def start(self) -> None:
+        pass
+
+    def add_ranges(self, ranges: list[Any]) -> None:
+        self._held.extend(ranges)
+
+    def no_more_ranges(self) -> None:
+        self._no_more = True
+
+    def wanted(self) -> int:
+        return 0 if self._no_more else max(0, self.slots - len(self._held))
+
+    def poll(self, timeout: float) -> list[Any]:
+        from pilot.eventservice.model import RangeResult, RangeStatus
+
+        if not self._held:
+            time.sleep(timeout)
+            return []
+        done, self._held = self._held, []
+        return [RangeResult(r.event_range_id, RangeStatus.FINISHED) for r in done]
+
+    def in_flight(self) -> list[str]:
+        return [r.event_range_id for r in self._held]
+
+    def stop(self, grace: float) -> list[Any]:
+        left, self._held = self._held, []
+        return left
+
+    @property
+    def finished(self) -> bool:
+        return self._no_more and not self._held
+
+
+def pilot_run(n_ranges: int, slots: int, workdir: str) -> None:
+    """``--role pilot-run``: the single-node event service as ``pilot run`` runs it
+    (:func:`pilot.onenode.run_event_service`: Yoda and one Droid in one process, the
+    upstream called from Yoda's thread), the same ranges, upstream batch sizes and
+    journal, with a zero-cost payload behind the per-range interface."""
+    from pilot import onenode
+    from pilot.job import Job
+
+    durability = Durability()
+    books: list[Any] = []
+    real_open = onenode.open_book
+
+    def opened(wd: Path, job: Job) -> Any:
+        book, epoch = real_open(wd, job)
+        books.append(book)
+        return book, epoch
+
+    onenode.open_book = opened
+    up = FreeUpstream(n_ranges)
+
+    def check() -> None:
+        journal = books[0].journal
+        durability.calls += 1
+        durability.unsynced_at_call += journal._unsynced + len(journal._held)
+
+    up.get_event_ranges = _before(up.get_event_ranges, check)
+    up.update_event_ranges = _before(up.update_event_ranges, check)
+    job = Job.from_panda(
+        {
+            "PandaID": PANDA,
+            "taskID": TASK,
+            "jobsetID": TASK,
+            "transformation": "x",
+            "eventService": "True",
+        }  # fmt: skip
+    )
+    options = onenode.OneNode(batch_size=1000, n_ranges_per_request=5000, slots=slots)
+    t0, c0 = time.perf_counter(), time.process_time()
+    summary = onenode.run_event_service(job, workdir, up, options, executor=InstantRanges(slots))
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    assert summary.n_finished == n_ranges == up.reported, (summary.n_finished, up.reported)
+    assert durability.unsynced_at_call == 0, "a journal record unsynced at an upstream call"
+    got = {"ranges_per_s": n_ranges / elapsed, "elapsed": elapsed, "cpu": cpu}
+    print(json.dumps(_per_range({**got, **durability.fields()}, n_ranges)), flush=True)
+
+
 def launch(n: int | None, *args: str) -> dict:
     from pilot.demo import mpiexec_argv  # what pilot demo runs: oversubscribed, root, ULFM
 
@@ -396,7 +489,7 @@ def main() -> None:
     p.add_argument("--ranges", type=int, default=300_000)
     p.add_argument("--repeat", type=int, default=3, help="rounds of ceiling and ours")
     p.add_argument("--slots", type=int, default=64, help="slots per droid (cores of a node)")
-    p.add_argument("--role", choices=("engine", "ceiling", "one-node"))
+    p.add_argument("--role", choices=("engine", "ceiling", "one-node", "pilot-run"))
     p.add_argument("--workdir")
     p.add_argument(
         "--link",
@@ -414,41 +507,65 @@ def main() -> None:
     if args.role == "one-node":
         one_node(args.ranges, args.slots, args.workdir, args.link)
         return
-    common = ("--ranges", str(args.ranges), "--slots", str(args.slots), "--link", args.link)
-    for n in (2, 4):
-        # This machine's speed drifts from one second to the next: each round runs the
-        # engine, the ceiling on its messages and the one-node arrangement, and the
-        # medians of the rounds are compared.
-        rates: dict[str, list[float]] = {"engine": [], "ceiling": [], "one-node": []}
-        for r in range(args.repeat):
+    if args.role == "pilot-run":
+        pilot_run(args.ranges, args.slots, args.workdir)
+        return
+    common = ("--ranges", str(args.ranges), "--slots", str(args.slots))
+    mpi = (*common, "--link", args.link)
+    # This machine's speed drifts from one second to the next: each round runs the
+    # engine and the ceiling on its messages on 2 and 4 ranks, and the one-node
+    # arrangements; the medians of the rounds are compared.
+    rates: dict[str, list[float]] = {}
+    print(
+        f"{args.ranges:,} ranges, {args.slots} slots per droid, upstream link {args.link},"
+        " zero-cost payload",
+        flush=True,
+    )
+    for r in range(args.repeat):
+        for n in (2, 4):
             with tempfile.TemporaryDirectory() as tmp:
-                ours = launch(n, "--role", "engine", "--workdir", tmp, *common)
+                ours = launch(n, "--role", "engine", "--workdir", tmp, *mpi)
                 top = launch(n, "--role", "ceiling", "--workdir", tmp)
-            with tempfile.TemporaryDirectory() as tmp:
-                one = launch(None, "--role", "one-node", "--workdir", tmp, *common)
-            rates["engine"].append(ours["ranges_per_s"])
-            rates["ceiling"].append(top["ranges_per_s"])
-            rates["one-node"].append(one["ranges_per_s"])
+            rates.setdefault(f"engine{n}", []).append(ours["ranges_per_s"])
+            rates.setdefault(f"ceiling{n}", []).append(top["ranges_per_s"])
             print(
-                f"{n} ranks, round {r + 1} ({args.ranges:,} ranges, {args.slots} slots per"
-                f" droid, upstream link {args.link}):\n"
+                f"round {r + 1}, {n} ranks:\n"
                 f"  ceiling, raw mpi4py, the engine's {ours['messages']:,} WORK/UPDATE"
                 f" messages: {top['ranges_per_s']:,.0f} ranges/s; {_cpu_text(top)}\n"
                 f"  engine, fsynced journal: {ours['ranges_per_s']:,.0f} ranges/s,"
                 f" {ours['ranges_per_s'] / top['ranges_per_s']:.2f}x the ceiling;"
-                f" {_cpu_text(ours)}; {_durable_text(ours)}\n"
-                f"  one node, Yoda and a Droid in one process: {one['ranges_per_s']:,.0f}"
-                f" ranges/s; {_cpu_text(one)}; {_durable_text(one)}",
+                f" {_cpu_text(ours)}; {_durable_text(ours)}",
                 flush=True,
             )
-        med = {k: statistics.median(v) for k, v in rates.items()}
-        ratio = med["engine"] / med["ceiling"]
+        with tempfile.TemporaryDirectory() as tmp:
+            one = launch(None, "--role", "one-node", "--workdir", tmp, *mpi)
+        with tempfile.TemporaryDirectory() as tmp:
+            run = launch(None, "--role", "pilot-run", "--workdir", tmp, *common)
+        rates.setdefault("one-node", []).append(one["ranges_per_s"])
+        rates.setdefault("pilot-run", []).append(run["ranges_per_s"])
         print(
-            f"{n} ranks, median of {args.repeat}: ceiling {med['ceiling']:,.0f} ranges/s,"
-            f" engine {med['engine']:,.0f} ranges/s ({ratio:.2f}x, target 0.5x: "
-            f"{'met' if ratio >= 0.5 else 'NOT met'}), one node {med['one-node']:,.0f} ranges/s",
+            f"round {r + 1}, one node (Yoda and a Droid in one process, LocalHub):\n"
+            f"  the engine's threads, NullExecutor: {one['ranges_per_s']:,.0f} ranges/s;"
+            f" {_cpu_text(one)}; {_durable_text(one)}\n"
+            f"  pilot run's event service (pilot.onenode), per-range payload interface:"
+            f" {run['ranges_per_s']:,.0f} ranges/s; CPU {run['cpu_us']:.2f} us/range;"
+            f" {_durable_text(run)}",
             flush=True,
         )
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"medians of {args.repeat} rounds:")
+    for n in (2, 4):
+        ratio = med[f"engine{n}"] / med[f"ceiling{n}"]
+        print(
+            f"  {n} ranks: ceiling {med[f'ceiling{n}']:,.0f} ranges/s, engine"
+            f" {med[f'engine{n}']:,.0f} ranges/s: {ratio:.2f}x, the target 0.5x"
+            f" {'met' if ratio >= 0.5 else 'NOT met'}"
+        )
+    print(
+        f"  one node: engine threads {med['one-node']:,.0f} ranges/s,"
+        f" pilot run's event service {med['pilot-run']:,.0f} ranges/s",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
