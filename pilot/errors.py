@@ -293,6 +293,21 @@ def error_diag(code: int, detail: str = "") -> str:
     return f"{head}: ..{detail[-room:]}"
 
 
+def diag_detail(code: int, diag: str) -> str:
+    """The detail of a diagnostic made by :func:`error_diag`: its standard text removed.
+
+    The standard text itself may hold ``": "`` (``SIGSEGV: Invalid memory ...``),
+    so it is removed as a whole, never by splitting at the first colon.
+    """
+    head = error_message(code)
+    if diag == head:
+        return ""
+    for prefix in (f"{head}: ..", f"{head}: "):
+        if diag.startswith(prefix):
+            return diag[len(prefix) :]
+    return diag
+
+
 class PilotError(Exception):
     """The pilot's one error type: a PanDA error code plus what happened."""
 

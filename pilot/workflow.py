@@ -27,7 +27,14 @@ from pilot.data.choice import copytool_for
 from pilot.data.copytools import Copytool
 from pilot.data.staging import TransferSink, stage_in, stage_out
 from pilot.data.traces import TraceSink, trace_sender
-from pilot.errors import ErrorCode, PilotError, diagnose_payload, error_diag, signal_code
+from pilot.errors import (
+    ErrorCode,
+    PilotError,
+    diag_detail,
+    diagnose_payload,
+    error_diag,
+    signal_code,
+)
 from pilot.fileio import atomic_write_json, tail
 from pilot.job import Job
 from pilot.monitor.connections import connection_policy
@@ -422,7 +429,10 @@ def _watch_payload(
     result.trans_exit_code = diagnosis.trans_exit_code
     if not diagnosis.ok:
         result.exe_error_diag = diagnosis.pilot_error_diag
-        raise PilotError(diagnosis.pilot_error_code, diagnosis.pilot_error_diag.split(": ", 1)[-1])
+        raise PilotError(
+            diagnosis.pilot_error_code,
+            diag_detail(diagnosis.pilot_error_code, diagnosis.pilot_error_diag),
+        )
     log.info("payload finished with exit code 0")
 
 

@@ -4,7 +4,15 @@ import signal
 
 import pytest
 
-from pilot.errors import MAX_DIAG, ErrorCode, PilotError, diagnose_payload, error_diag, signal_code
+from pilot.errors import (
+    MAX_DIAG,
+    ErrorCode,
+    PilotError,
+    diag_detail,
+    diagnose_payload,
+    error_diag,
+    signal_code,
+)
 
 
 @pytest.mark.parametrize(
@@ -85,3 +93,15 @@ def test_signal_codes() -> None:
     assert signal_code(signal.SIGXCPU) == 1204
     assert signal_code(signal.SIGUSR1) == 1207
     assert signal_code(signal.SIGHUP) == 1200
+
+
+def test_a_diagnostic_made_twice_keeps_one_standard_text() -> None:
+    """The standard text of 1328 holds ': ', which must not be taken for the detail's start."""
+    first = diagnose_payload(-signal.SIGSEGV).pilot_error_diag
+    again = error_diag(1328, diag_detail(1328, first))
+    assert (
+        again
+        == first
+        == ("SIGSEGV: Invalid memory reference or a segmentation fault: payload killed by SIGSEGV")
+    )
+    assert diag_detail(1328, error_diag(1328)) == ""
