@@ -1,229 +1,259 @@
-"""Run the templates through one pilot at a time and set the two results side by side.
+"""``pilot commission``: a template suite through two pilots at once, each on its queue clone.
 
-Each pilot gets a fresh embedded dispatcher loaded with the same templates,
-so the two runs cannot disturb each other and the server's records are the
-only evidence compared: what PanDA monitoring would show for each job. A
-pilot is any command line; ``{url}``, ``{host}``, ``{port}``, ``{queue}``,
-``{workdir}`` and ``{queuedata_url}`` are filled in, so the PanDA pilot or
-an older version of this one can be pointed at the same jobs.
+As PanDA commissions a pilot: one embedded dispatcher serves two clones of
+the same queue (``<queue>_A`` for the first pilot, ``<queue>_B`` for the
+second, or names given), N jobs of every template of the suite wait on
+each, and both pilots run at the same time, each started as its profile
+says (see :mod:`pilot.commission.profiles`). The server's records are the
+only evidence compared (:mod:`pilot.commission.report`); the report is
+printed as a table, and written as JSON and as one SVG picture per suite
+when asked.
+
+A run that is stopped (SIGTERM, SIGINT) or whose time is up ends every
+pilot process it started, with their whole trees, before it exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
+import signal
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pilot.comm.pandaapi import epoch_of
-from pilot.commission.templates import Template, load_templates
+from pilot.commission import picture, report
+from pilot.commission.profiles import Profile, RunContext, resolve
+from pilot.commission.queues import Clone, load_clones
+from pilot.commission.runner import PilotDriver, log_tail
+from pilot.commission.templates import Template, load_templates, parse_template, template_from_job
 from pilot.errors import PilotError
-from pilot.queue import QueueConfig, schedconfig_url
 from pilot.server.serve import EmbeddedServer
 
-THIS_PILOT = "{python} -m pilot.cli run --url {url} --queue {queue} --workdir {workdir}"
+SIDES = report.SIDES
 
 
-@dataclass
-class Outcome:
-    """What the dispatcher recorded for one template's job."""
-
-    template: str
-    panda_id: int
-    state: str = "missing"  # no final update arrived
-    pilot_error_code: int = 0
-    exe_error_code: int = 0
-    trans_exit_code: int = 0
-    wall: float = 0.0
-    diag: str = ""
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return self.state, self.pilot_error_code
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(str(value).strip())
-    except (TypeError, ValueError):
-        return 0
-
-
-def outcome_from_record(template: str, panda_id: int, fields: dict[str, Any] | None) -> Outcome:
-    if not fields:
-        return Outcome(template, panda_id)
-    try:
-        wall = epoch_of(fields.get("endTime", 0)) - epoch_of(fields.get("startTime", 0))
-    except (TypeError, ValueError):
-        wall = 0.0
-    return Outcome(
-        template,
-        panda_id,
-        state=str(fields.get("state", "missing")),
-        pilot_error_code=_int(fields.get("pilotErrorCode")),
-        exe_error_code=_int(fields.get("exeErrorCode")),
-        trans_exit_code=_int(fields.get("transExitCode")),
-        wall=round(max(0.0, wall), 2),
-        diag=str(fields.get("pilotErrorDiag", ""))[:120],
-    )
-
-
-def run_pilot(
-    command: str,
+def load_suite_jobs(
+    server: EmbeddedServer,
     templates: list[Template],
+    profile: Profile,
+    ctx: RunContext,
+    n_jobs: int,
+) -> dict[str, list[int]]:
+    """N jobs of every template on ``ctx.queue``, interleaved; PandaIDs by template."""
+    ids: dict[str, list[int]] = {t.name: [] for t in templates}
+    for _ in range(n_jobs):
+        for t in templates:
+            job = profile.job_for(t.job, ctx)
+            job.pop("PandaID", None)
+            job["computingSite"] = ctx.queue
+            if t.task is not None:
+                task = {**t.task, "job": job, "nJobs": 1}
+                task.pop("jediTaskID", None)
+                ids[t.name] += server.load_task(task)["PandaIDs"]
+            else:
+                ids[t.name] += server.load_jobs([job])
+    return ids
+
+
+def run_commission(
+    templates: list[Template],
+    profiles: dict[str, Profile],
+    clones: dict[str, Clone],
     workdir: Path,
     *,
-    queue: str = "COMMISSION",
+    n_jobs: int = 3,
     timeout: float = 900.0,
-) -> tuple[list[Outcome], float]:
-    """Serve ``templates`` on a fresh dispatcher, run ``command`` against it, read back the records."""
+    stop: threading.Event | None = None,
+    original_queue: str = "",
+) -> dict[str, Any]:
+    """Run both sides at once and return the report (see :func:`report.compare_template`)."""
     workdir.mkdir(parents=True, exist_ok=True)
+    stop = stop or threading.Event()
+    started = time.monotonic()
     with EmbeddedServer(workdir / "dispatcher.db") as server:
         assert server.store is not None
-        server.store.put_queue(queue, QueueConfig.default(queue).to_dict())
-        jobs = []
-        for t in templates:
-            job = dict(t.job)
-            job.pop("PandaID", None)
-            job.setdefault("computingSite", queue)
-            jobs.append(job)
-        ids = server.load_jobs(jobs)
-        values = {
-            "python": shlex.quote(sys.executable),
-            "url": server.url,
-            "host": server.host,
-            "port": server.port,
-            "queue": queue,
-            "workdir": shlex.quote(str(workdir / "pilot")),
-            "queuedata_url": schedconfig_url(server.url, queue),
-            "token_file": shlex.quote(str(server.token_file)),
-        }
-        argv = command.format(**values)
-        start = time.monotonic()
-        with open(workdir / "pilot.out", "wb") as out:
-            try:
-                # the dispatcher's token, where PanDA pilots look for one
-                env = {**os.environ, "OIDC_AUTH_TOKEN": str(server.token_file.resolve())}
-                env.setdefault("OIDC_AUTH_ORIGIN", "atlas.pilot")
-                subprocess.run(
-                    argv,
-                    shell=True,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    timeout=timeout,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
-                out.write(f"\ncommissioning: pilot timed out after {timeout} s\n".encode())
-        elapsed = time.monotonic() - start
-        outcomes = []
-        for t, panda_id in zip(templates, ids):
-            records = server.final_records(panda_id)
-            outcomes.append(
-                outcome_from_record(t.name, panda_id, records[-1]["fields"] if records else None)
+        for clone in clones.values():
+            server.store.put_queue(clone.name, clone.queue)
+            if clone.storages:
+                server.store.put_storages(clone.storages)
+        ctxs, ids = {}, {}
+        for s in SIDES:
+            ctxs[s] = RunContext(
+                server.url, server.host, server.port, clones[s].name, workdir / s.lower(),
+                server.token_file,
+            )  # fmt: skip
+            profiles[s].prepare(ctxs[s])
+            ids[s] = load_suite_jobs(server, templates, profiles[s], ctxs[s], n_jobs)
+        drivers = {
+            s: PilotDriver(
+                profiles[s], ctxs[s], server.store, sum(len(v) for v in ids[s].values()), timeout
             )
-    return outcomes, elapsed
+            for s in SIDES
+        }
+        for d in drivers.values():
+            d.start()
+        try:
+            while any(d.is_alive() for d in drivers.values()):
+                if stop.wait(0.5):
+                    break
+        finally:
+            for d in drivers.values():
+                d.stop()
+            for d in drivers.values():
+                d.join()
+        rows = []
+        for t in templates:
+            jobs = {
+                s: [report.read_outcome(server.store, p) for p in ids[s][t.name]] for s in SIDES
+            }
+            rows.append(report.compare_template(t, jobs, {s: profiles[s].name for s in SIDES}))
+    return {
+        "queue": original_queue,
+        "clones": {s: clones[s].name for s in SIDES},
+        "names": {s: profiles[s].name for s in SIDES},
+        "pilots": {s: profiles[s].describe() for s in SIDES},
+        "jobs_per_template": n_jobs,
+        "suites": sorted({x for t in templates for x in t.suites}),
+        "drives": {
+            s: {
+                "started": d.result.started,
+                "exit_codes": d.result.exit_codes,
+                "elapsed": d.result.elapsed,
+                "timed_out": d.result.timed_out,
+                "stopped": d.result.stopped,
+            }
+            for s, d in drivers.items()
+        },
+        "stopped": stop.is_set(),
+        "elapsed": round(time.monotonic() - started, 2),
+        "templates": rows,
+    }
 
 
-@dataclass
-class Row:
-    template: str
-    expected: str
-    a: Outcome
-    b: Outcome
-
-    @property
-    def agree(self) -> bool:
-        return self.a.key == self.b.key
-
-    def as_expected(self, side: Outcome) -> bool | None:
-        if not self.expected:
-            return None
-        return f"{side.state}/{side.pilot_error_code}" == self.expected
-
-
-def compare(templates: list[Template], a: list[Outcome], b: list[Outcome]) -> list[Row]:
-    rows = []
-    for t, oa, ob in zip(templates, a, b):
-        expected = (
-            f"{t.expect_state}/{t.expect_code}"
-            if t.expect_state and t.expect_code is not None
-            else ""
-        )
-        rows.append(Row(t.name, expected, oa, ob))
-    return rows
-
-
-def render(
-    rows: list[Row], names: tuple[str, str] = ("A", "B"), elapsed: tuple[float, float] = (0, 0)
-) -> str:
-    """The side-by-side table: template, expectation, each pilot's state/code and wall time."""
-
-    def cell(o: Outcome, ok: bool | None) -> str:
-        mark = "" if ok is None else (" ok" if ok else " !!")
-        return f"{o.state}/{o.pilot_error_code} ({o.wall:.1f}s){mark}"
-
-    header = ["template", "expected", names[0], names[1], "same"]
-    body = [
-        [
-            r.template,
-            r.expected or "-",
-            cell(r.a, r.as_expected(r.a)),
-            cell(r.b, r.as_expected(r.b)),
-            "yes" if r.agree else "NO",
-        ]
-        for r in rows
-    ]
-    widths = [max(len(str(x[i])) for x in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    same = sum(r.agree for r in rows)
-    lines.append("")
-    lines.append(
-        f"{same}/{len(rows)} templates agree; pilot {names[0]} took {elapsed[0]:.1f} s, pilot {names[1]} {elapsed[1]:.1f} s"
-    )
-    return "\n".join(lines)
+def _templates(args: argparse.Namespace) -> list[Template]:
+    if args.from_job:
+        out = []
+        for path in args.from_job:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            jobs = data if isinstance(data, list) else data.get("jobs", [data])
+            for k, job in enumerate(jobs):
+                name = f"{Path(path).stem}-{k + 1}" if len(jobs) > 1 else Path(path).stem
+                out.append(parse_template(template_from_job(job, name), name))
+        return out
+    suite = None if (args.only or args.templates) and args.suite == "default" else args.suite
+    return load_templates(args.templates, args.only, suite)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``pilot commission``: exit 0 when both pilots agree on every template."""
+    """Exit 0 when the pilots agree on every template, 1 when not, 2 on bad input."""
     parser = argparse.ArgumentParser(prog="pilot commission", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--pilot-a", default=THIS_PILOT, help="command of the first pilot (placeholders: {url} ...)"
-    )
-    parser.add_argument("--pilot-b", default=THIS_PILOT, help="command of the second pilot")
-    parser.add_argument("--name-a", default="A")
-    parser.add_argument("--name-b", default="B")
+        "--pilot-a", default="this", help="profile of the first pilot: this, pilot3, a profile"
+        " JSON file, or a command line with placeholders ({url}, {queue}, {workdir}, ...)",
+    )  # fmt: skip
+    parser.add_argument("--pilot-b", default="this", help="profile of the second pilot")
+    parser.add_argument("--name-a", default="", help="the first pilot's name in the report")
+    parser.add_argument("--name-b", default="")
     parser.add_argument(
-        "--templates", default=None, help="directory of template JSON files (default: shipped)"
-    )
+        "--pilot3-dir", default=None,
+        help="the PanDA pilot 3 source (unpacked sdist or .tar.gz; default $PANDA_PILOT_SDIST,"
+        " else ~/.cache/pilot-tests/panda-pilot-*.tar.gz)",
+    )  # fmt: skip
+    parser.add_argument("--suite", default="default", help="default, all, or of short, failure,"
+                        " long, container, es (comma-separated)")  # fmt: skip
+    parser.add_argument("--templates", default=None, help="directory of template JSON files")
     parser.add_argument("--only", nargs="*", default=None, help="template names to run")
-    parser.add_argument("--queue", default="COMMISSION")
+    parser.add_argument(
+        "--from-job", action="append", default=[],
+        help="a real job definition (JSON: one job, a list, or {jobs: [...]}) as a template;"
+        " repeatable",
+    )  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=3, help="jobs per template and pilot")
+    parser.add_argument("--queue", default=None, help="queue to clone (default COMMISSION)")
+    parser.add_argument(
+        "--queue-description", default=None,
+        help="the queue's schedconfig/CRIC JSON (file or URL) to clone",
+    )  # fmt: skip
+    parser.add_argument(
+        "--storage-endpoints", default=None, help="its storage endpoints (ddmendpoints JSON)"
+    )
+    parser.add_argument("--clone-a", default=None, help="name of the first clone (<queue>_A)")
+    parser.add_argument("--clone-b", default=None, help="name of the second clone (<queue>_B)")
+    parser.add_argument(
+        "--remote-storage", action="store_true",
+        help="keep the endpoints' own protocols and copytools (default: local directories, mv)",
+    )  # fmt: skip
+    parser.add_argument("--slots-a", type=int, default=0, help="processes at once (profile's)")
+    parser.add_argument("--slots-b", type=int, default=0)
     parser.add_argument("--workdir", default="commission-work")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds each pilot may take")
-    parser.add_argument("--json", default=None, help="write the comparison here as JSON")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds the pilots may take")
+    parser.add_argument("--json", default=None, help="write the report here as JSON")
+    parser.add_argument("--svg-dir", default=None, help="write one SVG picture per suite here")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    base = Path(args.workdir).resolve()
     try:
-        templates = load_templates(args.templates, args.only)
+        templates = _templates(args)
+        if not templates:
+            raise PilotError(1008, "no templates selected")
+        profiles = {
+            "A": resolve(args.pilot_a, pilot3_dir=args.pilot3_dir, label=args.name_a or "A"),
+            "B": resolve(args.pilot_b, pilot3_dir=args.pilot3_dir, label=args.name_b or "B"),
+        }
+        if profiles["A"].name == profiles["B"].name:
+            profiles["B"].name += "-2"
+        for s, slots in (("A", args.slots_a), ("B", args.slots_b)):
+            if slots > 0:
+                profiles[s].slots = slots
+            elif profiles[s].jobs_per_process > 0:  # one process per job: all at once
+                profiles[s].slots = max(profiles[s].slots, len(templates) * args.jobs)
+        queue = args.queue or ("" if args.queue_description else "COMMISSION")
+        original, clones = load_clones(
+            args.queue_description, args.storage_endpoints,
+            [args.clone_a or "{queue}_A", args.clone_b or "{queue}_B"], queue=queue or None,
+            storage_root=None if args.remote_storage else base / "storage",
+        )  # fmt: skip
+    except (PilotError, OSError, ValueError) as exc:
+        diag = exc.diag if isinstance(exc, PilotError) else str(exc)
+        print(f"pilot commission: {diag}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    got: list[int] = []
+
+    def _stop(signum: int, frame: object) -> None:
+        got.append(signum)
+        stop.set()
+
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        result = run_commission(
+            templates, profiles, dict(zip(SIDES, clones)), base, n_jobs=args.jobs,
+            timeout=args.timeout, stop=stop, original_queue=original,
+        )  # fmt: skip
     except PilotError as exc:
         print(f"pilot commission: {exc.diag}", file=sys.stderr)
         return 2
-    base = Path(args.workdir).resolve()
-    a, ta = run_pilot(args.pilot_a, templates, base / "a", queue=args.queue, timeout=args.timeout)
-    b, tb = run_pilot(args.pilot_b, templates, base / "b", queue=args.queue, timeout=args.timeout)
-    rows = compare(templates, a, b)
-    print(render(rows, (args.name_a, args.name_b), (ta, tb)))
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    print(report.render_table(result))
+    for s in SIDES:
+        drive = result["drives"][s]
+        if drive["timed_out"]:
+            print(f"\npilot {result['names'][s]} timed out after {args.timeout:.0f} s;"
+                  f" its last log ends:\n{log_tail(base / s.lower())}")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(
-            json.dumps([{"template": r.template, "expected": r.expected, "a": asdict(r.a), "b": asdict(r.b),
-                         "agree": r.agree} for r in rows], indent=1),
-            encoding="utf-8",
-        )  # fmt: skip
-    return 0 if all(r.agree for r in rows) else 1
+        Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    if args.svg_dir:
+        out = Path(args.svg_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for suite in result["suites"]:
+            (out / f"{suite}.svg").write_text(picture.suite_svg(result, suite), encoding="utf-8")
+    if got:
+        print(f"pilot commission: stopped by signal {got[0]}", file=sys.stderr)
+        return 128 + got[0]
+    return 0 if all(r["agree"] for r in result["templates"]) else 1
