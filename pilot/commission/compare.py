@@ -201,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         if not templates:
             raise PilotError(1008, "no templates selected")
         profiles = {
-            "A": resolve(args.pilot_a, pilot3_dir=args.pilot3_dir, label=args.name_a or "A"),
-            "B": resolve(args.pilot_b, pilot3_dir=args.pilot3_dir, label=args.name_b or "B"),
+            "A": resolve(args.pilot_a, pilot3_dir=args.pilot3_dir, label=args.name_a),
+            "B": resolve(args.pilot_b, pilot3_dir=args.pilot3_dir, label=args.name_b),
         }
-        if profiles["A"].name == profiles["B"].name:
-            profiles["B"].name += "-2"
+        if profiles["A"].name == profiles["B"].name:  # the same pilot twice: "this-A", "this-B"
+            for s in SIDES:
+                profiles[s].name += f"-{s}"
         for s, slots in (("A", args.slots_a), ("B", args.slots_b)):
             if slots > 0:
                 profiles[s].slots = slots
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             storage_root=None if args.remote_storage else base / "storage",
         )  # fmt: skip
     except (PilotError, OSError, ValueError) as exc:
-        diag = exc.diag if isinstance(exc, PilotError) else str(exc)
+        diag = (exc.detail or exc.diag) if isinstance(exc, PilotError) else str(exc)
         print(f"pilot commission: {diag}", file=sys.stderr)
         return 2
     stop = threading.Event()
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout, stop=stop, original_queue=original,
         )  # fmt: skip
     except PilotError as exc:
-        print(f"pilot commission: {exc.diag}", file=sys.stderr)
+        print(f"pilot commission: {exc.detail or exc.diag}", file=sys.stderr)
         return 2
     finally:
         for s, h in old.items():

@@ -44,6 +44,9 @@ class PilotProcess:
         self._known: dict[int, float] = {}  # pid -> create time, seen in the tree
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        self._out.close()
+
     @property
     def pid(self) -> int:
         return self.proc.pid
@@ -104,18 +107,24 @@ class PilotProcess:
 
     def end(self, grace: float = GRACE) -> None:
         """SIGTERM to all of it, SIGKILL to what is left after ``grace`` seconds; reap."""
-        procs = self.members()
-        for p in procs:
-            _signal(p, signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=grace)
-        for p in alive + self.members():
-            _signal(p, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=grace)
+        end_all([self], grace)
+
+
+def end_all(pilots: list[PilotProcess], grace: float = GRACE) -> None:
+    """End every pilot at once: one grace period for all, not one after the other."""
+    procs = [p for pilot in pilots for p in pilot.members()]
+    for p in procs:
+        _signal(p, signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive + [p for pilot in pilots for p in pilot.members()]:
+        _signal(p, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=grace)
+    for pilot in pilots:
         try:
-            self.proc.wait(timeout=grace)
+            pilot.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
-        self._out.close()
+        pilot.close()
 
 
 def _signal(p: psutil.Process, signum: int) -> None:

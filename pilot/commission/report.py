@@ -51,6 +51,7 @@ class JobOutcome:
     files: list[dict[str, Any]] = field(default_factory=list)
     updates: list[str] = field(default_factory=list)
     handed_out: float | None = None  # seconds after the job was loaded
+    handed_out_at: float | None = None  # the dispatcher's clock (epoch)
     first_update: float | None = None
     final_update: float | None = None
     claimed_wall: float | None = None  # endTime - startTime, as the pilot says
@@ -84,6 +85,7 @@ def read_outcome(store: Store, panda_id: int) -> JobOutcome:
     created, dispatched = job.get("created"), job.get("dispatched")
     if dispatched:
         out.handed_out = round(dispatched - created, 2) if created else None
+        out.handed_out_at = round(dispatched, 3)
         if ups:
             out.first_update = round(ups[0]["received"] - dispatched, 2)
     finals = store.final_records(panda_id)

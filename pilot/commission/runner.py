@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pilot.commission.procs import PilotProcess
+from pilot.commission.procs import PilotProcess, end_all
 from pilot.commission.profiles import Profile, RunContext
 from pilot.server.db import Store
 
@@ -106,9 +106,9 @@ class PilotDriver(threading.Thread):
                 self._stop_event.wait(0.5)
             self.result.stopped = self._stop_event.is_set()
         finally:
-            for proc in self.processes():
-                proc.end()
-                self.result.exit_codes.append(proc.proc.returncode)
+            left = self.processes()
+            end_all(left)
+            self.result.exit_codes += [proc.proc.returncode for proc in left]
             with self._lock:
                 self._running.clear()
             self.result.elapsed = round(time.monotonic() - start, 2)
