@@ -21,13 +21,17 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pilot.commission import picture, report
+from pilot.commission.panda import PandaServer, outcome_from_description
 from pilot.commission.profiles import Profile, RunContext, resolve
 from pilot.commission.queues import Clone, load_clones
-from pilot.commission.runner import PilotDriver, log_tail
+from pilot.commission.runner import PilotDriver, log_tail, waiting_jobs
 from pilot.commission.templates import Template, load_templates, parse_template, template_from_job
 from pilot.errors import PilotError
 from pilot.server.serve import EmbeddedServer
@@ -58,6 +62,60 @@ def load_suite_jobs(
     return ids
 
 
+def _drive(
+    profiles: dict[str, Profile],
+    ctxs: dict[str, RunContext],
+    waiting: dict[str, Callable[[], int]],
+    n_jobs: dict[str, int],
+    timeout: float,
+    stop: threading.Event,
+) -> dict[str, dict[str, Any]]:
+    """Both pilots at once, each on its clone, until done, timed out or stopped."""
+    drivers = {s: PilotDriver(profiles[s], ctxs[s], waiting[s], n_jobs[s], timeout) for s in SIDES}
+    for d in drivers.values():
+        d.start()
+    try:
+        while any(d.is_alive() for d in drivers.values()):
+            if stop.wait(0.5):
+                break
+    finally:
+        for d in drivers.values():
+            d.stop()
+        for d in drivers.values():
+            d.join()
+    return {
+        s: {
+            "started": d.result.started,
+            "exit_codes": d.result.exit_codes,
+            "elapsed": d.result.elapsed,
+            "timed_out": d.result.timed_out,
+            "stopped": d.result.stopped,
+        }
+        for s, d in drivers.items()
+    }
+
+
+def _report(
+    templates: list[Template],
+    profiles: dict[str, Profile],
+    queues: dict[str, str],
+    jobs: dict[str, dict[str, list[report.JobOutcome]]],
+    **extra: Any,
+) -> dict[str, Any]:
+    names = {s: profiles[s].name for s in SIDES}
+    rows = [
+        report.compare_template(t, {s: jobs[s][t.name] for s in SIDES}, names) for t in templates
+    ]
+    return {
+        "clones": queues,
+        "names": names,
+        "pilots": {s: profiles[s].describe() for s in SIDES},
+        "suites": sorted({x for t in templates for x in t.suites}),
+        **extra,
+        "templates": rows,
+    }
+
+
 def run_commission(
     templates: list[Template],
     profiles: dict[str, Profile],
@@ -69,7 +127,7 @@ def run_commission(
     stop: threading.Event | None = None,
     original_queue: str = "",
 ) -> dict[str, Any]:
-    """Run both sides at once and return the report (see :func:`report.compare_template`)."""
+    """Run both sides at once on the embedded dispatcher and return the report."""
     workdir.mkdir(parents=True, exist_ok=True)
     stop = stop or threading.Event()
     started = time.monotonic()
@@ -87,50 +145,75 @@ def run_commission(
             )  # fmt: skip
             profiles[s].prepare(ctxs[s])
             ids[s] = load_suite_jobs(server, templates, profiles[s], ctxs[s], n_jobs)
-        drivers = {
-            s: PilotDriver(
-                profiles[s], ctxs[s], server.store, sum(len(v) for v in ids[s].values()), timeout
-            )
+        drives = _drive(
+            profiles, ctxs,
+            {s: partial(waiting_jobs, server.store, ctxs[s].queue) for s in SIDES},
+            {s: sum(len(v) for v in ids[s].values()) for s in SIDES}, timeout, stop,
+        )  # fmt: skip
+        jobs = {
+            s: {t: [report.read_outcome(server.store, p) for p in v] for t, v in ids[s].items()}
             for s in SIDES
         }
-        for d in drivers.values():
-            d.start()
-        try:
-            while any(d.is_alive() for d in drivers.values()):
-                if stop.wait(0.5):
-                    break
-        finally:
-            for d in drivers.values():
-                d.stop()
-            for d in drivers.values():
-                d.join()
-        rows = []
-        for t in templates:
-            jobs = {
-                s: [report.read_outcome(server.store, p) for p in ids[s][t.name]] for s in SIDES
-            }
-            rows.append(report.compare_template(t, jobs, {s: profiles[s].name for s in SIDES}))
-    return {
-        "queue": original_queue,
-        "clones": {s: clones[s].name for s in SIDES},
-        "names": {s: profiles[s].name for s in SIDES},
-        "pilots": {s: profiles[s].describe() for s in SIDES},
-        "jobs_per_template": n_jobs,
-        "suites": sorted({x for t in templates for x in t.suites}),
-        "drives": {
-            s: {
-                "started": d.result.started,
-                "exit_codes": d.result.exit_codes,
-                "elapsed": d.result.elapsed,
-                "timed_out": d.result.timed_out,
-                "stopped": d.result.stopped,
-            }
-            for s, d in drivers.items()
-        },
-        "stopped": stop.is_set(),
-        "elapsed": round(time.monotonic() - started, 2),
-        "templates": rows,
+    return _report(
+        templates, profiles, {s: clones[s].name for s in SIDES}, jobs,
+        server="embedded", queue=original_queue, jobs_per_template=n_jobs, drives=drives,
+        stopped=stop.is_set(), elapsed=round(time.monotonic() - started, 2),
+    )  # fmt: skip
+
+
+def run_commission_panda(
+    templates: list[Template],
+    profiles: dict[str, Profile],
+    queues: dict[str, str],
+    panda: PandaServer,
+    workdir: Path,
+    *,
+    n_jobs: int = 1,
+    timeout: float = 900.0,
+    settle: float = 180.0,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    """The suite on a real PanDA server: submitted to its two queues, read back from it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    stop = stop or threading.Event()
+    started = time.monotonic()
+    es = [t.name for t in templates if t.task is not None]
+    if es:
+        raise PilotError(
+            1008, f"event-service templates {es} need a JEDI task: not submitted to a real server"
+        )
+    where = urllib.parse.urlsplit(panda.url)
+    ctxs: dict[str, RunContext] = {}
+    ids: dict[str, dict[str, list[int]]] = {}
+    for s in SIDES:
+        ctxs[s] = RunContext(
+            panda.url, where.hostname or "127.0.0.1", where.port or 25443, queues[s],
+            workdir / s.lower(),
+        )  # fmt: skip
+        profiles[s].prepare(ctxs[s])
+        ids[s] = {t.name: [] for t in templates}
+        for _ in range(n_jobs):
+            for t in templates:
+                job = profiles[s].job_for(t.job, ctxs[s])
+                job["computingSite"] = queues[s]
+                ids[s][t.name].append(panda.submit(job))
+    every = {s: [p for v in ids[s].values() for p in v] for s in SIDES}
+    drives = _drive(
+        profiles, ctxs, {s: partial(panda.waiting, every[s]) for s in SIDES},
+        {s: len(every[s]) for s in SIDES}, timeout, stop,
+    )  # fmt: skip
+    if not stop.is_set():
+        panda.settle(every["A"] + every["B"], settle)
+    found = panda.describe(every["A"] + every["B"])
+    jobs = {
+        s: {t: [outcome_from_description(p, found.get(p)) for p in v] for t, v in ids[s].items()}
+        for s in SIDES
     }
+    return _report(
+        templates, profiles, dict(queues), jobs, server=panda.url, queue="",
+        jobs_per_template=n_jobs, drives=drives, stopped=stop.is_set(),
+        elapsed=round(time.monotonic() - started, 2),
+    )  # fmt: skip
 
 
 def _templates(args: argparse.Namespace) -> list[Template]:
@@ -145,6 +228,21 @@ def _templates(args: argparse.Namespace) -> list[Template]:
         return out
     suite = None if (args.only or args.templates) and args.suite == "default" else args.suite
     return load_templates(args.templates, args.only, suite)
+
+
+def _check_panda_args(args: argparse.Namespace) -> None:
+    """Options that cannot apply to a real server are refused, never ignored."""
+    if not args.panda_python:
+        raise PilotError(
+            1008, "--panda-url needs --panda-python: PanDA's own JobSpec makes the jobs"
+        )
+    for option in ("queue_description", "storage_endpoints", "remote_storage"):
+        if getattr(args, option):
+            raise PilotError(
+                1008,
+                f"--{option.replace('_', '-')} does not apply with --panda-url: the server's"
+                " queues are described where it reads them (CRIC)",
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +288,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots-b", type=int, default=0)
     parser.add_argument("--workdir", default="commission-work")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds the pilots may take")
+    parser.add_argument(
+        "--panda-url", default=None,
+        help="a real PanDA server: submit to its two queues (--clone-a/--clone-b, or <--queue>_A"
+        " and _B, which must exist there) and read the results back",
+    )  # fmt: skip
+    parser.add_argument(
+        "--panda-python", default=None,
+        help="with --panda-url: an interpreter with PanDA's taskbuffer, to submit the jobs",
+    )  # fmt: skip
+    parser.add_argument(
+        "--settle", type=float, default=180.0,
+        help="with --panda-url: seconds to wait for the server to reach final states",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="write the report here as JSON")
     parser.add_argument("--svg-dir", default=None, help="write one SVG picture per suite here")
     args = parser.parse_args(argv)
@@ -212,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
                 profiles[s].slots = slots
             elif profiles[s].jobs_per_process > 0:  # one process per job: all at once
                 profiles[s].slots = max(profiles[s].slots, len(templates) * args.jobs)
+        if args.panda_url:
+            _check_panda_args(args)
+            queue = args.queue or "COMMISSION"
+            queues = {"A": args.clone_a or f"{queue}_A", "B": args.clone_b or f"{queue}_B"}
+            panda = PandaServer(args.panda_url, args.panda_python)
         queue = args.queue or ("" if args.queue_description else "COMMISSION")
         original, clones = load_clones(
             args.queue_description, args.storage_endpoints,
@@ -231,10 +347,16 @@ def main(argv: list[str] | None = None) -> int:
 
     old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        result = run_commission(
-            templates, profiles, dict(zip(SIDES, clones)), base, n_jobs=args.jobs,
-            timeout=args.timeout, stop=stop, original_queue=original,
-        )  # fmt: skip
+        if args.panda_url:
+            result = run_commission_panda(
+                templates, profiles, queues, panda, base, n_jobs=args.jobs,
+                timeout=args.timeout, settle=args.settle, stop=stop,
+            )  # fmt: skip
+        else:
+            result = run_commission(
+                templates, profiles, dict(zip(SIDES, clones)), base, n_jobs=args.jobs,
+                timeout=args.timeout, stop=stop, original_queue=original,
+            )  # fmt: skip
     except PilotError as exc:
         print(f"pilot commission: {exc.detail or exc.diag}", file=sys.stderr)
         return 2

@@ -48,7 +48,7 @@ class RunContext:
     port: int
     queue: str
     workdir: Path
-    token_file: Path
+    token_file: Path | None = None
 
     @property
     def pilot_workdir(self) -> Path:
@@ -80,13 +80,15 @@ class RunContext:
             "workdir": shlex.quote(str(self.pilot_workdir)),
             "queuedata_url": self.queuedata_url,
             "storagedata_url": self.storagedata_url,
-            "token_file": shlex.quote(str(self.token_file)),
+            "token_file": shlex.quote(str(self.token_file or "")),
         }
 
     def base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("X509", "OIDC"))}
-        # the dispatcher's token, where PanDA pilots look for one
-        env.update(OIDC_AUTH_TOKEN=str(self.token_file.resolve()), OIDC_AUTH_ORIGIN="atlas.pilot")
+        if self.token_file is not None:  # the dispatcher's token, where PanDA pilots look for one
+            env.update(
+                OIDC_AUTH_TOKEN=str(self.token_file.resolve()), OIDC_AUTH_ORIGIN="atlas.pilot"
+            )
         return env
 
 

@@ -269,9 +269,14 @@ def render_table(report: dict[str, Any]) -> str:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(line[:4], widths)) + "  " + line[4])
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 11)
     lines.append("")
+    clock = (
+        "the dispatcher's clock"
+        if report.get("server", "embedded") == "embedded"
+        else (f"as the server {report['server']} recorded them")
+    )
     lines.append(
         "cells: state/pilotErrorCode exeErrorCode transExitCode, jobs as expected/N, median"
-        " seconds from hand-out to final update (the dispatcher's clock)"
+        f" seconds from hand-out to final update ({clock})"
     )
     for r in report["templates"]:
         lines.append("")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,15 +39,23 @@ def waiting_jobs(store: Store, queue: str) -> int:
 
 
 class PilotDriver(threading.Thread):
-    """Runs ``profile`` on ``ctx.queue`` in a thread; :meth:`stop` ends it and its processes."""
+    """Runs ``profile`` on ``ctx.queue`` in a thread; :meth:`stop` ends it and its processes.
+
+    ``waiting()`` tells how many of the queue's jobs still wait for a pilot.
+    """
 
     def __init__(
-        self, profile: Profile, ctx: RunContext, store: Store, n_jobs: int, timeout: float
+        self,
+        profile: Profile,
+        ctx: RunContext,
+        waiting: Callable[[], int],
+        n_jobs: int,
+        timeout: float,
     ) -> None:
         super().__init__(name=f"pilot-{profile.name}", daemon=True)
         self.profile = profile
         self.ctx = ctx
-        self.store = store
+        self.waiting = waiting
         self.n_jobs = n_jobs
         self.timeout = timeout
         self.result = DriveResult()
@@ -89,7 +98,7 @@ class PilotDriver(threading.Thread):
                         with self._lock:
                             self._running.remove(proc)
                 running = len(self.processes())
-                waiting = waiting_jobs(self.store, self.ctx.queue)
+                waiting = self.waiting()
                 if running == 0 and (self.result.started >= budget or waiting == 0):
                     break
                 if (

@@ -113,6 +113,15 @@ print(n)
 '''
 
 
+CACHE_SCHEDCONFIG = r'''
+"""One pass of the server's cache_schedconfig daemon (the queues' JSON the pilot reads)."""
+from pandaserver.daemons.scripts import cache_schedconfig
+
+cache_schedconfig.main(argv=["cache_schedconfig"])
+print("cached")
+'''
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -219,6 +228,25 @@ class RealPanda:
                 return panda_id
             time.sleep(0.5)
         raise AssertionError(f"job {panda_id} never activated")
+
+    def add_queue(self, name: str, **changes: Any) -> dict[str, Any]:
+        """A copy of the kit's queue under ``name`` (as CRIC would list a clone), cached.
+
+        The server reads its queues from ``schedconfig_json``; the per-queue JSON
+        the pilot downloads is written by one pass of ``cache_schedconfig``.
+        """
+        data = json.loads(
+            self.sql(f"SELECT data FROM doma_panda.schedconfig_json WHERE panda_queue='{QUEUE}'")
+        )
+        data.update(panda_resource=name, nickname=name, siteid=name, **changes)
+        text = json.dumps(data).replace("'", "''")
+        self.sql(
+            f"DELETE FROM doma_panda.schedconfig_json WHERE panda_queue='{name}';"
+            " INSERT INTO doma_panda.schedconfig_json (panda_queue, data, last_update)"
+            f" VALUES ('{name}', '{text}', now())"
+        )
+        self._run(CACHE_SCHEDCONFIG)
+        return data
 
     def adder(self) -> int:
         return int(self._run(ADDER).splitlines()[-1])
