@@ -56,7 +56,7 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
     "commission": (
         "pilot.commission.compare",
         "main",
-        "run template jobs through two pilots, compare",
+        "a template suite through two pilots at once on queue clones, compared",
     ),
     "demo": (
         "pilot.demo",

@@ -9,6 +9,8 @@ only evidence compared (:mod:`pilot.commission.report`); the report is
 printed as a table, and written as JSON and as one SVG picture per suite
 when asked.
 
+See docs/commissioning.md (and docs/DESIGN.md for the package layout).
+
 A run that is stopped (SIGTERM, SIGINT) or whose time is up ends every
 pilot process it started, with their whole trees, before it exits.
 """

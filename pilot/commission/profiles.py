@@ -298,6 +298,8 @@ def resolve(spec: str, *, pilot3_dir: str | Path | None = None, label: str = "")
     if spec.endswith(".json") and Path(spec).is_file():
         try:
             data = json.loads(Path(spec).read_text(encoding="utf-8"))
+            if data.get("transform", "as-is") not in ("as-is", "url"):
+                raise ValueError(f"transform must be as-is or url, not {data['transform']!r}")
             return Profile(
                 name=label or str(data.get("name") or Path(spec).stem),
                 command=str(data["command"]),
