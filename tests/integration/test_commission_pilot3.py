@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -151,3 +153,31 @@ def test_pilot3_profile_refuses_without_its_source(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, cwd=REPO, env=env,
     )  # fmt: skip
     assert proc.returncode == 2 and "nowhere.tar.gz not found" in proc.stderr
+
+
+@pytest.mark.slow
+def test_stopping_a_run_mid_way_leaves_no_panda_pilot(tmp_path: Path, sdist: Path) -> None:
+    work = tmp_path / "w"
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "pilot.cli", "commission", "--pilot-b", "pilot3", "--pilot3-dir", str(sdist),
+         "--only", "segfault", "--jobs", "2", "--workdir", str(work)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        # mid-way: both PanDA pilots have their job and are in its 115 s wait, or near it
+        for _ in range(240):
+            logs = list((work / "b").glob("pilot-*.out"))
+            if len(logs) == 2 and all("payload execution command" in p.read_text() for p in logs):
+                break
+            time.sleep(0.5)
+        pilots = [p for p in _left_behind(work) if "pilot.py" in " ".join(p.cmdline())]
+        assert len(pilots) >= 2
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out.decode()[-2000:]
+    left = [p for p in _left_behind(work) if p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [p.cmdline() for p in left]
+    assert all(not p.is_running() for p in pilots)
