@@ -75,7 +75,7 @@ def suite_svg(report: dict[str, Any], suite: str) -> str:
                 )
             label = (
                 f"{names[s]}: {side['typical']['state']}/{side['typical']['pilotErrorCode']}"
-                f" {side['as_expected']}/{side['n']}" + (f" {med:.0f}s" if t else "")
+                f" {side['as_expected']}/{side['n']}" + (f" {_seconds(med)}" if t else "")
             )
             out.append(f'<text x="{LEFT + w + 6:.1f}" y="{y + BAR - 3}">{escape(label)}</text>')
     axis_y = top + ROW * len(rows) + 6
@@ -86,10 +86,15 @@ def suite_svg(report: dict[str, Any], suite: str) -> str:
             f'<line x1="{x:.1f}" y1="{axis_y}" x2="{x:.1f}" y2="{axis_y + 4}" stroke="#333"/>'
         )
         out.append(
-            f'<text x="{x:.1f}" y="{axis_y + 16}" text-anchor="middle">{longest * k / 5:.0f} s</text>'
+            f'<text x="{x:.1f}" y="{axis_y + 16}" text-anchor="middle">{_seconds(longest * k / 5)}</text>'
         )
     out.append(
         f'<text x="10" y="{axis_y + 34}" fill="#555">* the pilots differ on this template</text>'
     )
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def _seconds(t: float) -> str:
+    """Seconds as an operator reads them: whole above 10 s, a decimal below."""
+    return f"{t:.0f} s" if t >= 10 else f"{t:.1f} s"

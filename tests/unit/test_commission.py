@@ -118,7 +118,7 @@ def test_the_picture_has_a_bar_per_pilot_and_template() -> None:
                      "jobs_per_template": 1}, "failure")  # fmt: skip
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
     assert svg.count("<rect") == 3  # background and two bars
-    assert "pilot3: failed/1305 0/1 118s" in svg and "segfault *" in svg
+    assert "pilot3: failed/1305 0/1 118 s" in svg and "segfault *" in svg
     assert "#3a9d3a" in svg and "#c83a3a" in svg  # as expected, not as expected
 
 
