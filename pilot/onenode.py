@@ -16,7 +16,10 @@ What the arrangement adds, because the pilot around it expects it:
   (SIGTERM), or a forbidden connection is seen; a drain gives running ranges
   ``kill_grace`` seconds, and ranges not done are *released*: not reported,
   so PanDA hands them out again;
-* the job's walltime end is the allocation's end (``deadline``);
+* the payload runs within the job's guard rails (:class:`pilot.payload.guard.Guard`),
+  as every Droid's does: past the job's walltime the ranges in flight fail with
+  1213 and Yoda drains (``deadline``, an allocation's end, is for callers that
+  have one);
 * a work directory that holds a journal of the same job resumes it: results
   the upstream never took are sent, leases of the dead run go back to READY,
   and the ranges are not run twice.
@@ -324,33 +327,31 @@ def make_es_runner(
     from pilot.errors import signal_code
     from pilot.eventservice.executor import EventExecutor
     from pilot.eventservice.stageout import range_stage_out
-    from pilot.monitor.connections import connection_policy, network_isolated
-    from pilot.payload.command import payload_environment
+    from pilot.payload.guard import Guard
     from pilot.payload.secrets import job_secrets
-    from pilot.workflow import payload_container, wall_limit
 
     def run(job: Job, workdir: Path, config: Any, stop: Any) -> dict[str, Any]:
         hook = stage_out if stage_out is not None else range_stage_out(job, config)
-        limit = wall_limit(job, config)
-        policy = connection_policy(config)  # host names in an allow-list resolve once
+        # The guard rails every payload runs within (pilot.payload.guard): the job's
+        # limits, its walltime (1213 for the ranges in flight, the rest released), the
+        # connection policy (one watch, also Yoda's reason to drain), the container.
+        guard = Guard(job, workdir, config)
         lease = range_timeout if range_timeout is not None else config.es_range_timeout
         options = OneNode(
             report_interval=report_interval,
             range_timeout=lease,
-            deadline=time.time() + limit if limit != float("inf") else None,
             kill_grace=config.kill_grace,
         )
         with job_secrets(workdir, job.raw):
             executor = EventExecutor(
                 job,
                 workdir,
-                env=payload_environment(
-                    job, workdir, extra=config.extra_env, payload_proxy=config.payload_proxy
-                ),
+                env=guard.environment(),
                 range_timeout=lease,
                 ready_timeout=config.es_ready_timeout,
                 final_wait=config.es_final_wait,
-                container=payload_container(job, config),
+                container=guard.container,
+                guard=guard,
             )
             summary = run_event_service(
                 job,
@@ -360,9 +361,7 @@ def make_es_runner(
                 executor=executor,
                 stage_out=hook,
                 stop=stop,
-                connections=ConnectionWatch(
-                    workdir, policy, isolated=network_isolated(config, policy)
-                ),
+                connections=guard.connections,
             )
         error = summary.error
         if stop is not None and stop.signum is not None:

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,12 +35,12 @@ from pilot.errors import (
 )
 from pilot.fileio import atomic_write_json, tail
 from pilot.job import Job
-from pilot.monitor.connections import connection_policy
-from pilot.monitor.pytracer import TRACER_DIR
+from pilot.monitor.watch import make_monitor
 from pilot.payload.command import build_command
-from pilot.payload.container import ContainerSpec, wrap
+from pilot.payload.container import wrap
+from pilot.payload.guard import Guard
 from pilot.payload.runner import PayloadProcess
-from pilot.payload.secrets import job_secrets, secret_paths
+from pilot.payload.secrets import job_secrets
 from pilot.report import (
     JOB_REPORT,
     PAYLOAD_STDERR,
@@ -337,12 +335,23 @@ def _run_payload(
     (workdir / "payload.sh").write_text(f"#!/bin/sh\n{command.shell}\n", encoding="utf-8")
     log.info("payload: %s", command.shell)
     argv: list[str] | str = command.shell
-    spec = payload_container(job, config)
-    if spec is not None:
-        argv = wrap(command.shell, workdir, spec)
+    guard = _guard(job, workdir, config, monitor_factory)
+    if guard.container is not None:
+        argv = wrap(command.shell, workdir, guard.container)
         log.info("container: %s", " ".join(argv[:-1]))
     with job_secrets(workdir, job.raw):
-        _watch_payload(job, config, upstream, result, stop, monitor_factory, command.env, argv)
+        _watch_payload(job, config, upstream, result, stop, guard, command.env, argv)
+
+
+def _guard(
+    job: Job, workdir: Path, config: PilotConfig, monitor_factory: MonitorFactory | None
+) -> Guard:
+    """The job's guard rails; without a monitor factory the payload runs unmonitored, with
+    one other than :func:`make_monitor` that one samples it (tests watch with their own)."""
+    if monitor_factory is None or monitor_factory is make_monitor:
+        return Guard(job, workdir, config, monitored=monitor_factory is not None)
+    factory = monitor_factory
+    return Guard(job, workdir, config, monitor_factory=lambda p: factory(p, workdir, job, config))
 
 
 def _watch_payload(
@@ -351,7 +360,7 @@ def _watch_payload(
     upstream: Upstream,
     result: JobResult,
     stop: StopSignal | None,
-    monitor_factory: MonitorFactory | None,
+    guard: Guard,
     env: dict[str, str],
     argv: list[str] | str,
 ) -> None:
@@ -364,16 +373,14 @@ def _watch_payload(
         stderr=workdir / PAYLOAD_STDERR,
         shell=isinstance(argv, str),
     )
-    monitor = monitor_factory(payload, workdir, job, config) if monitor_factory else None
+    monitor = guard.watch(payload)
     wake = [stop.fd] if stop else []
     next_heartbeat = time.monotonic() + config.heartbeat_interval
     killed: PilotError | None = None
     try:
         for _ in range(10_000_000):  # bounded; each turn sleeps until something is due
             now = time.monotonic()
-            due = next_heartbeat
-            if monitor is not None:
-                due = min(due, now + max(0.0, monitor.next_due()))
+            due = min(next_heartbeat, now + max(0.0, guard.next_due()))
             rc = payload.wait(timeout=max(0.05, min(due - now, 60.0)), wake_fds=wake)
             if rc is not None:
                 break
@@ -381,9 +388,8 @@ def _watch_payload(
                 killed = PilotError(
                     signal_code(stop.signum), f"pilot received {signal.Signals(stop.signum).name}"
                 )
-            elif monitor is not None and (breach := monitor.check()) is not None:
+            elif (breach := guard.check()) is not None:
                 killed = breach
-                monitor.save_evidence()
             elif time.monotonic() >= next_heartbeat:
                 next_heartbeat = time.monotonic() + config.heartbeat_interval
                 command_reply = _heartbeat(upstream, job, config, "running")
@@ -392,20 +398,12 @@ def _watch_payload(
                         ErrorCode.PANDAKILL, "the server asked for the job to be killed"
                     )
             if killed is not None:
-                log.critical("killing the payload: %s", killed.diag)
-                record = payload.kill_tree(config.kill_grace, int(killed.code), killed.detail)
-                log.info(
-                    "kill: signals %s to %s, survivors %s",
-                    record.signals,
-                    record.pids,
-                    record.survivors,
-                )
+                guard.kill(payload, killed)
                 break
     finally:
-        if payload.poll() is None:
-            payload.kill_tree(config.kill_grace)
+        # whatever ended it, nothing of the payload's tree is left behind (orphans too)
+        guard.ended(payload)
         if monitor is not None:
-            monitor.close()
             result.metrics.update(monitor.summary())
             result.metrics_text = monitor.job_metrics()
             report = monitor.connections_report()
@@ -413,7 +411,7 @@ def _watch_payload(
                 result.extra["connections"] = report
             # A connection too short for any sample, found in the tracer's log at the end,
             # fails the job all the same.
-            if killed is None and (late := monitor.connection_breach()) is not None:
+            if killed is None and (late := guard.late_breach()) is not None:
                 log.critical("%s", late.diag)
                 killed = late
     if killed is not None:
@@ -464,27 +462,3 @@ def _finish(
         log.error("final update not delivered: %s", exc)
     result.extra["final_update_delivered"] = delivered
     return result
-
-
-def payload_container(job: Job, config: PilotConfig) -> ContainerSpec | None:
-    """The container a job's payload runs in, or None: the queue's runtime with the
-    job's image, no network when the connection policy denies every connection
-    (enforced, not only detected), the connection tracer visible, and the pilot's own
-    credentials covered (docs/DESIGN.md, "Guard rails")."""
-    spec = config.container
-    if spec is None:
-        return None
-    if job.container_name:
-        spec = replace(spec, image=job.container_name)
-    return replace(
-        spec,
-        network=spec.network and not connection_policy(config).denies_all,
-        ro_binds=(*spec.ro_binds, str(TRACER_DIR)),
-        hide=(*spec.hide, *secret_paths(os.environ), *config.secret_files),
-    )
-
-
-def wall_limit(job: Job, config: PilotConfig) -> float:
-    """Walltime the payload may use: the job's, else the queue's, else none."""
-    limits = [v for v in (job.max_walltime, int(config.queue.get("maxtime", 0) or 0)) if v > 0]
-    return float(min(limits)) if limits else math.inf

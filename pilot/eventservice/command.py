@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from pilot.eventservice.messages import DoneMessage, ErrorMessage, parse_message
 from pilot.eventservice.model import RangeStatus
 from pilot.fileio import tail
 from pilot.job import EventRange
+from pilot.payload.container import wrap
 from pilot.payload.runner import PayloadProcess
 
 log = logging.getLogger(__name__)
@@ -79,16 +81,19 @@ class CommandExecutor(HeldRanges):
             "GUID": r.guid,
             "outputFile": str(rdir / f"out.{r.event_range_id}"),
         }
-        argv = substitute(self._template(), values)
+        argv: list[str] = substitute(self._template(), values)
         self._in_flight[r.event_range_id] = (r, time.monotonic())
         cpu0 = _children_cpu()
         try:
+            if self.container is not None:
+                argv = wrap(shlex.join(argv), rdir, self.container)
             self.payload = PayloadProcess(
                 argv, cwd=rdir, env=self.env, stdout=rdir / "stdout", stderr=rdir / "stderr"
             )
         except PilotError as exc:
             self._range_failed(r, exc.code, exc.detail)
             return
+        self.guard.watch(self.payload)
         self._current = (r, rdir, time.time(), cpu0)
 
     def _range_failed(
@@ -113,9 +118,14 @@ class CommandExecutor(HeldRanges):
                     time.sleep(max(0.0, deadline - time.monotonic()))
                 break
             assert self.payload is not None
-            rc = self.payload.wait(timeout=max(0.0, deadline - time.monotonic()))
+            wait = min(deadline - time.monotonic(), self.guard.next_due())
+            rc = self.payload.wait(timeout=max(0.0, wait))
             if rc is None:
-                self._check_hang()
+                breach = self.guard.check()
+                if breach is not None:
+                    self._breached(breach)
+                else:
+                    self._check_hang()
             else:
                 self._range_exited(rc)
             if time.monotonic() >= deadline:
@@ -128,13 +138,28 @@ class CommandExecutor(HeldRanges):
         started = self._in_flight[r.event_range_id][1]
         if self.range_timeout and time.monotonic() - started > self.range_timeout:
             self.payload.kill_tree(grace=5.0, reason_code=ErrorCode.LOOPINGJOB, reason="hung range")
+            self.guard.ended(self.payload)
             self._current = None
             self._range_failed(
                 r, ErrorCode.ESRECOVERABLE, f"no progress for {self.range_timeout:.0f} s"
             )
 
+    def _breached(self, breach: PilotError) -> None:
+        """A limit of the job's guard broken: the range's process tree is killed and the
+        range fails with the breach's code; the next range runs unless no new process can
+        cure it (:meth:`Guard.fatal`), and then the executor gives up with that code."""
+        assert self._current is not None and self.payload is not None
+        r = self._current[0]
+        self.guard.kill(self.payload, breach)
+        self.guard.ended(self.payload)
+        self._current = None
+        self._fail(r.event_range_id, RangeStatus.FAILED, breach.code, breach.detail)
+        if self.guard.fatal(breach) and self.error is None:
+            self.error = breach
+
     def _range_exited(self, rc: int) -> None:
-        assert self._current is not None
+        assert self._current is not None and self.payload is not None
+        self.guard.ended(self.payload)  # what the range's process left behind goes with it
         r, rdir, t0, cpu0 = self._current
         self._current = None
         rid = r.event_range_id
@@ -177,6 +202,7 @@ class CommandExecutor(HeldRanges):
         if self._current is not None and self.payload is not None:
             self.payload.kill_tree(grace=grace, reason_code=ErrorCode.KILLSIGNAL, reason="stopped")
             self._current = None
+        self.guard.ended(self.payload)
         released = [r for r, _ in self._in_flight.values()] + list(self._queue)
         self._in_flight.clear()
         self._queue.clear()

@@ -177,6 +177,7 @@ class EventExecutor(HeldRanges):
         except PilotError:
             self._close_channel()
             raise
+        self.guard.watch(self.payload)
         self._close_pidfd()
         try:
             # Readable when the payload exits: ZeroMQ would never tell us.
@@ -233,6 +234,7 @@ class EventExecutor(HeldRanges):
             log.warning("payload message refused: %s", incoming.error)
             return
         msg = parse_message(incoming.text)
+        self.guard.progress()  # a payload that talks is not looping
         if isinstance(msg, ReadyMessage):
             self._said_ready = True
             self._requests.append(incoming.peer)
@@ -255,7 +257,7 @@ class EventExecutor(HeldRanges):
                     # Nothing can happen: honour the timeout so a caller's loop does not spin.
                     time.sleep(max(0.0, deadline - time.monotonic()))
                 break
-            wait = min(_CHECK_INTERVAL, deadline - time.monotonic())
+            wait = min(_CHECK_INTERVAL, deadline - time.monotonic(), self.guard.next_due())
             also = (self._pidfd,) if self._pidfd is not None else ()
             for incoming in self._channel.receive(max(0.0, wait), also):
                 self._handle(incoming)
@@ -269,6 +271,12 @@ class EventExecutor(HeldRanges):
         rc = self.payload.poll()
         if rc is not None:
             self._payload_exited(rc, "")
+            return
+        if not self._in_flight:
+            self.guard.progress()  # waiting for ranges from us is not looping
+        breach = self.guard.check()
+        if breach is not None:
+            self._breached(breach)
             return
         now = time.monotonic()
         if self.range_timeout and self._in_flight:
@@ -297,6 +305,21 @@ class EventExecutor(HeldRanges):
         ):
             self._give_up(f"payload still running {self.final_wait:.0f} s after No more events")
 
+    def _breached(self, breach: PilotError) -> None:
+        """A limit of the job's guard broken: the payload's tree is killed and the ranges it
+        held fail with the breach's code; a new payload takes the next ranges unless no new
+        process can cure it (the job's walltime, work directory, stdout: see
+        :meth:`Guard.fatal`), and then the executor gives up with that code."""
+        assert self.payload is not None
+        self.guard.kill(self.payload, breach)
+        if not self.guard.fatal(breach):
+            self._payload_exited(self.payload.returncode or -9, breach.detail, breach.code)
+            return
+        for rid in list(self._in_flight):
+            self._fail(rid, RangeStatus.FAILED, breach.code, f"payload killed: {breach.detail}")
+        self._ended()
+        self.error = breach
+
     def _give_up(self, why: str) -> None:
         """Kill the payload for good: what it held fails with 1317 and it is not restarted."""
         assert self.payload is not None
@@ -310,6 +333,7 @@ class EventExecutor(HeldRanges):
 
     def _payload_exited(self, rc: int, reason: str, code: int = ErrorCode.ESRECOVERABLE) -> None:
         assert self.payload is not None and self._channel is not None
+        self.guard.ended(self.payload)  # what it left behind goes with it
         # Reports sent just before the exit are still in the socket.
         for _ in range(_MAX_DRAIN):
             batch = self._channel.receive(0.0)
@@ -331,7 +355,8 @@ class EventExecutor(HeldRanges):
         hopeless = diag.pilot_error_code == ErrorCode.TRANSFORMNOTFOUND and not self._said_ready
         if self.restarts >= self.max_restarts or hopeless:
             self._ended()
-            code = diag.pilot_error_code or ErrorCode.ESRECOVERABLE
+            if code in (ErrorCode.ESRECOVERABLE, ErrorCode.LEASETIME):  # a guard's code stays
+                code = diag.pilot_error_code or ErrorCode.ESRECOVERABLE
             self.error = PilotError(
                 code, f"payload failed {self.restarts + 1} times, giving up; last: {why}"
             )
@@ -342,8 +367,10 @@ class EventExecutor(HeldRanges):
         self._launch()
 
     def _ended(self) -> None:
-        """The payload is gone for good: no restart, its channel and pidfd closed."""
+        """The payload is gone for good: no restart, nothing of its tree left, its channel
+        and pidfd closed."""
         self._exited = True
+        self.guard.ended(self.payload)
         self._close_pidfd()
         self._close_channel()
 
@@ -375,6 +402,7 @@ class EventExecutor(HeldRanges):
         self._stopped = True
         if self.payload is not None and self.payload.poll() is None:
             self.payload.kill_tree(grace=grace, reason_code=ErrorCode.KILLSIGNAL, reason="stopped")
+        self.guard.ended(self.payload)
         self._close_channel()
         self._close_pidfd()
         released = [r for r, _ in self._in_flight.values()] + list(self._queue)

@@ -19,6 +19,7 @@ from pilot.eventservice.model import RangeResult, RangeStatus
 from pilot.eventservice.outputs import collect_output
 from pilot.job import EventRange, Job
 from pilot.payload.container import ContainerSpec
+from pilot.payload.guard import Guard
 from pilot.payload.runner import PayloadProcess
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class HeldRanges:
         ready_timeout: float | None = READY_TIMEOUT,
         final_wait: float | None = FINAL_WAIT,
         container: ContainerSpec | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self.job = job
         self.workdir = Path(workdir).resolve()
@@ -88,6 +90,9 @@ class HeldRanges:
         self.ready_timeout = ready_timeout
         self.final_wait = final_wait
         self.container = container
+        # The job's guard rails (limits, connection policy, the kill of the whole tree):
+        # without one, only the tree's kill and the orphans' end.
+        self.guard = guard or Guard.bare(job, self.workdir)
         self.payload: PayloadProcess | None = None
         self.restarts = 0
         self.error: PilotError | None = None  # set when the payload cannot go on

@@ -72,6 +72,8 @@ class JobMonitor:
         clock: Callable[[], float] = time.time,
         connection_interval: float = CONNECTION_INTERVAL,
         isolated: bool = False,
+        connections: ConnectionWatch | None = None,
+        started: float | None = None,
     ) -> None:
         self.payload = payload
         self.workdir = Path(workdir)
@@ -82,14 +84,18 @@ class JobMonitor:
         self.sampler = Sampler(
             payload, series if series is not None else self.workdir / OUTPUT_NAME, clock=clock
         )
-        self.connections = ConnectionWatch(self.workdir, policy, isolated=isolated)
+        # One watch per job when the job's payload is restarted (the guard's): what an
+        # earlier process of the job did is still held against it.
+        self.connections = connections or ConnectionWatch(self.workdir, policy, isolated=isolated)
         self.connection_interval = max(float(connection_interval), 0.05)
-        self.started = getattr(payload, "start_time", None) or clock()
-        self._next_sample = self.started
-        self._next_connections = self.started
-        self._next_disk = self.started
-        self.last_progress = self.started
-        self.last_touch = self.started
+        # The walltime runs from ``started`` (the job's start, across restarts).
+        begun = getattr(payload, "start_time", None) or clock()
+        self.started = started or begun
+        self._next_sample = begun
+        self._next_connections = begun
+        self._next_disk = begun
+        self.last_progress = begun
+        self.last_touch = begun
         self.workdir_mb = 0.0
         self.breach: PilotError | None = None
         self._last_cpu = 0.0
@@ -103,6 +109,11 @@ class JobMonitor:
         if self.limits.walltime_s:
             due = min(due, self.started + self.limits.walltime_s)
         return max(0.0, due - now)
+
+    def progress(self, now: float | None = None) -> None:
+        """Count ``now`` as progress: an event-service payload that waits for its next range
+        (or has just reported one) is not looping, whatever its CPU says."""
+        self.last_progress = max(self.last_progress, self._clock() if now is None else now)
 
     # -- checking ----------------------------------------------------------------
     def check(self, now: float | None = None) -> PilotError | None:

@@ -6,6 +6,15 @@ group does not hit the payload before the pilot has decided what to do.
 Grandchildren that call ``setsid`` themselves escape the group; they are
 found with psutil (descendants of the payload, recorded while it runs) and
 killed too, so no process of a job survives it.
+
+A child that outlives its parent is re-parented: to init normally, where a
+walk down from the payload no longer finds it. Two things find it anyway:
+every payload process carries the payload's tag in its environment
+(``TAG_VARIABLE``), and the pilot makes itself a child subreaper
+(:func:`become_subreaper`, Linux's ``PR_SET_CHILD_SUBREAPER``) so such
+orphans are re-parented to the pilot, which can then also reap them.
+:meth:`PayloadProcess.clean_up` runs after every payload's end, however it
+ended, and kills what is left of its tree.
 """
 
 from __future__ import annotations
@@ -24,6 +33,19 @@ import psutil
 from pilot.errors import ErrorCode, PilotError
 
 TAG_VARIABLE = "PANDA_PILOT_PAYLOAD_TAG"
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def become_subreaper() -> bool:
+    """Make this process the subreaper of its descendants: an orphaned payload process is
+    re-parented here instead of to init. True if it took (Linux >= 3.4); idempotent."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 @dataclass
@@ -59,6 +81,7 @@ class PayloadProcess:
         self._err = open(self.stderr_path, "ab") if self.stderr_path else subprocess.DEVNULL
         self.start_time = time.time()
         self.kill_record: KillRecord | None = None
+        self._cleaned = False
         self._known: dict[int, psutil.Process] = {}
         # Every process of the payload inherits this variable, so even one
         # that double-forks out of the group is found again at kill time.
@@ -167,11 +190,23 @@ class PayloadProcess:
             pass
 
     def tagged_processes(self) -> list[psutil.Process]:
-        """Processes carrying this payload's tag: the ones that left the group."""
+        """Processes carrying this payload's tag: the ones that left the group or the tree.
+
+        Only processes of this user started since the payload are asked for their
+        environment (a read of ``/proc/<pid>/environ`` each); the rest are skipped on
+        what ``/proc/<pid>/stat`` says."""
         found = []
         me = os.getpid()
-        for p in psutil.process_iter(["pid"]):
+        uid = os.getuid()
+        since = self.start_time - 1.0  # create_time is rounded to clock ticks
+        for p in psutil.process_iter(["create_time", "uids"]):
             if p.pid in (me, self.pid) or p.pid in self._known:
+                continue
+            info = p.info
+            if (info.get("create_time") or 0) < since:
+                continue
+            uids = info.get("uids")
+            if uid != 0 and uids is not None and uids.real != uid:
                 continue
             try:
                 if p.environ().get(TAG_VARIABLE) == self.tag:
@@ -179,6 +214,41 @@ class PayloadProcess:
             except (psutil.Error, OSError):
                 continue
         return found
+
+    def remnants(self) -> list[psutil.Process]:
+        """Live processes of this payload other than its root: what :meth:`clean_up` kills."""
+        procs = {p.pid: p for p in self.processes() + self.tagged_processes()}
+        return [p for pid, p in procs.items() if pid != self.pid and _alive(p)]
+
+    def clean_up(self, grace: float = 10.0) -> KillRecord | None:
+        """After the payload's end (or to end it): kill whatever of its tree is left, the
+        orphans re-parented to init or to the pilot included, and reap them. None when
+        nothing was left (the usual case: one scan of the process table)."""
+        if self._cleaned:
+            return None  # the root is gone and nothing was left: nothing can come back
+        if self.proc.poll() is not None and not self.remnants():
+            self._reap_known()
+            self._close()
+            self._cleaned = True
+            return None
+        record = self.kill_tree(grace, self.kill_record.reason_code if self.kill_record else 0)
+        self._reap_known()
+        self._cleaned = self.proc.poll() is not None and not record.survivors
+        return record
+
+    def _reap_known(self) -> None:
+        """Reap the payload's processes that died as children of this one (subreaper)."""
+        for pid in list(self._known):
+            if pid == self.pid:
+                continue
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid  # not ours to reap, or reaped already
+            except OSError:
+                continue
+            if done:
+                self._known.pop(pid, None)
 
     def kill_tree(self, grace: float = 10.0, reason_code: int = 0, reason: str = "") -> KillRecord:
         """SIGTERM the group and every known descendant, wait ``grace``, then SIGKILL.
