@@ -119,22 +119,43 @@ class PerRange:
 
 
 def event_executor(
-    job: Job, workdir: Path, slots: int, lease_s: float, *, storage: Any = None
+    job: Job,
+    workdir: Path,
+    slots: int,
+    lease_s: float,
+    *,
+    storage: Any = None,
+    config: Any = None,
 ) -> Executor:
     """The real executor: the shared event-service code, outputs under ``workdir``.
-    ``storage`` (``copytool``, ``copytool_options``, ``output_url``, ``workdir``,
-    ``stageout_timeout``, as in the pilot's config) stores each finished range's
-    output the way ``pilot run`` does (:func:`range_stage_out`); Harvester's copytool
-    leaves it where it is."""
+
+    ``config`` (a :class:`pilot.config.PilotConfig`: the queue's description,
+    ``monitor_interval``, ``connection_policy``, ``kill_grace``, ``container``)
+    sets the guard rails as in ``pilot run`` (:class:`pilot.payload.guard.Guard`):
+    the payload runs in the job's container with the pilot's credentials removed,
+    under the monitor with the job's limits (maxRSS, walltime, looping, disk,
+    stdout) and the connection policy; a breach kills its whole tree and fails the
+    ranges it held with the breach's code. Without one, the job's own limits and
+    the defaults apply. ``storage`` (``copytool``, ``copytool_options``,
+    ``output_url``, ``workdir``, ``stageout_timeout``, as in the pilot's config)
+    stores each finished range's output the way ``pilot run`` does
+    (:func:`range_stage_out`); Harvester's copytool leaves it where it is."""
+    from pilot.config import PilotConfig
     from pilot.eventservice.executor import EventExecutor
     from pilot.eventservice.stageout import range_stage_out
+    from pilot.payload.guard import Guard
 
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    guard = Guard(job, workdir, config if config is not None else PilotConfig())
     inner = EventExecutor(
         job,
         workdir,
+        env=guard.environment(),
         max_restarts=3,
         output_dir=workdir / "outputs",
         range_timeout=lease_s,
         prefetch=max(1, slots),
+        container=guard.container,
+        guard=guard,
     )
     return PerRange(inner, range_stage_out(job, storage) if storage is not None else None)

@@ -232,15 +232,15 @@ class PayloadProcess:
             self._cleaned = True
             return None
         record = self.kill_tree(grace, self.kill_record.reason_code if self.kill_record else 0)
-        self._reap_known()
         self._cleaned = self.proc.poll() is not None and not record.survivors
         return record
 
-    def _reap_known(self) -> None:
-        """Reap the payload's processes that died as children of this one (subreaper)."""
-        for pid in list(self._known):
+    def _reap_known(self, also: Sequence[int] = ()) -> None:
+        """Reap the payload's processes that died as children of this one (re-parented to
+        it, the subreaper): else they stay zombies as long as the pilot runs."""
+        for pid in {*self._known, *also}:
             if pid == self.pid:
-                continue
+                continue  # the root is subprocess's to reap (it keeps the exit status)
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
@@ -288,6 +288,7 @@ class PayloadProcess:
         record.survivors = [p.pid for p in alive if _alive(p)]
         if self.proc.poll() is None:
             record.survivors.append(self.pid)
+        self._reap_known(record.pids)
         self._close()
         if self.kill_record is None:
             self.kill_record = record

@@ -73,6 +73,8 @@ REPLY_WAIT = 3600.0
 _PARENT_CHECK_MS = 1000
 EXIT_RANGE_FAILED = 65
 EXIT_CRASH = 3
+HOG_STEP = 10 * 2**20  # bytes the injected memory leak adds every 50 ms
+HOG_STEPS = 200  # at most 2 GB: the pilot's memory limit stops it long before
 
 
 class Injected:
@@ -84,6 +86,7 @@ class Injected:
         self.fatal_event: int | None = args.fatal_on_event
         self.hang_event: int | None = args.hang_on_event
         self.segfault_event: int | None = args.segfault_on_event
+        self.hog_event: int | None = args.hog_on_event
 
     @staticmethod
     def _hit(event: int | None, start: int, last: int) -> bool:
@@ -100,6 +103,15 @@ class Injected:
             sys.stderr.flush()
             signal.signal(signal.SIGSEGV, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGSEGV)
+        if self._hit(self.hog_event, start, last):
+            sys.stderr.write(f"toysim: injected memory leak on range {range_id}\n")
+            sys.stderr.flush()
+            leak = []
+            for _ in range(HOG_STEPS):  # bounded: HOG_STEPS x 10 MB, then a hang
+                leak.append(np.ones(HOG_STEP // 8))  # written, so it is resident
+                time.sleep(0.05)
+            for _ in range(100000):
+                time.sleep(1.0)
         if self._hit(self.hang_event, start, last):
             sys.stderr.write(f"toysim: injected hang on range {range_id}\n")
             sys.stderr.flush()
@@ -390,6 +402,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fatal-on-event", type=int, metavar="N", help="report ERR_TE_FATAL")
     p.add_argument("--hang-on-event", type=int, metavar="N")
     p.add_argument("--segfault-on-event", type=int, metavar="N")
+    p.add_argument(
+        "--hog-on-event", type=int, metavar="N", help="leak memory (10 MB per 50 ms), then hang"
+    )
     g = p.add_argument_group("command mode (one range per process)")
     g.add_argument("--start", type=int)
     g.add_argument("--last", type=int)
