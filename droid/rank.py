@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from droid.droid import Droid, DroidOptions
 from droid.executors import event_executor
 from droid.nullexec import NullExecutor
+from hpc.payloadconfig import payload_config
 from hpc.transport import Transport
 
 log = logging.getLogger("droid.rank")
@@ -44,7 +45,9 @@ def run_droid(args: argparse.Namespace, transport: Transport) -> int:
             return NullExecutor(job, wd, slots, write_outputs=True)
 
     else:
-        factory = partial(event_executor, storage=output_storage(args))
+        # the guard rails of pilot run (pilot.payload.guard), with the queue's settings
+        config = payload_config(args)
+        factory = partial(event_executor, storage=output_storage(args), config=config)
     droid = Droid(transport, workdir, factory, DroidOptions(slots=max(1, args.slots)))
 
     # The batch system signals every rank; Yoda's DRAIN follows. Until then the

@@ -21,12 +21,11 @@ from typing import Any
 
 from pilot import __version__
 from pilot.comm.base import LocalUpstream, Upstream
-from pilot.config import PilotConfig
+from pilot.config import PilotConfig, queue_settings
 from pilot.errors import ErrorCode, PilotError, error_diag
 from pilot.fileio import atomic_write_json
 from pilot.job import Job, load_job_file
 from pilot.monitor.watch import make_monitor
-from pilot.payload.container import ContainerSpec
 from pilot.workflow import EventServiceRunner, StopSignal, run_job
 
 log = logging.getLogger("pilot.cli")
@@ -219,17 +218,8 @@ def _inapplicable(args: argparse.Namespace, defaults: dict[str, object]) -> str 
 
 
 def _queue_settings(args: argparse.Namespace, server_url: str | None = None) -> dict[str, Any]:
-    """The queue description's part of the config: as ``--queuedata-url`` (or the server)
-    gives it, in every mode; nothing when no description was asked for or served."""
-    from pilot.queue import resolve_queue  # noqa: PLC0415
-
-    if not (args.queuedata_url or server_url or os.environ.get("LOCAL_AGIS_SCHEDCONF")):
-        return {}
-    queue = resolve_queue(
-        args.site, queuedata_url=args.queuedata_url or None, server_url=server_url
-    )
-    queue_dict = queue.to_dict()
-    return {"queue": queue_dict, "container": ContainerSpec.from_queue(queue_dict)}
+    """The queue description's part of the config, in every mode (:func:`queue_settings`)."""
+    return queue_settings(args.site, queuedata_url=args.queuedata_url, server_url=server_url)
 
 
 def server_token(token_file: str | None) -> str | None:

@@ -70,3 +70,20 @@ class PilotConfig:
 
     def job_workdir(self, panda_id: int) -> Path:
         return self.workdir / f"PandaJob_{panda_id}"
+
+
+def queue_settings(
+    site: str, *, queuedata_url: str = "", server_url: str | None = None
+) -> dict[str, Any]:
+    """The queue description's part of a :class:`PilotConfig` (``queue`` and ``container``),
+    as ``--queuedata-url`` (or the server the pilot pulls from, or
+    ``$LOCAL_AGIS_SCHEDCONF``) gives it; nothing when no description was asked for or
+    served. Every mode of ``pilot run`` and every rank of ``pilot hpc`` that runs payloads
+    takes it from here."""
+    from pilot.queue import resolve_queue  # noqa: PLC0415
+
+    if not (queuedata_url or server_url or os.environ.get("LOCAL_AGIS_SCHEDCONF")):
+        return {}
+    queue = resolve_queue(site, queuedata_url=queuedata_url or None, server_url=server_url)
+    queue_dict = queue.to_dict()
+    return {"queue": queue_dict, "container": ContainerSpec.from_queue(queue_dict)}

@@ -53,6 +53,7 @@ import threading
 from pathlib import Path
 
 from droid.rank import output_storage, run_droid
+from hpc.payloadconfig import add_options as add_payload_options
 from hpc.transport import Envelope, Kind, MPITransport
 from hpc.tuning import tune_gc
 from pilot import wholejobs
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="es",
         help="es: the job's event-service payload; null: finish ranges at once (benchmarks)",
     )
+    add_payload_options(p)
     p.add_argument("--log-level", default="INFO")
     return p
 

@@ -29,10 +29,11 @@ import logging
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hpc.payloadconfig import payload_config
 from hpc.transport import Envelope, Kind, PeerFailed
 from pilot.comm.harvester import HarvesterAccessPoint, HarvesterUpstream, WorkerHeartbeat
 from pilot.config import PilotConfig
@@ -146,12 +147,16 @@ def run_rank0(args: Any, transport: Any) -> int:
     return 0 if n_failed == 0 else 1
 
 
-def job_config(args: Any, ap: HarvesterAccessPoint, job: Job) -> PilotConfig:
-    """``pilot run --harvester``'s configuration, in the job's own directory."""
+def job_config(
+    args: Any, ap: HarvesterAccessPoint, job: Job, base: PilotConfig | None = None
+) -> PilotConfig:
+    """``pilot run --harvester``'s configuration, in the job's own directory, with the
+    payload's guard rails as every rank's (``base``, from
+    :func:`hpc.payloadconfig.payload_config`, read once per rank)."""
     job_dir = ap.job_dir(job.panda_id).resolve()
-    return PilotConfig(
+    return replace(
+        base if base is not None else payload_config(args),
         workdir=job_dir,
-        site_name=args.queue or "LOCAL",
         input_url=str(job_dir),
         copytool=args.copytool or "harvester",
         output_url=args.output_url,
@@ -161,6 +166,7 @@ def job_config(args: Any, ap: HarvesterAccessPoint, job: Job) -> PilotConfig:
 def run_rank(args: Any, transport: Any) -> int:
     ap = HarvesterAccessPoint(args.harvester, map_type=args.harvester_map_type)
     upstream = HarvesterUpstream(ap, finish_worker=False)
+    base = payload_config(args)  # the queue's description is read once per rank
     stop = StopSignal()
     restore = stop.install((signal.SIGTERM, signal.SIGUSR1, signal.SIGINT))
     ran = 0
@@ -182,7 +188,7 @@ def run_rank(args: Any, transport: Any) -> int:
             if got.body.get("no_more") or "job" not in got.body:
                 transport.send(0, Envelope(Kind.BYE))
                 continue
-            state, code = run_one(got.body["job"], args, ap, upstream, stop)
+            state, code = run_one(got.body["job"], args, ap, upstream, stop, base)
             ran += 1
             transport.send(
                 0, Envelope(Kind.UPDATE, body={"state": state, "code": code, **_pid(got.body)})
@@ -211,6 +217,7 @@ def run_one(
     ap: HarvesterAccessPoint,
     upstream: HarvesterUpstream,
     stop: StopSignal,
+    base: PilotConfig | None = None,
 ) -> tuple[str, int]:
     """One job's life, as ``pilot run`` lives it; never raises."""
     try:
@@ -221,7 +228,7 @@ def run_one(
         return "failed", int(exc.code)
     t0 = time.monotonic()
     result = run_job(
-        job, job_config(args, ap, job), upstream, stop=stop, monitor_factory=make_monitor
+        job, job_config(args, ap, job, base), upstream, stop=stop, monitor_factory=make_monitor
     )
     log.info(
         "job %d: %s in %.0f s (pilotErrorCode %d)",
