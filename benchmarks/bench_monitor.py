@@ -11,7 +11,11 @@ process holding 100 MB) and measures, with the pilot's own CPU clock
 - connection detection alone, as it runs every ``CONNECTION_INTERVAL``: the
   tree listed, its sockets read, the tracer log read; as a share of a core;
 - the Python tracer in the payload: CPU of 2000 ``connect()`` calls to a
-  local listener by a child with and without the tracer switched on.
+  local listener by a child with and without the tracer switched on;
+- the orphan scan that runs once at every payload's end
+  (``PayloadProcess.tagged_processes``: each process's ``/proc/<pid>/environ``
+  searched as bytes for the payload's tag), against asking psutil for every
+  process's environment.
 
 Usage: ``python benchmarks/bench_monitor.py [--samples N] [--children K]``
 """
@@ -35,7 +39,7 @@ from pilot.monitor.limits import Limits
 from pilot.monitor.pytracer import tracer_env
 from pilot.monitor.sampler import Sampler
 from pilot.monitor.watch import CONNECTION_INTERVAL, DEFAULT_INTERVAL, JobMonitor
-from pilot.payload.runner import PayloadProcess
+from pilot.payload.runner import TAG_VARIABLE, PayloadProcess
 
 
 def cpu_per_call(fn, n: int) -> float:  # noqa: ANN001 - any callable
@@ -92,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
             per_look = cpu_per_call(look, args.samples)
             traced, bare = tracer_cost(work)
+            scan = cpu_per_call(payload.tagged_processes, 20)
+            scan_every = cpu_per_call(lambda: _environ_of_every_process(payload.tag), 20)
+            n_node = len(psutil.pids())
         finally:
             payload.kill_tree(2.0)
 
@@ -118,7 +125,23 @@ def main(argv: list[str] | None = None) -> int:
         f"Python tracer in the payload: {(traced - bare) / 2000 * 1e6:8.1f} us CPU per connect() "
         f"(medians of 5: {traced:.3f} s with, {bare:.3f} s without, 2000 connects each)"
     )
+    print(
+        f"orphan scan at a payload's end ({n_node} processes on the node): {scan * 1e3:8.3f} ms"
+        f" CPU; psutil's environ() of every process: {scan_every * 1e3:.3f} ms"
+    )
     return 0
+
+
+def _environ_of_every_process(tag: str) -> list[int]:
+    """The baseline of the orphan scan: psutil's environ() of every process."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(TAG_VARIABLE) == tag:
+                found.append(p.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
 
 
 CONNECTS = """
