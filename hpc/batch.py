@@ -112,6 +112,8 @@ def pilot_argv(req: BatchRequest) -> list[str]:
         argv += ["--copytool", req.copytool]
     if req.output_url:
         argv += ["--output-url", req.output_url]
+    if req.queuedata_url:
+        argv += ["--queuedata-url", req.queuedata_url]
     return argv
 
 
@@ -376,6 +378,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--copytool", default="", help="pilot hpc --copytool")
     parser.add_argument("--output-url", default="", help="pilot hpc --output-url")
+    parser.add_argument(
+        "--queuedata-url", default="", help="pilot hpc --queuedata-url (the payloads' limits)"
+    )
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--pilot-command",
@@ -436,6 +441,7 @@ def request_from_args(args: argparse.Namespace) -> BatchRequest:
         slots=args.slots,
         copytool=args.copytool,
         output_url=args.output_url,
+        queuedata_url=args.queuedata_url,
         oversubscribe=args.oversubscribe,
         ulfm=args.ulfm,
         allow_run_as_root=hasattr(os, "geteuid") and os.geteuid() == 0,

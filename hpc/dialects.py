@@ -47,6 +47,7 @@ class BatchRequest:
     slots: int = 0  # payload slots per droid; 0: one per core of the rank
     copytool: str = ""  # how droids store outputs (pilot hpc --copytool), "" its default
     output_url: str = ""  # where (pilot hpc --output-url)
+    queuedata_url: str = ""  # the queue's description, its limits (pilot hpc --queuedata-url)
     oversubscribe: bool = False
     ulfm: bool = False
     allow_run_as_root: bool = False

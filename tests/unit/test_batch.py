@@ -170,11 +170,19 @@ def test_slots_and_output_storage_pass_through() -> None:
     words = launch_line(render_script(req(cores_per_rank=1)))
     assert "--slots" not in words  # pilot hpc's own default: one
     words = launch_line(
-        render_script(req(slots=16, copytool="http", output_url="https://se.example/es"))
+        render_script(
+            req(
+                slots=16,
+                copytool="http",
+                output_url="https://se.example/es",
+                queuedata_url="/sw/q.json",
+            )
+        )
     )
     at = words.index("--slots")
-    assert words[at : at + 6] == [
+    assert words[at : at + 8] == [
         "--slots", "16", "--copytool", "http", "--output-url", "https://se.example/es",
+        "--queuedata-url", "/sw/q.json",
     ]  # fmt: skip
 
 
