@@ -2,7 +2,7 @@
 
 A single-node job (:mod:`pilot.workflow`), the single-node event service,
 every Droid's event-service payload (:mod:`droid.executors`) and every whole
-job of a ManyToOne worker (:mod:`hpc.wholejobs`) start their payloads the
+job of a ManyToOne worker (:mod:`pilot.wholejobs`) start their payloads the
 same way: one :class:`Guard` per job, built from the job and the pilot's
 configuration, gives
 
