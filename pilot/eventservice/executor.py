@@ -217,6 +217,7 @@ class EventExecutor(HeldRanges):
                 self._requests.popleft()
                 if self._channel.send(peer, text):
                     self._in_flight[r.event_range_id] = (r, time.monotonic())
+                    self.guard.progress()  # the looping clock of a range starts when it is sent
                 else:
                     self._queue.appendleft(r)  # that peer is gone: the range waits for the next
             elif self._no_more:
