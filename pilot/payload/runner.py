@@ -270,8 +270,12 @@ class PayloadProcess:
         procs = self.processes() + self.tagged_processes()
         record.pids = sorted({p.pid for p in procs} | {self.pid})
         record.signals.append("SIGTERM")
-        self.signal_group(signal.SIGTERM)
         others = [p for p in procs if p.pid != self.pid]
+        # Once the root is reaped its pid may be reused: the group is signalled only while
+        # it surely is the payload's (its root unreaped, or a member of it still known).
+        group = self.proc.poll() is None or any(_pgid(p) == self.pgid for p in others)
+        if group:
+            self.signal_group(signal.SIGTERM)
         for p in others:
             try:
                 p.send_signal(signal.SIGTERM)
@@ -288,7 +292,8 @@ class PayloadProcess:
         ]
         if alive or self.proc.poll() is None:
             record.signals.append("SIGKILL")
-            self.signal_group(signal.SIGKILL)
+            if self.proc.poll() is None or any(_pgid(p) == self.pgid for p in alive):
+                self.signal_group(signal.SIGKILL)
             for p in alive:
                 try:
                     p.kill()
@@ -315,6 +320,13 @@ class PayloadProcess:
                     fh.close()
                 except OSError:
                     pass
+
+
+def _pgid(p: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(p.pid)
+    except OSError:
+        return None
 
 
 def _alive(p: psutil.Process) -> bool:
