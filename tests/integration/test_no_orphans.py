@@ -67,3 +67,31 @@ def test_pilot_run_event_service_hog_is_1235_and_leaves_no_payload_process(tmp_p
     assert record["fields"]["state"] == "finished"
     evidence = next((tmp_path / "w").rglob("monitor_evidence.txt")).read_text()
     assert "1235 PAYLOADEXCEEDMAXMEM" in evidence and json.dumps(record)
+
+
+def test_pilot_run_event_service_past_its_walltime_is_1213(tmp_path: Path) -> None:
+    """The job's walltime holds its payload on one node as in a Droid: the range in
+    flight fails with 1213, the ranges not started are released, the job fails with 1213."""
+    with EmbeddedServer(tmp_path / "panda.db") as server:
+        task = {
+            "nRanges": 6,
+            "nEventsPerRange": 2,
+            "LFN": "EVNT.toy",
+            "job": {"transformation": PYTHON, "jobPars": "-m pilot.payloads.toysim --hang-on-event 2",
+                    "scopeLog": "toy", "logFile": "toy.log.tgz", "computingSite": "TEST_QUEUE",
+                    "maxWalltime": 4},
+        }  # fmt: skip
+        (panda_id,) = server.load_task(task)["PandaIDs"]
+        proc = subprocess.run(
+            [PYTHON, "-m", "pilot.cli", "run", "--url", server.url, "--queue", "TEST_QUEUE",
+             "--workdir", str(tmp_path / "w"), "--monitor-interval", "0.5", "--kill-grace", "2",
+             "--token-file", str(server.token_file)],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        rows = server.store.query("SELECT start_event, status, error_code FROM ranges")
+        (record,) = server.final_records(panda_id)
+    by_start = {r["start_event"]: (r["status"], r["error_code"]) for r in rows}
+    assert by_start[0] == ("finished", None), proc.stdout + proc.stderr
+    assert by_start[2] == ("failed", 1213)
+    assert all(by_start[s][0] != "failed" for s in (4, 6, 8, 10))  # released, not charged
+    assert int(record["fields"]["pilotErrorCode"]) == 1213
