@@ -14,6 +14,9 @@ Figures printed (all measured in this run):
 * protocol mode: ranges/s through :class:`EventExecutor` with toysim at
   ``--cpu-per-event 0`` (one event per range), and the pilot's own CPU per
   range (messages, output move, adler32);
+* the same under the job's guard rails (:class:`pilot.payload.guard.Guard`, the
+  payload's tree sampled every second instead of the default 60 s): what the
+  monitor, the looping clock and the orphan scan add per range;
 * the single-node engine (Yoda and one Droid in one process, the journal
   fsynced before every upstream call) with an in-memory dispatcher, same
   payload: what the ledger, journal and scheduler add to the executor;
@@ -35,11 +38,13 @@ from pathlib import Path
 
 import zmq
 
+from pilot.config import PilotConfig
 from pilot.eventservice.executor import EventExecutor
 from pilot.eventservice.messages import DoneMessage, ReadyMessage, parse_message, range_message
 from pilot.eventservice.yampl import RangeChannel, unique_channel_name
 from pilot.job import EventRange, Job
 from pilot.onenode import OneNode, run_event_service
+from pilot.payload.guard import Guard
 
 ECHO_CLIENT = textwrap.dedent(
     """
@@ -160,8 +165,16 @@ def make_ranges(n: int) -> list[EventRange]:
     return [EventRange(f"3-7-1-{i}-0", i, i, "EVNT.root", "guid-1") for i in range(n)]
 
 
-def executor_rate(n: int, workdir: Path, pars: str = "") -> tuple[float, float, int]:
-    ex = EventExecutor(make_job(pars), workdir)
+def executor_rate(
+    n: int, workdir: Path, pars: str = "", guard_interval: float | None = None
+) -> tuple[float, float, int]:
+    """With ``guard_interval`` the payload runs under the job's full guard rails, its
+    tree sampled every ``guard_interval`` seconds (every Droid's and pilot run's path)."""
+    job = make_job(pars)
+    guard = None
+    if guard_interval is not None:
+        guard = Guard(job, workdir, PilotConfig(workdir=workdir, monitor_interval=guard_interval))
+    ex = EventExecutor(job, workdir, guard=guard)
     ex.start()
     ex.add_ranges(make_ranges(n))
     ex.no_more_ranges()
@@ -225,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         assert got == n
         print(
             f"protocol  EventExecutor             {rate:9.0f} ranges/s   pilot CPU {cpu * 1e6:7.1f} us/range"
+        )
+        rate, cpu, got = executor_rate(n, tmp / "guarded", guard_interval=1.0)
+        assert got == n
+        print(
+            f"protocol  + the job's guard (1 s)   {rate:9.0f} ranges/s   pilot CPU {cpu * 1e6:7.1f} us/range"
         )
         rate, cpu, _ = loop_rate(n, tmp / "loop")
         print(
