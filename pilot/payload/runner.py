@@ -248,8 +248,19 @@ class PayloadProcess:
 
     def _reap_known(self, also: Sequence[int] = ()) -> None:
         """Reap the payload's processes that died as children of this one (re-parented to
-        it, the subreaper): else they stay zombies as long as the pilot runs."""
-        for pid in {*self._known, *also}:
+        it, the subreaper): else they stay zombies as long as the pilot runs. Those are
+        the ones seen alive, the ones just killed, and any zombie child still in the
+        payload's session (another payload's root is never: each has a session of its
+        own, so its exit status stays for its own Popen)."""
+        pids = {*self._known, *also}
+        try:
+            for child in psutil.Process().children():
+                if child.pid not in pids and child.status() == psutil.STATUS_ZOMBIE:
+                    if os.getsid(child.pid) == self.pgid:
+                        pids.add(child.pid)
+        except (psutil.Error, OSError):
+            pass
+        for pid in pids:
             if pid == self.pid:
                 continue  # the root is subprocess's to reap (it keeps the exit status)
             try:

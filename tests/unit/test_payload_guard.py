@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -131,3 +133,27 @@ def test_ended_after_a_breach_writes_the_monitor_summary(tmp_path: Path):
     g.ended(p)
     assert (tmp_path / "monitor_evidence.txt").exists()
     assert (tmp_path / "memory_monitor_summary.json").exists()
+
+
+def test_an_orphan_that_ends_by_itself_is_reaped_not_left_a_zombie(tmp_path):
+    g = Guard.bare(job(), tmp_path)
+    if not g.subreaper:
+        return  # without a subreaper, init reaps it
+    ends = "import os, time\nif os.fork() == 0:\n    time.sleep(0.2)\n    os._exit(0)\n"
+    script = tmp_path / "ends.py"
+    script.write_text(ends)
+    p = PayloadProcess([sys.executable, "-c", f"exec(open({str(script)!r}).read())"], cwd=tmp_path)
+    g.watch(p)
+    assert p.wait(20) == 0
+    for _ in range(100):  # bounded: until the orphan has ended (a zombie of the pilot)
+        zombies = [
+            c
+            for c in psutil.Process().children()
+            if c.status() == psutil.STATUS_ZOMBIE and os.getsid(c.pid) == p.pgid
+        ]
+        if zombies:
+            break
+        time.sleep(0.05)
+    assert zombies
+    g.ended(p)
+    assert not [c for c in psutil.Process().children() if c.pid in {z.pid for z in zombies}]
