@@ -36,6 +36,12 @@ A ZeroMQ peer that dies says nothing, so the payload's process is watched
   is restarted;
 * ``final_wait`` seconds after ``No more events`` it still holds ranges or
   still runs: it is killed and what it held fails with 1317.
+* it breaks a limit of the job's guard rails (:class:`pilot.payload.guard.Guard`:
+  memory 1235, looping 1150, walltime 1213, work directory 1104, stdout 1106,
+  a refused connection 1008): its whole tree is killed and the ranges it held
+  fail with that code; it is restarted, except after a breach no new process
+  can cure (walltime, work directory, stdout, connection), when the executor
+  gives up with that code.
 
 ``ERR_`` messages map as :mod:`pilot.eventservice.messages` documents.
 Messages about unknown or already reported ranges, and messages that cannot
