@@ -94,6 +94,7 @@ class Droid:
         self.stopped = False
         self.yoda_dead = False
         self.configured = False
+        self.queuedata: dict[str, Any] | None = None  # the queue's description, from CONFIG
         self._last_hb = 0.0
         self._last_update = time.monotonic()
         self._last_heard = time.monotonic()
@@ -197,6 +198,8 @@ class Droid:
         self.hb_interval = float(body.get("hb_interval", self.hb_interval))
         self.low_per_slot = float(body.get("low_per_slot", self.low_per_slot))
         self.high_per_slot = float(body.get("high_per_slot", self.high_per_slot))
+        queue = body.get("queue")
+        self.queuedata = queue if isinstance(queue, dict) else None
         for d in body.get("jobs", []) or []:
             try:
                 job = Job.from_panda(d)

@@ -11,7 +11,6 @@ import argparse
 import logging
 import os
 import signal
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +19,7 @@ from droid.executors import event_executor
 from droid.nullexec import NullExecutor
 from hpc.payloadconfig import payload_config
 from hpc.transport import Transport
+from pilot.config import PilotConfig
 
 log = logging.getLogger("droid.rank")
 
@@ -46,8 +46,19 @@ def run_droid(args: argparse.Namespace, transport: Transport) -> int:
 
     else:
         # the guard rails of pilot run (pilot.payload.guard), with the queue's settings
-        config = payload_config(args)
-        factory = partial(event_executor, storage=output_storage(args), config=config)
+        # as rank 0 read them and sent them in its CONFIG: a compute node may have no
+        # network, so no droid asks a server (a policy that cannot be read stops the
+        # rank here, before any range)
+        payload_config(args, queue=None)
+        storage = output_storage(args)
+        configs: dict[str, PilotConfig] = {}
+
+        def factory(job, wd, slots, lease_s):
+            config = configs.get("queue")
+            if config is None:
+                config = configs["queue"] = payload_config(args, queue=droid.queuedata)
+            return event_executor(job, wd, slots, lease_s, storage=storage, config=config)
+
     droid = Droid(transport, workdir, factory, DroidOptions(slots=max(1, args.slots)))
 
     # The batch system signals every rank; Yoda's DRAIN follows. Until then the

@@ -18,6 +18,7 @@ from typing import Any
 
 from pilot.config import PilotConfig, queue_settings
 from pilot.monitor.connections import connection_policy
+from pilot.payload.container import ContainerSpec
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -50,8 +51,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def payload_config(args: Any, **overrides: Any) -> PilotConfig:
-    """The :class:`PilotConfig` a rank's payloads run under (read once per rank)."""
+def payload_config(args: Any, *, queue: Any = (), **overrides: Any) -> PilotConfig:
+    """The :class:`PilotConfig` a rank's payloads run under (read once per rank).
+
+    ``queue``, when given, is the queue description rank 0 read and sent in its
+    CONFIG (a dict, or None for none): a Droid on a compute node without network
+    then asks no server for it."""
     values: dict[str, Any] = dict(
         workdir=Path(args.workdir).resolve(),
         site_name=getattr(args, "queue", None) or "LOCAL",
@@ -59,13 +64,16 @@ def payload_config(args: Any, **overrides: Any) -> PilotConfig:
         kill_grace=float(getattr(args, "kill_grace", 10.0)),
         connection_policy=getattr(args, "connection_policy", "") or "",
     )
-    values.update(
-        queue_settings(
-            getattr(args, "queue", None) or "LOCAL",
-            queuedata_url=getattr(args, "queuedata_url", "") or "",
-            server_url=getattr(args, "url", None) or None,
+    if queue == ():
+        values.update(
+            queue_settings(
+                getattr(args, "queue", None) or "LOCAL",
+                queuedata_url=getattr(args, "queuedata_url", "") or "",
+                server_url=getattr(args, "url", None) or None,
+            )
         )
-    )
+    elif queue:
+        values.update(queue=dict(queue), container=ContainerSpec.from_queue(queue))
     values.update(overrides)
     config = PilotConfig(**values)
     connection_policy(config)  # a policy that cannot be read stops the rank now, clearly

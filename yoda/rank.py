@@ -26,6 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from hpc.payloadconfig import payload_config
 from hpc.transport import Transport
 from pilot.errors import ErrorCode, PilotError
 from yoda.journal import Book, Journal, resume_book
@@ -313,10 +314,13 @@ def run_yoda(args: argparse.Namespace, transport: Transport) -> int:
     # updateJob with --url; worker attributes for Harvester with --harvester
     report = FinalReport(args, {int(j.get("PandaID", 0) or 0): j for j in book.jobs})
     job_update = getattr(upstream, "update_job", None) or harvester_job_update(upstream.ap, report)
+    # the queue's description, read here once: the droids get it with their CONFIG
+    # (compute nodes may have no network to read it themselves)
+    queue = payload_config(args).queue if args.executor != "null" else None
     yoda = Yoda(
         transport,
         upstream,
-        Scheduler(book, policy, epoch=epoch),
+        Scheduler(book, policy, epoch=epoch, queue=queue),
         options,
         job_update=job_update,
         link=make_link(args, upstream),

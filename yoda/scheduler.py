@@ -84,8 +84,16 @@ class Droid:
 class Scheduler:
     """Decides who gets which range; only :class:`Book` changes the ledger."""
 
-    def __init__(self, book: Book, policy: Policy | None = None, *, epoch: int = 0) -> None:
+    def __init__(
+        self,
+        book: Book,
+        policy: Policy | None = None,
+        *,
+        epoch: int = 0,
+        queue: dict[str, Any] | None = None,
+    ) -> None:
         self.book = book
+        self.queue = queue  # the queue's description, for the droids' guard rails
         self.ledger = book.ledger
         self.p = policy or Policy()
         self.epoch = epoch
@@ -111,6 +119,7 @@ class Scheduler:
             "hb_interval": self.p.hb_interval,
             "low_per_slot": self.p.low_per_slot,
             "high_per_slot": self.p.high_per_slot,
+            "queue": self.queue,
         }
 
     def live(self) -> list[Droid]:

@@ -180,3 +180,26 @@ def test_a_long_range_is_no_reason_to_think_yoda_dead(tmp_path):
     yoda.send(1, Envelope(Kind.STOP, 4, 5, {}))
     t.join(10)
     assert not t.is_alive()
+
+
+def test_the_queue_description_comes_with_config(tmp_path):
+    """Rank 0 reads the queue once; a droid takes it from CONFIG and asks no server."""
+    from types import SimpleNamespace
+
+    from hpc.payloadconfig import payload_config
+
+    hub = LocalHub(2)
+    yoda = hub.endpoint(0)
+    droid = Droid(hub.endpoint(1), tmp_path, lambda *a: None, DroidOptions(hello_timeout=10))
+    t = threading.Thread(target=droid.hello, daemon=True)
+    t.start()
+    assert yoda.recv(10).kind is Kind.HELLO
+    queue = {"nickname": "Q", "maxrss": 123, "container_type": ""}
+    yoda.send(1, Envelope(Kind.CONFIG, 1, 5, {"jobs": [JOB], "queue": queue}))
+    t.join(10)
+    assert droid.queuedata == queue
+    # a dead server in --url: with the queue given, nobody asks it
+    args = SimpleNamespace(workdir=str(tmp_path), queue="Q", url="http://127.0.0.1:9")
+    config = payload_config(args, queue=droid.queuedata)
+    assert config.queue["maxrss"] == 123
+    assert payload_config(args, queue=None).queue == {}
