@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 from pilot.comm.pandaapi import PANDA_TIME, epoch_of, panda_time, to_v1
-from pilot.commission.compare import outcome_from_record
 from pilot.job import Job
 from pilot.report import JobResult, final_update_fields
 from tests.conftest import job_dict
@@ -38,14 +37,3 @@ def test_epoch_seconds_from_an_older_spool_are_converted_for_v1() -> None:
     assert params["start_time"] == "1970-01-01 00:00:00"
     assert params["end_time"] == "1970-01-01 00:01:01"
     time.strptime(params["end_time"], PANDA_TIME)
-
-
-def test_commissioning_wall_time_reads_both_formats() -> None:
-    ours = {
-        "state": "finished",
-        "startTime": "2025-12-01 14:40:00",
-        "endTime": "2025-12-01 14:41:01",
-    }
-    theirs = {"state": "finished", "startTime": "1764600000.0", "endTime": "1764600061.0"}
-    assert outcome_from_record("t", 1, ours).wall == 61.0
-    assert outcome_from_record("t", 1, theirs).wall == 61.0
