@@ -41,7 +41,7 @@ from hpc.transport import LocalHub
 from pilot.errors import ErrorCode, PilotError
 from pilot.eventservice.model import RangeResult, RangeStatus
 from pilot.job import EventRange, Job
-from pilot.monitor.connections import CONNECTION_INTERVAL, ConnectionWatch
+from pilot.monitor.connections import ConnectionWatch
 from yoda.journal import Book, Journal, journal_results, resume_book
 from yoda.ledger import Ledger, State
 from yoda.link import InlineLink
@@ -177,7 +177,7 @@ def run_event_service(
         retry_max=60.0,
     )
     hub = LocalHub(2)
-    watch = _Watch(ex, inner, stop, connections, o, policy)
+    watch = _Watch(inner, stop, policy)
     yoda = Yoda(
         hub.endpoint(0),
         upstream,
@@ -219,7 +219,7 @@ def run_event_service(
             summary.error = PilotError(
                 ErrorCode.INTERNALPILOTPROBLEM, f"the droid failed: {failure[0]!r}"
             )
-    summary.error = summary.error or watch.error or yoda.error or getattr(inner, "error", None)
+    summary.error = summary.error or yoda.error or getattr(inner, "error", None)
     if connections is not None:
         # a connection too short for any look is still in the tracer's log
         late = connections.update([], time.time())
@@ -256,24 +256,13 @@ def _close(book: Book) -> None:
 
 
 class _Watch:
-    """Yoda's reason to drain, asked before every message: the pilot's stop flag, the
-    payload giving up, a forbidden connection (the tree's sockets looked at every
-    ``CONNECTION_INTERVAL``)."""
+    """Yoda's reason to drain, asked before every message: the pilot's stop flag, or the
+    payload giving up (the guard rails inside the executor end it for a forbidden
+    connection, its walltime, ...: :class:`pilot.payload.guard.Guard`)."""
 
-    def __init__(
-        self,
-        ex: PerRange,
-        inner: Any,
-        stop: Any,
-        connections: ConnectionWatch | None,
-        options: OneNode,
-        policy: Policy,
-    ) -> None:
-        self.ex, self.inner, self.stop = ex, inner, stop
-        self.connections = connections
+    def __init__(self, inner: Any, stop: Any, policy: Policy) -> None:
+        self.inner, self.stop = inner, stop
         self.policy = policy
-        self.error: PilotError | None = None
-        self._next_look = 0.0
 
     def should_stop(self) -> bool:
         if self.stop is not None and self.stop.is_set():
@@ -281,15 +270,6 @@ class _Watch:
         if getattr(self.inner, "error", None) is not None:
             self.policy.term_grace = 0.0  # nothing runs any more: no time to give
             return True
-        now = time.monotonic()
-        if self.connections is not None and now >= self._next_look:
-            self._next_look = now + CONNECTION_INTERVAL
-            breach = self.connections.look(getattr(self.inner, "payload", None), time.time())
-            if breach is not None:
-                log.critical("stopping the payload: %s", breach.diag)
-                self.error = breach
-                self.policy.term_grace = 0.0  # the payload is stopped at once
-                return True
         return False
 
 
