@@ -141,6 +141,11 @@ class EventExecutor(HeldRanges):
         return self._channel.name if self._channel is not None else ""
 
     def start(self) -> None:
+        """Start the payload; once: a second call while one runs starts no second payload
+        (it would be forgotten, and outlive the job)."""
+        if self.payload is not None and self.payload.poll() is None:
+            log.warning("start(): the payload runs already (pid %d)", self.payload.pid)
+            return
         self._check_transformation()
         self._launch()
 

@@ -8,6 +8,7 @@ every finished output exists with its checksum.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -59,7 +60,14 @@ def test_sigkill_of_a_droid_rank_its_ranges_finish_elsewhere(server, launched, w
     load_task(server, 1, 40, SLOW)
     proc = launched.start(server, work)
     wait_for(lambda: accepted_terminal(server) >= 5, 60, "first results")
-    ranks(proc)[2].kill()
+    victim = ranks(proc)[2]
+    # its payload outlives a SIGKILLed droid (a batch system's cgroup would end it at
+    # the job's end): this test ends it, so that it does not wait on a dead channel
+    payload = victim.children(recursive=True)
+    victim.kill()
+    for p in payload:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
     wait(proc, 120)
     problems, counts = invariant(server, work)
     assert problems == []

@@ -124,7 +124,10 @@ def test_pilot3_against_this_pilot_shipped_suite(tmp_path: Path, sdist: Path) ->
     )
     b_start = min(j["handed_out_at"] for r in rows.values() for j in r["B"]["jobs"])
     assert b_start < a_end
-    assert rows["segfault"]["B"]["times"]["final_update"]["min"] > 100
+    # (the PanDA pilot usually waits about 115 s before a failed job's final update; not
+    # always, so the test asks only that the dispatcher saw it later than this pilot's)
+    seg = rows["segfault"]
+    assert seg["B"]["times"]["final_update"]["max"] > seg["A"]["times"]["final_update"]["max"]
 
     table = proc.stdout
     assert "pilotErrorCode 1346 vs 1149: this right" in table

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pilot.config import PilotConfig
@@ -90,6 +91,19 @@ def test_hung_payload_is_looping_1150_and_waiting_for_ranges_is_not(tmp_path):
     assert got["3-7-1-0-0"].error_code == ErrorCode.LOOPINGJOB
     assert got["3-7-1-1-0"].status is got["3-7-1-2-0"].status is RangeStatus.FINISHED
     assert ex.restarts == 1 and ex.error is None
+    assert ex.payload.poll() is not None  # the restarted payload ended after the last range
+    assert _payload_children("--hang-on-event") == []  # start() twice started one payload
+
+
+def _payload_children(text: str) -> list[int]:
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if text in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p.pid)
+        except psutil.Error:
+            continue
+    return found
 
 
 def test_past_the_jobs_walltime_the_range_fails_with_1213_and_the_executor_gives_up(tmp_path):
