@@ -37,6 +37,9 @@ interface), with a payload that finishes each range at once.
     python benchmarks/bench_yoda_rate.py --ranges 1000000 --repeat 5
 
 Runs ``mpiexec`` on this script itself, as ``pilot demo`` does (oversubscribed, ULFM).
+With ``BENCH_PROFILE=<dir>`` every role of the engine (rank 0, each droid, the link
+process) runs under cProfile and leaves ``<dir>/<role>.pstats``, to see where a
+range's CPU goes (``python -m pstats <file>``).
 """
 
 from __future__ import annotations
@@ -58,7 +61,23 @@ import numpy as np
 TASK, PANDA = 4242, 7_000_000_001
 HIGH = 128  # ranges per slot a droid may hold: deep enough to hide the round trip
 RESERVE = 8192  # ranges rank 0 keeps READY beyond that, read ahead from the upstream
+FETCH_MAX = 5000  # ranges per getEventRanges call
+UPDATE_BATCH = 1000  # results worth an updateEventRanges call
 SIZES = "sizes.json"  # what the engine sent, for the ceiling to replay
+PROFILE = os.environ.get("BENCH_PROFILE", "")  # a directory: pstats per role of the engine
+
+
+def _profiled(name: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, under cProfile into ``PROFILE/<name>.pstats`` if profiling."""
+    if not PROFILE:
+        return fn(*args)
+    import cProfile
+
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(fn, *args)
+    finally:
+        prof.dump_stats(str(Path(PROFILE) / f"{name}.pstats"))
 
 
 class FreeUpstream:
@@ -76,6 +95,12 @@ class FreeUpstream:
         self.ends = np.cumsum([len(e) + 1 for e in encoded]).tolist()
         self.given = 0
         self.reported = 0
+        self._prof = None
+        if PROFILE:  # in the link process: its loop from here on
+            import cProfile
+
+            self._prof = cProfile.Profile()
+            self._prof.enable()
 
     def get_event_ranges(self, panda_id, jobset_id, task_id, n_ranges):
         from pilot.comm import rangejson
@@ -89,6 +114,8 @@ class FreeUpstream:
 
     def update_event_ranges(self, entries, version=0):
         self.reported += len(entries)
+        if self._prof is not None and self.reported >= len(self.ends):
+            self._prof.dump_stats(str(Path(PROFILE) / "link.pstats"))  # it exits with _exit
         return [True] * len(entries)
 
 
@@ -161,7 +188,9 @@ def _engine_rank0(t: Any, n_ranges: int, workdir: str, link: Any, link_pid: int 
     book.epoch(1)
     book.add_job({"PandaID": PANDA, "taskID": TASK, "jobsetID": TASK, "transformation": "x"})
     sched = Scheduler(book, Policy(high_per_slot=HIGH, low_per_slot=HIGH / 2), epoch=1)
-    opts = YodaOptions(update_batch=1000, update_max=10_000, fetch_max=5000, reserve=RESERVE)
+    opts = YodaOptions(
+        update_batch=UPDATE_BATCH, update_max=10_000, fetch_max=FETCH_MAX, reserve=RESERVE
+    )
     yoda = Yoda(t, None, sched, opts, link=link)
     durability.watch(link, book.journal)
     t0, c0, l0 = time.perf_counter(), time.process_time(), _cpu_of(link_pid)
@@ -225,10 +254,10 @@ def engine(n_ranges: int, slots: int, workdir: str, link_kind: str) -> None:
     t.comm.Barrier()
     if t.rank == 0:
         link_pid = link._proc.pid if link_kind == "process" else None
-        got = _engine_rank0(t, n_ranges, workdir, link, link_pid)
+        got = _profiled("rank0", _engine_rank0, t, n_ranges, workdir, link, link_pid)
         cpu = got["cpu"]
     else:
-        cpu = _droid(t, slots, workdir)
+        cpu = _profiled(f"droid{t.rank}", _droid, t, slots, workdir)
     cpus = t.comm.gather(cpu, root=0)
     updates = t.comm.gather(sent.get(0, []), root=0)
     if t.rank == 0:
@@ -459,6 +488,28 @@ def pilot_run(n_ranges: int, slots: int, workdir: str) -> None:
     print(json.dumps(_per_range({**got, **durability.fields()}, n_ranges)), flush=True)
 
 
+def upstream_own(n_ranges: int) -> dict:
+    """The upstream's own work per range, whatever the engine: decoding the same
+    getEventRanges answers (as the PanDA client does, in calls of the engine's size)
+    and building the same updateEventRanges entries (an id and a status per range),
+    measured alone in this process. Informational: the share of the engine's CPU that
+    any client of this upstream spends, which the ceiling does not carry."""
+    up = FreeUpstream(n_ranges)
+    c0 = time.process_time()
+    while up.get_event_ranges(PANDA, TASK, TASK, FETCH_MAX):
+        pass
+    c1 = time.process_time()
+    pre = f"{TASK}-{PANDA}-1-"
+    for lo in range(0, n_ranges, UPDATE_BATCH):
+        procs = range(lo + 1, min(n_ranges, lo + UPDATE_BATCH) + 1)
+        entries = [{"eventRangeID": f"{pre}{p}-1", "eventStatus": "finished"} for p in procs]
+        up.update_event_ranges(entries)
+    c2 = time.process_time()
+    assert up.reported == n_ranges
+    us = 1e6 / n_ranges
+    return {"decode_us": (c1 - c0) * us, "entries_us": (c2 - c1) * us}
+
+
 def launch(n: int | None, *args: str) -> dict:
     from pilot.demo import mpiexec_argv  # what pilot demo runs: oversubscribed, root, ULFM
 
@@ -550,6 +601,17 @@ def main() -> None:
             f"  pilot run's event service (pilot.onenode), per-range payload interface:"
             f" {run['ranges_per_s']:,.0f} ranges/s; CPU {run['cpu_us']:.2f} us/range;"
             f" {_durable_text(run)}",
+            flush=True,
+        )
+        own = upstream_own(args.ranges)
+        total = own["decode_us"] + own["entries_us"]
+        engine_cpu = [ours.get(f"{k}_us", 0.0) for k in ("cpu", "link_cpu", "droid_cpu")]
+        print(
+            f"round {r + 1}, the upstream's own work alone (decode getEventRanges"
+            f" {own['decode_us']:.2f} us/range, build updateEventRanges entries"
+            f" {own['entries_us']:.2f}): {total:.2f} us/range, at most {1e6 / total:,.0f}"
+            f" ranges/s on one core; {total / sum(engine_cpu):.0%} of the engine's CPU"
+            f" per range on {n} ranks ({sum(engine_cpu):.2f} us)",
             flush=True,
         )
     med = {k: statistics.median(v) for k, v in rates.items()}
