@@ -78,6 +78,10 @@ class Droid:
         self.queue: dict[int, deque[WorkBatch]] = {}
         self.rows: set[int] = set()  # ledger rows of everything held (queued or running)
         self.results: list[ResultBatch] = []  # not yet sent
+        # counts kept beside the queue and the results: the loop asks for them every
+        # turn, and summing dozens of small batches each time cost more than the batches
+        self._n_queued = 0
+        self._n_results = 0
         self.unacked: dict[int, int] = {}  # UPDATE seq -> results in it
         self.released: list[int] = []  # to give back with the next UPDATE / BYE
         # given back because this droid's payload for their job gave up: Yoda charges
@@ -131,12 +135,13 @@ class Droid:
             not force
             and not self.released
             and not self.refused
-            and sum(len(b) for b in self.results) < self.o.update_batch
+            and self._n_results < self.o.update_batch
             and time.monotonic() - self._last_update < self.o.update_interval
         ):
             return
         batch = ResultBatch.concat(self.results)
         self.results = []
+        self._n_results = 0
         released, self.released = self.released, []
         refused, self.refused = self.refused, []
         body = batch.body()
@@ -236,13 +241,14 @@ class Droid:
             part = batch if len(batch.jobs) == 1 else batch.select(batch.cols["job"] == job)
             if len(part):
                 self.queue.setdefault(panda_id, deque()).append(part)
+                self._n_queued += len(part)
 
     def _held(self, rows: list[int]) -> np.ndarray:
         """Mask of ``rows`` this droid holds."""
         return np.fromiter((r in self.rows for r in rows), bool, len(rows))
 
     def queued(self) -> int:
-        return sum(len(w) for q in self.queue.values() for w in q)
+        return self._n_queued
 
     def _give_back(self, rows: list[int], refused: bool = False) -> None:
         """Ranges this droid will not run: back to Yoda with the next UPDATE or the BYE."""
@@ -263,6 +269,7 @@ class Droid:
             listed = res.rows.tolist()
         self.rows.difference_update(listed)
         self.results.append(res)
+        self._n_results += len(res)
         return True
 
     def _drain(self, by: float | None) -> None:
@@ -273,6 +280,7 @@ class Droid:
             for work in q:
                 self._give_back(work.cols["row"].tolist())
         self.queue.clear()
+        self._n_queued = 0
         for ex in self.executors.values():
             ex.no_more_ranges()
         self._flush_results(force=True)
@@ -315,6 +323,7 @@ class Droid:
                 # but each such return costs the range an attempt
                 for work in q:
                     self._give_back(work.cols["row"].tolist(), refused=ex is not None)
+                self._n_queued -= sum(len(w) for w in q)
                 q.clear()
                 continue
             n = ex.wanted()
@@ -323,6 +332,7 @@ class Droid:
                 if len(work) > n:
                     q.appendleft(work.select(slice(n, None)))
                     work = work.select(slice(n))
+                self._n_queued -= len(work)
                 ex.add(work)
                 n -= len(work)
         if self.no_more and not self.queued():

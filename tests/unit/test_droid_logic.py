@@ -203,3 +203,41 @@ def test_the_queue_description_comes_with_config(tmp_path):
     config = payload_config(args, queue=droid.queuedata)
     assert config.queue["maxrss"] == 123
     assert payload_config(args, queue=None).queue == {}
+
+
+def test_the_counts_kept_beside_the_queue_and_the_results_match_them(tmp_path):
+    """The loop reads the queued and unsent counts every turn without summing batches:
+    they must follow every way ranges enter and leave the queue and the results."""
+    from pilot.job import Job
+
+    hub = LocalHub(2)
+
+    def factory(job, wd, s, lease_s):
+        return NullExecutor(job, wd, s)
+
+    opts = DroidOptions(slots=2, update_batch=1000, update_interval=60)
+    droid = Droid(hub.endpoint(1), tmp_path, factory, opts)
+    droid.jobs[501] = Job.from_panda(JOB)
+    droid.configured, droid.epoch = True, 5
+
+    def counted():
+        queued = sum(len(w) for q in droid.queue.values() for w in q)
+        assert (droid.queued(), droid._n_results) == (queued, sum(map(len, droid.results)))
+        return droid.queued(), droid._n_results
+
+    droid._work(work([0, 1, 2, 3, 4]))
+    assert counted() == (5, 0)
+    droid._work(work([3, 4, 5]))  # two of them held already: only row 5 is new
+    assert counted() == (6, 0)
+    droid._feed()  # the executor takes its two slots' worth
+    assert counted() == (4, 0)
+    ex = droid.executors[501]
+    assert droid._took(ex.poll(0.0))
+    assert counted() == (4, 2)
+    droid._feed()
+    droid._took(ex.poll(0.0))
+    assert counted() == (2, 4)
+    droid._drain(None)  # what did not start goes back with the results
+    assert counted() == (0, 0)
+    update = expect(hub.endpoint(0), Kind.UPDATE)
+    assert len(ResultBatch.from_body(update.body)) == 4 and update.body["released"] == [4, 5]
