@@ -147,7 +147,10 @@ def update(up: Any, req: int, batch: ResultBatch, parts: IdParts) -> Updated:
         return Updated(req, error=f"upstream answered {type(answer).__name__}, not a list")
     answer = answer[: len(batch)]
     ok = np.zeros(len(batch), dtype=bool)
-    ok[: len(answer)] = [bool(a) for a in answer]
+    if answer.count(True) == len(answer):  # all taken, the common case: no loop here
+        ok[: len(answer)] = True
+    else:
+        ok[: len(answer)] = [bool(a) for a in answer]
     return Updated(req, ok)
 
 
