@@ -67,8 +67,6 @@ _STATUS_TEXT = {v: k.value for k, v in STATE_OF_STATUS.items()}
 
 ID_DTYPE = np.dtype([("job", "<u4"), ("file_id", "<i8"), ("proc", "<u4"), ("attempt", "<u2")])
 
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
 
 def format_range_ids(jobs: dict[int, tuple[int, int]], cols: np.ndarray) -> list[str]:
     """``<taskID>-<PandaID>-<fileID>-<jobProcessID>-<attemptNr>`` from :data:`ID_DTYPE`
@@ -87,21 +85,40 @@ def format_range_ids(jobs: dict[int, tuple[int, int]], cols: np.ndarray) -> list
     return [f"{jobs[j][0]}-{jobs[j][1]}-{f}-{p}-{a}" for j, (f, p, a) in zip(job.tolist(), rest)]
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: spreads structured integers over 64 bits."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_C1, _C2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray, t: np.ndarray) -> None:
+    """splitmix64 finaliser, in place (``t``: scratch of the same shape): spreads
+    structured integers over 64 bits. In place, because rank 0 keys every range three
+    times and a temporary per step cost more than the arithmetic."""
+    np.right_shift(x, _S30, out=t)
+    np.bitwise_xor(x, t, out=x)
+    np.multiply(x, _C1, out=x)
+    np.right_shift(x, _S27, out=t)
+    np.bitwise_xor(x, t, out=x)
+    np.multiply(x, _C2, out=x)
+    np.right_shift(x, _S31, out=t)
+    np.bitwise_xor(x, t, out=x)
 
 
 def range_key(panda_id: Any, file_id: Any, proc: Any, attempt: Any) -> np.ndarray:
     """64-bit key of range ids given their numeric parts (vectorised)."""
+    parts = (
+        np.asarray(panda_id, dtype=np.uint64),
+        np.asarray(file_id, dtype=np.int64).astype(np.uint64),
+        np.asarray(proc, dtype=np.uint64),
+        np.asarray(attempt, dtype=np.uint64),
+    )
+    k = np.array(np.broadcast_to(parts[0], np.broadcast_shapes(*(p.shape for p in parts))))
+    t = np.empty_like(k)
     with np.errstate(over="ignore"):
-        k = _mix(np.asarray(panda_id, dtype=np.uint64))
-        k = _mix(k ^ np.asarray(file_id, dtype=np.int64).astype(np.uint64))
-        k = _mix(k ^ np.asarray(proc, dtype=np.uint64))
-        return _mix(k ^ np.asarray(attempt, dtype=np.uint64)) & _MASK64
+        _mix(k, t)
+        for part in parts[1:]:
+            np.bitwise_xor(k, part, out=k)
+            _mix(k, t)
+    return k
 
 
 def _array(value: Any, dtype: np.dtype, what: str) -> np.ndarray:
@@ -277,8 +294,12 @@ class ResultBatch:
             raise ValueError("result with a state that is not terminal")
         return cls.unpacked(cols, body.get("path"), body.get("adler"), body.get("diag"))
 
-    def select(self, which: np.ndarray) -> ResultBatch:
-        """The results at ``which`` (a boolean mask or indices)."""
+    def select(self, which: np.ndarray | slice) -> ResultBatch:
+        """The results at ``which`` (a boolean mask, indices or a slice)."""
+        if isinstance(which, slice):  # a cut: list slices, no loop per result
+            return ResultBatch(
+                self.cols[which], self.path[which], self.adler32[which], self.diag[which]
+            )
         idx = np.flatnonzero(which) if which.dtype == bool else which
         if len(idx) == len(self):
             return self

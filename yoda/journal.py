@@ -259,8 +259,8 @@ class Unsent:
             b = self._batches.popleft()
             if got + len(b) > n:
                 cut = n - got
-                self._batches.appendleft(b.select(np.arange(cut, len(b))))
-                b = b.select(np.arange(cut))
+                self._batches.appendleft(b.select(slice(cut, None)))
+                b = b.select(slice(cut))
             parts.append(b)
             got += len(b)
         self._n -= got
@@ -370,6 +370,9 @@ def _rows(rows: Any) -> np.ndarray:
 
 def _apply_done(ledger: Ledger, batch: ResultBatch) -> None:
     states = batch.cols["state"]
+    if len(states) and (states == states[0]).all():  # all finished, say: no sort
+        ledger.finish(batch.rows, State(int(states[0])))
+        return
     for state in np.unique(states).tolist():
         ledger.finish(batch.rows[states == state], State(state))
 

@@ -366,3 +366,23 @@ def test_a_done_record_whose_strings_are_not_strings_is_a_journal_error(tmp_path
     with pytest.raises(PilotError) as err:
         replay(tmp_path / "j")
     assert err.value.code == ErrorCode.FILEHANDLINGFAILURE and "DONE" in str(err.value)
+
+
+def test_range_keys_keep_their_values():
+    """Keys travel in WORK, come back in UPDATE and are journaled with DONE records: a
+    journal written before a change of how they are computed must still replay."""
+    keys = wire.range_key([7000000001, 501], [1, 12345], [1, 99], [1, 2])
+    assert keys.dtype == np.uint64
+    assert keys.tolist() == [15910074467940894990, 16533929133545114086]
+    assert int(wire.range_key(5, -1, 2, 3)) == 5251093780114870644  # scalars, a negative id
+    assert wire.range_key([], [], [], []).shape == (0,)
+
+
+def test_a_result_batch_cut_by_a_slice_keeps_its_texts_in_step():
+    cols = np.zeros(4, dtype=wire.RESULT_DTYPE)
+    cols["row"] = [10, 11, 12, 13]
+    batch = ResultBatch(cols, ["a", "b", "c", "d"], ["1", "2", "3", "4"], ["", "x", "", "y"])
+    head, tail = batch.select(slice(1)), batch.select(slice(1, None))
+    assert head.rows.tolist() == [10] and head.path == ["a"] and head.diag == [""]
+    assert tail.rows.tolist() == [11, 12, 13] and tail.adler32 == ["2", "3", "4"]
+    assert ResultBatch.concat([head, tail]).path == batch.path
