@@ -114,6 +114,10 @@ def pilot_argv(req: BatchRequest) -> list[str]:
         argv += ["--output-url", req.output_url]
     if req.queuedata_url:
         argv += ["--queuedata-url", req.queuedata_url]
+    if req.token_file:
+        argv += ["--token-file", req.token_file]
+    if req.panda_api:
+        argv += ["--panda-api", req.panda_api]
     return argv
 
 
@@ -381,6 +385,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--queuedata-url", default="", help="pilot hpc --queuedata-url (the payloads' limits)"
     )
+    parser.add_argument(
+        "--token-file",
+        default="",
+        help="pilot hpc --token-file: the bearer token for --url, read by rank 0 in the job",
+    )
+    parser.add_argument(
+        "--panda-api", choices=("v1", "legacy", "auto"), default="", help="pilot hpc --panda-api"
+    )
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--pilot-command",
@@ -442,6 +454,8 @@ def request_from_args(args: argparse.Namespace) -> BatchRequest:
         copytool=args.copytool,
         output_url=args.output_url,
         queuedata_url=args.queuedata_url,
+        token_file=os.path.abspath(args.token_file) if args.token_file else "",
+        panda_api=args.panda_api,
         oversubscribe=args.oversubscribe,
         ulfm=args.ulfm,
         allow_run_as_root=hasattr(os, "geteuid") and os.geteuid() == 0,

@@ -10,6 +10,7 @@ batch system means adding a dialect here; the script body
 from __future__ import annotations
 
 import math
+import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class BatchRequest:
     copytool: str = ""  # how droids store outputs (pilot hpc --copytool), "" its default
     output_url: str = ""  # where (pilot hpc --output-url)
     queuedata_url: str = ""  # the queue's description, its limits (pilot hpc --queuedata-url)
+    token_file: str = ""  # the bearer token for --url (pilot hpc --token-file)
+    panda_api: str = ""  # v1, legacy or auto (pilot hpc --panda-api), "" its default
     oversubscribe: bool = False
     ulfm: bool = False
     allow_run_as_root: bool = False
@@ -73,6 +76,10 @@ class BatchRequest:
             problems.append("give exactly one upstream: --url URL --queue Q, or --harvester DIR")
         if self.url and not self.queue:
             problems.append("--url needs --queue (the PanDA queue)")
+        if self.harvester and (self.token_file or self.panda_api):
+            problems.append("--token-file and --panda-api go with --url, not --harvester")
+        if self.token_file and not os.path.isfile(self.token_file):
+            problems.append(f"--token-file {self.token_file}: no such file")
         if self.launcher_name not in LAUNCHERS:
             problems.append(f"unknown launcher {self.launcher!r} (one of {', '.join(LAUNCHERS)})")
         elif self.launcher_name == "srun" and self.scheduler != "slurm":

@@ -450,3 +450,19 @@ def test_submit_time_errors_for_what_cannot_work(tmp_path: Path, capsys) -> None
     assert fake.calls == []
     assert submit_main([*base, *url, "--resume"], run=fake) == 0
     assert len(fake.calls) == 1
+
+
+def test_the_token_file_and_api_go_to_the_ranks(tmp_path) -> None:
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    words = launch_line(render_script(req(token_file=str(token), panda_api="legacy")))
+    at = words.index("--token-file")
+    assert words[at : at + 4] == ["--token-file", str(token), "--panda-api", "legacy"]
+    assert "secret" not in render_script(req(token_file=str(token)))  # the path, not the token
+
+
+def test_token_options_that_cannot_apply_are_refused(tmp_path) -> None:
+    with pytest.raises(PilotError, match="go with --url"):
+        req(harvester="/ap", url=None, queue=None, panda_api="v1")
+    with pytest.raises(PilotError, match="no such file"):
+        req(token_file=str(tmp_path / "none"))
