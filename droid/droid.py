@@ -99,6 +99,7 @@ class Droid:
         self.yoda_dead = False
         self.configured = False
         self.queuedata: dict[str, Any] | None = None  # the queue's description, from CONFIG
+        self.started: float | None = None  # when rank 0 started the jobs, from CONFIG
         self._last_hb = 0.0
         self._last_update = time.monotonic()
         self._last_heard = time.monotonic()
@@ -205,6 +206,8 @@ class Droid:
         self.high_per_slot = float(body.get("high_per_slot", self.high_per_slot))
         queue = body.get("queue")
         self.queuedata = queue if isinstance(queue, dict) else None
+        started = body.get("started")
+        self.started = float(started) if isinstance(started, (int, float)) else None
         for d in body.get("jobs", []) or []:
             try:
                 job = Job.from_panda(d)

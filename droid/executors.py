@@ -126,6 +126,7 @@ def event_executor(
     *,
     storage: Any = None,
     config: Any = None,
+    started: float | None = None,
 ) -> Executor:
     """The real executor: the shared event-service code, outputs under ``workdir``.
 
@@ -146,7 +147,7 @@ def event_executor(
     from pilot.payload.guard import Guard
 
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    guard = Guard(job, workdir, config if config is not None else PilotConfig())
+    guard = Guard(job, workdir, config if config is not None else PilotConfig(), started=started)
     inner = EventExecutor(
         job,
         workdir,

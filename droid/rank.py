@@ -57,7 +57,9 @@ def run_droid(args: argparse.Namespace, transport: Transport) -> int:
             config = configs.get("queue")
             if config is None:
                 config = configs["queue"] = payload_config(args, queue=droid.queuedata)
-            return event_executor(job, wd, slots, lease_s, storage=storage, config=config)
+            return event_executor(
+                job, wd, slots, lease_s, storage=storage, config=config, started=droid.started
+            )
 
     droid = Droid(transport, workdir, factory, DroidOptions(slots=max(1, args.slots)))
 

@@ -320,7 +320,7 @@ def run_yoda(args: argparse.Namespace, transport: Transport) -> int:
     yoda = Yoda(
         transport,
         upstream,
-        Scheduler(book, policy, epoch=epoch, queue=queue),
+        Scheduler(book, policy, epoch=epoch, queue=queue, started=time.time()),
         options,
         job_update=job_update,
         link=make_link(args, upstream),

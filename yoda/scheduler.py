@@ -91,9 +91,11 @@ class Scheduler:
         *,
         epoch: int = 0,
         queue: dict[str, Any] | None = None,
+        started: float | None = None,
     ) -> None:
         self.book = book
         self.queue = queue  # the queue's description, for the droids' guard rails
+        self.started = started  # epoch s: when rank 0 started the jobs (their walltime)
         self.ledger = book.ledger
         self.p = policy or Policy()
         self.epoch = epoch
@@ -120,6 +122,7 @@ class Scheduler:
             "low_per_slot": self.p.low_per_slot,
             "high_per_slot": self.p.high_per_slot,
             "queue": self.queue,
+            "started": self.started,
         }
 
     def live(self) -> list[Droid]:

@@ -113,6 +113,7 @@ class Guard:
         monitored: bool = True,
         monitor_factory: MonitorFactory | None = None,
         clock: Callable[[], float] = time.time,
+        started: float | None = None,
     ) -> None:
         self.job = job
         self.workdir = Path(workdir)
@@ -129,7 +130,9 @@ class Guard:
         self.connections = ConnectionWatch(self.workdir, self.policy, isolated=self.isolated)
         self.monitored = monitored
         self._factory = monitor_factory
-        self.started = clock()  # the job's walltime runs from here, across restarts
+        # the job's walltime runs from here, across restarts (a Droid: from when rank 0
+        # started the job, not from when this rank first ran a range of it)
+        self.started = clock() if started is None else float(started)
         self.monitor: Any = None
         self.monitors = 0  # payload processes watched
         self.subreaper = become_subreaper()

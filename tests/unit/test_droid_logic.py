@@ -195,9 +195,10 @@ def test_the_queue_description_comes_with_config(tmp_path):
     t.start()
     assert yoda.recv(10).kind is Kind.HELLO
     queue = {"nickname": "Q", "maxrss": 123, "container_type": ""}
-    yoda.send(1, Envelope(Kind.CONFIG, 1, 5, {"jobs": [JOB], "queue": queue}))
+    body = {"jobs": [JOB], "queue": queue, "started": 1764600000.5}
+    yoda.send(1, Envelope(Kind.CONFIG, 1, 5, body))
     t.join(10)
-    assert droid.queuedata == queue
+    assert droid.queuedata == queue and droid.started == 1764600000.5
     # a dead server in --url: with the queue given, nobody asks it
     args = SimpleNamespace(workdir=str(tmp_path), queue="Q", url="http://127.0.0.1:9")
     config = payload_config(args, queue=droid.queuedata)

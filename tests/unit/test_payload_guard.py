@@ -86,6 +86,19 @@ def test_the_walltime_is_the_jobs_across_payload_restarts(tmp_path):
         g.ended(second)
 
 
+def test_a_droids_walltime_runs_from_when_rank_0_started_the_job(tmp_path):
+    clock = Clock()  # this rank's first range of the job comes 95 s after the job began
+    g = Guard(job(maxWalltime="100"), tmp_path, PilotConfig(), clock=clock, started=905.0)
+    payload = PayloadProcess([sys.executable, "-c", "import time; time.sleep(30)"], cwd=tmp_path)
+    try:
+        m = g.watch(payload)
+        assert m.started == 905.0
+        assert m.check(now=1006.0).code == ErrorCode.REACHEDMAXTIME
+    finally:
+        g.kill(payload, PilotError(ErrorCode.REACHEDMAXTIME, "test"))
+        g.ended(payload)
+
+
 def test_unmonitored_guard_never_wakes_its_caller_and_finds_no_breach(tmp_path):
     g = Guard.bare(job(), tmp_path)
     p = PayloadProcess([sys.executable, "-c", "pass"], cwd=tmp_path)
