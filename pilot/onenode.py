@@ -358,7 +358,8 @@ def make_es_runner(
             "delivered": summary.n_delivered,
             "undelivered": summary.n_undelivered,
             "restarts": summary.restarts,
-            "metrics": {"cpuConsumptionTime": round(summary.cpu, 3)},
+            # memory and I/O over every payload process of the job; CPU per range
+            "metrics": {**guard.summary(), "cpuConsumptionTime": round(summary.cpu, 3)},
             "connections": summary.connections,
             "error": error,
         }

@@ -135,6 +135,7 @@ class Guard:
         self.started = clock() if started is None else float(started)
         self.monitor: Any = None
         self.monitors = 0  # payload processes watched
+        self._earlier: list[tuple[dict[str, int], int]] = []  # summaries of ended monitors
         self.subreaper = become_subreaper()
 
     @classmethod
@@ -160,6 +161,7 @@ class Guard:
     def watch(self, payload: PayloadProcess) -> Any:
         """Start watching a new payload process of the job; its monitor (None: unmonitored)."""
         self.monitors += 1
+        self._fold(self.monitor)
         if not self.monitored:
             self.monitor = None
         elif self._factory is not None:
@@ -178,6 +180,38 @@ class Guard:
         if self.monitor is not None and self.monitors == 1:
             log.info("job %d: %s", self.job.panda_id, self.limits.describe())
         return self.monitor
+
+    def _fold(self, monitor: Any) -> None:
+        summary = getattr(monitor, "summary", None)
+        if summary is not None:
+            got = summary()
+            if got:
+                self._earlier.append((got, int(getattr(monitor.sampler, "count", 1) or 1)))
+
+    def summary(self) -> dict[str, int]:
+        """updateJob memory and I/O fields over every payload process of the job (an
+        event-service payload may have been restarted): the highest maxima, the averages
+        weighted by samples, the I/O totals summed. CPU is left to the caller, which
+        counts it per range."""
+        parts = list(self._earlier)
+        current = getattr(self.monitor, "summary", None)
+        if current is not None and (got := current()):
+            parts.append((got, int(getattr(self.monitor.sampler, "count", 1) or 1)))
+        if not parts:
+            return {}
+        out: dict[str, int] = {}
+        weight = sum(n for _, n in parts) or 1
+        for key in {k for got, _ in parts for k in got}:
+            if key == "cpuConsumptionTime":
+                continue
+            values = [(got[key], n) for got, n in parts if key in got]
+            if key.startswith("max"):
+                out[key] = max(v for v, _ in values)
+            elif key.startswith("avg"):
+                out[key] = int(sum(v * n for v, n in values) / weight)
+            else:
+                out[key] = sum(v for v, _ in values)
+        return out
 
     def next_due(self) -> float:
         """Seconds until :meth:`check` has work (``inf`` when nothing is watched)."""

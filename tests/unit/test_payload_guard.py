@@ -170,3 +170,26 @@ def test_an_orphan_that_ends_by_itself_is_reaped_not_left_a_zombie(tmp_path):
     assert zombies
     g.ended(p)
     assert not [c for c in psutil.Process().children() if c.pid in {z.pid for z in zombies}]
+
+
+def test_the_jobs_memory_and_io_span_every_payload_process(tmp_path):
+    """An event-service payload restarted once: its final update's maxRSS is the higher
+    of the two processes', the I/O totals add up, averages weigh by samples."""
+    from types import SimpleNamespace
+
+    summaries = iter(
+        [
+            ({"maxRSS": 500, "avgRSS": 100, "totRCHAR": 10, "cpuConsumptionTime": 3}, 1),
+            ({"maxRSS": 300, "avgRSS": 200, "totRCHAR": 5, "cpuConsumptionTime": 9}, 3),
+        ]
+    )
+
+    def factory(payload):
+        got, n = next(summaries)
+        return SimpleNamespace(summary=lambda: got, sampler=SimpleNamespace(count=n))
+
+    g = Guard(job(), tmp_path, PilotConfig(), monitor_factory=factory)
+    assert g.summary() == {}
+    g.watch(None)
+    g.watch(None)  # the restart
+    assert g.summary() == {"maxRSS": 500, "avgRSS": 175, "totRCHAR": 15}
