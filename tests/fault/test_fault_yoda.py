@@ -17,7 +17,6 @@ import psutil
 import pytest
 
 from tests.mpi.harness import (
-    Launched,
     accepted_terminal,
     invariant,
     load_task,
@@ -31,22 +30,6 @@ from yoda.ledger import State
 
 pytestmark = [pytest.mark.mpi, pytest.mark.skipif(mpiexec() is None, reason="no mpiexec")]
 SLOW = "--cpu-per-event 0.05"  # 2 events per range: ~0.1 s of CPU per range
-
-
-@pytest.fixture
-def launched():
-    runs = Launched()
-    yield runs
-    runs.cleanup()
-
-
-@pytest.fixture
-def server(tmp_path: Path):
-    from pilot.server.serve import EmbeddedServer
-
-    s = EmbeddedServer(tmp_path / "server.db").start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture

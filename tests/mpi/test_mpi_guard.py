@@ -17,7 +17,7 @@ import pytest
 
 from pilot.queue import QueueConfig
 from tests.conftest import REPO, job_dict
-from tests.mpi.harness import QUEUE, Launched, invariant, mpiexec, wait
+from tests.mpi.harness import QUEUE, invariant, mpiexec, wait
 from tests.mpi.test_mpi_harvester import run_hpc
 from tests.payloads.orphan import survivors
 
@@ -25,22 +25,6 @@ pytestmark = [pytest.mark.mpi, pytest.mark.skipif(mpiexec() is None, reason="no 
 
 ORPHAN = str(REPO / "tests" / "payloads" / "orphan.py")
 GUARD_OPTIONS = ("--monitor-interval", "0.3", "--kill-grace", "2")
-
-
-@pytest.fixture
-def launched():
-    runs = Launched()
-    yield runs
-    runs.cleanup()
-
-
-@pytest.fixture
-def server(tmp_path: Path):
-    from pilot.server.serve import EmbeddedServer
-
-    s = EmbeddedServer(tmp_path / "server.db").start()
-    yield s
-    s.stop()
 
 
 def run_task(server, launched, tmp_path: Path, toysim: str, queue=None, **job) -> dict:

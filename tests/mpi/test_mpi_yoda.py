@@ -7,26 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.mpi.harness import Launched, invariant, load_task, mpiexec, wait
+from tests.mpi.harness import invariant, load_task, mpiexec, wait
 from tests.mpi.invariants import journal_outputs
 
 pytestmark = [pytest.mark.mpi, pytest.mark.skipif(mpiexec() is None, reason="no mpiexec")]
-
-
-@pytest.fixture
-def launched():
-    runs = Launched()
-    yield runs
-    runs.cleanup()
-
-
-@pytest.fixture
-def server(tmp_path: Path):
-    from pilot.server.serve import EmbeddedServer
-
-    s = EmbeddedServer(tmp_path / "server.db").start()
-    yield s
-    s.stop()
 
 
 def test_two_jobs_on_three_droids_every_range_once(server, launched, tmp_path):
