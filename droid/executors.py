@@ -21,6 +21,7 @@ from hpc.wire import ResultBatch, WorkBatch
 from pilot.eventservice.model import RangeResult
 from pilot.eventservice.stageout import stored
 from pilot.job import EventRange, Job
+from pilot.payload.runner import end_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,9 @@ def event_executor(
     from pilot.payload.guard import Guard
 
     Path(workdir).mkdir(parents=True, exist_ok=True)
+    left = end_leftovers(workdir)  # a payload a killed droid of an earlier run left here
+    if left:
+        log.warning("ended payload processes an earlier droid left in %s: %s", workdir, left)
     guard = Guard(job, workdir, config if config is not None else PilotConfig(), started=started)
     inner = EventExecutor(
         job,

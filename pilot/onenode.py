@@ -22,7 +22,9 @@ What the arrangement adds, because the pilot around it expects it:
   have one);
 * a work directory that holds a journal of the same job resumes it: results
   the upstream never took are sent, leases of the dead run go back to READY,
-  and the ranges are not run twice.
+  and the ranges are not run twice; a payload the dead run left running there
+  (a SIGKILLed pilot cannot end it) is ended first, so that two payloads never
+  write the same outputs.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pilot.errors import ErrorCode, PilotError
 from pilot.eventservice.model import RangeResult, RangeStatus
 from pilot.job import EventRange, Job
 from pilot.monitor.connections import ConnectionWatch
+from pilot.payload.runner import end_leftovers
 from yoda.journal import Book, Journal, journal_results, resume_book
 from yoda.ledger import Ledger, State
 from yoda.link import InlineLink
@@ -192,6 +195,9 @@ def run_event_service(
         _no_factory,
         DroidOptions(slots=max(1, o.slots), stop_grace=o.kill_grace),
     )
+    left = end_leftovers(workdir, grace=o.kill_grace)  # a killed pilot's payload, say
+    if left:
+        log.warning("ended %d payload processes an earlier pilot left here: %s", len(left), left)
     try:
         ex.start()
     except PilotError as exc:

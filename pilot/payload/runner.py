@@ -19,6 +19,7 @@ ended, and kills what is left of its tree.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -345,3 +346,44 @@ def _alive(p: psutil.Process) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def end_leftovers(workdir: str | Path, grace: float = 5.0) -> list[int]:
+    """End the payload processes an earlier pilot left running in ``workdir``.
+
+    A pilot killed with SIGKILL cannot end its payload, which then runs on as an
+    orphan (a batch system's cgroup ends it with the job, not sooner). A pilot that
+    resumes the job in the same work directory must not run beside it: two payloads
+    would write the same outputs. Only processes that carry a payload tag
+    (``TAG_VARIABLE``) and work inside ``workdir`` are ended: SIGTERM, then SIGKILL
+    after ``grace``. Returns their pids."""
+    root = Path(workdir).resolve()
+    if not _PROC.is_dir():
+        return []
+    needle = f"\0{TAG_VARIABLE}=".encode()
+    found: list[psutil.Process] = []
+    me = os.getpid()
+    for name in os.listdir(_PROC):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(_PROC / name / "environ", "rb") as fh:
+                env = b"\0" + fh.read()
+            at = env.find(needle)
+            if at < 0 or env[at + len(needle) : at + len(needle) + 1] in (b"", b"\0"):
+                continue  # no tag, or an empty one
+            cwd = Path(os.readlink(_PROC / name / "cwd"))
+            if cwd != root and root not in cwd.parents:
+                continue
+            found.append(psutil.Process(int(name)))
+        except (OSError, psutil.Error):
+            continue  # gone, or not ours to read
+    for p in found:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(found, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace)
+    return [p.pid for p in found]

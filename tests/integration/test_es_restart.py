@@ -72,19 +72,25 @@ def test_killed_pilot_then_resumed(tmp_path):
             if journaled(workdir) >= 10 or first.poll() is not None:
                 break
             time.sleep(0.05)
-        # its payload outlives a SIGKILLed pilot (as a batch system's cgroup would not let
-        # it): this test kills it too, so that it does not wait on a dead channel forever
+        # its payload outlives the SIGKILLed pilot: the second pilot, resuming in the same
+        # work directory, must end it before it starts its own
         payload = psutil.Process(first.pid).children(recursive=True)
         os.kill(first.pid, signal.SIGKILL)
         first.wait(30)
-        for p in payload:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        assert any(p.is_running() for p in payload)
         n_first = journaled(workdir)
         assert n_first >= 10
         assert not server.store.range_update_counts()  # nothing was reported yet
-        second = subprocess.run([*argv, "0.5"], capture_output=True, text=True, timeout=300)
+        try:
+            second = subprocess.run([*argv, "0.5"], capture_output=True, text=True, timeout=300)
+            left = [p.pid for p in payload if _running(p)]
+        finally:
+            for p in payload:  # whatever happened, none waits on a dead channel for ever
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
         assert second.returncode == 0, second.stderr[-2000:]
+        assert left == [], "the first pilot's payload still ran after the second pilot"
+        assert "an earlier pilot left here" in second.stderr
         out = json.loads(second.stdout.strip().splitlines()[-1])
         assert out["undelivered"] == 0
         counts = server.store.range_update_counts()
@@ -97,3 +103,10 @@ def test_killed_pilot_then_resumed(tmp_path):
         lost = [r for r in ranges if r["status"] == "sent"]
         assert len(finished) + len(lost) == 80 and len(lost) <= 4
         assert out["finished"] == len(finished)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

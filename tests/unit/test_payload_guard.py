@@ -193,3 +193,29 @@ def test_the_jobs_memory_and_io_span_every_payload_process(tmp_path):
     g.watch(None)
     g.watch(None)  # the restart
     assert g.summary() == {"maxRSS": 500, "avgRSS": 175, "totRCHAR": 15}
+
+
+def test_leftovers_of_an_earlier_pilot_are_ended_only_in_their_work_directory(tmp_path):
+    from pilot.payload.runner import end_leftovers
+
+    here, elsewhere = tmp_path / "job", tmp_path / "other"
+    here.mkdir()
+    elsewhere.mkdir()
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    tagged = {**os.environ, TAG_VARIABLE: "1-2"}
+    import subprocess
+
+    procs = {
+        "leftover": subprocess.Popen(sleep, cwd=here, env=tagged),
+        "untagged": subprocess.Popen(sleep, cwd=here, env={**os.environ, TAG_VARIABLE: ""}),
+        "elsewhere": subprocess.Popen(sleep, cwd=elsewhere, env=tagged),
+    }
+    try:
+        time.sleep(0.2)  # their environments are in place
+        assert end_leftovers(here, grace=2.0) == [procs["leftover"].pid]
+        assert procs["leftover"].wait(5) is not None
+        assert procs["untagged"].poll() is None and procs["elsewhere"].poll() is None
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait(5)
