@@ -5,7 +5,7 @@ A range's life here is everything but the payload: fetched from the upstream
 validated and journaled, leased to a droid in a WORK message, "run" by a
 zero-cost executor, returned in an UPDATE, journaled, ACKed, and reported
 upstream as an updateEventRanges entry. The journal is the one ``pilot hpc``
-opens (:func:`yoda.rank.open_journal`: group commit, one fsync before every
+opens (:func:`yoda.journal.open_journal`: group commit, one fsync before every
 upstream call); each run counts its fsyncs and checks that no journal record
 is unsynced at any upstream call.
 
@@ -177,10 +177,9 @@ def _link(n_ranges: int, kind: str) -> Any:
 
 def _engine_rank0(t: Any, n_ranges: int, workdir: str, link: Any, link_pid: int | None) -> dict:
     """Yoda on ``t`` with the journal of ``pilot hpc``; its figures."""
-    from yoda.journal import Book
+    from yoda.journal import Book, open_journal
     from yoda.ledger import Ledger, State
     from yoda.master import Yoda, YodaOptions
-    from yoda.rank import open_journal
     from yoda.scheduler import Policy, Scheduler
 
     durability = Durability()

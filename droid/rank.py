@@ -49,14 +49,16 @@ def run_droid(args: argparse.Namespace, transport: Transport) -> int:
         # as rank 0 read them and sent them in its CONFIG: a compute node may have no
         # network, so no droid asks a server (a policy that cannot be read stops the
         # rank here, before any range)
-        payload_config(args, queue=None)
+        base = payload_config(args, queue=None)
         storage = output_storage(args)
         configs: dict[str, PilotConfig] = {}
 
         def factory(job, wd, slots, lease_s):
             config = configs.get("queue")
-            if config is None:
-                config = configs["queue"] = payload_config(args, queue=droid.queuedata)
+            if config is None:  # once CONFIG came: with rank 0's queue, if it had one
+                queue = droid.queuedata
+                config = payload_config(args, queue=queue) if queue else base
+                configs["queue"] = config
             return event_executor(
                 job, wd, slots, lease_s, storage=storage, config=config, started=droid.started
             )

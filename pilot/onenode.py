@@ -45,8 +45,8 @@ from pilot.eventservice.model import RangeResult, RangeStatus
 from pilot.job import EventRange, Job
 from pilot.monitor.connections import ConnectionWatch
 from pilot.payload.runner import end_leftovers
-from yoda.journal import Book, Journal, journal_results, resume_book
-from yoda.ledger import Ledger, State
+from yoda.journal import Book, journal_results, new_book, resume_book
+from yoda.ledger import State
 from yoda.link import InlineLink
 from yoda.master import Yoda, YodaOptions
 from yoda.scheduler import Policy, Scheduler
@@ -124,10 +124,9 @@ def open_book(workdir: Path, job: Job) -> tuple[Book, int]:
         if not book.jobs:
             book.add_job(job.raw)
         return book, epoch
-    book = Book(Ledger(t0=time.time()), Journal(path, group=True))
-    book.epoch(1)
+    book, epoch = new_book(path)
     book.add_job(job.raw)
-    return book, 1
+    return book, epoch
 
 
 def run_event_service(

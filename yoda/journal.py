@@ -588,6 +588,22 @@ def cut_torn_tail(path: str | Path, end: int) -> None:
         fh.truncate(end)
 
 
+def open_journal(path: str | Path) -> Journal:
+    """A new journal as ``pilot hpc`` and ``pilot run``'s event service write it
+    (docs/DESIGN.md, "Durability"): group commit, records held during a turn of the
+    loop and handed to the OS in one write before any message that depends on them, one
+    fsync before each upstream call (:meth:`yoda.master.Yoda._durable`). The benchmarks
+    open theirs here too."""
+    return Journal(path, group=True)
+
+
+def new_book(path: str | Path) -> tuple[Book, int]:
+    """A new ledger behind a new journal at ``path`` (:func:`open_journal`), in epoch 1."""
+    book = Book(Ledger(t0=time.time()), open_journal(path))
+    book.epoch(1)
+    return book, 1
+
+
 def resume_book(
     path: str | Path, *, sync_every: int = 256, group: bool = False
 ) -> tuple[Book, int]:

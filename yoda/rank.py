@@ -29,8 +29,7 @@ from typing import Any
 from hpc.payloadconfig import payload_config
 from hpc.transport import Transport
 from pilot.errors import ErrorCode, PilotError
-from yoda.journal import Book, Journal, resume_book
-from yoda.ledger import Ledger
+from yoda.journal import new_book, resume_book
 from yoda.link import InlineLink, Link, ProcessLink, recover_fetched
 from yoda.master import Yoda, YodaOptions
 from yoda.scheduler import Policy, Scheduler
@@ -269,14 +268,6 @@ class FinalReport:
         spec.guid = spec.guid or str(uuid.uuid4())
 
 
-def open_journal(path: str | Path) -> Journal:
-    """A new journal as ``pilot hpc`` writes it (docs/DESIGN.md, "Durability"): group
-    commit, records held during a turn of the loop and handed to the OS in one write
-    before any message that depends on them, one fsync before each upstream call
-    (:meth:`yoda.master.Yoda._durable`). The benchmarks open theirs here too."""
-    return Journal(path, group=True)
-
-
 def run_yoda(args: argparse.Namespace, transport: Transport) -> int:
     workdir = Path(args.workdir)
     upstream, get_jobs = make_upstream(args)
@@ -292,8 +283,7 @@ def run_yoda(args: argparse.Namespace, transport: Transport) -> int:
             raise PilotError(
                 ErrorCode.FILEEXISTS, f"{path} exists: use --resume, or another --workdir"
             )
-        book, epoch = Book(Ledger(t0=time.time()), open_journal(path)), 1
-        book.epoch(epoch)
+        book, epoch = new_book(path)
         (workdir / FETCHED).unlink(missing_ok=True)
     if not book.jobs:
         for job in get_jobs():
