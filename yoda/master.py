@@ -115,6 +115,7 @@ class Yoda:
         self.job_update = job_update  # e.g. PandaClient.update_job (updateJob fields)
         self._job_state: dict[int, str] = {}
         self._asked: dict[int, tuple[int, int]] = {}  # fetch request -> (job index, ranges)
+        self._unserved = 0  # ranges added since the waiting droids were last served
         self._in_flight: dict[int, ResultBatch] = {}  # update request -> results in it
         self._req = 0
 
@@ -167,14 +168,25 @@ class Yoda:
             return
 
     def collect(self, now: float, timeout: float = 0.0) -> int:
-        """Take in the link's answers; returns the ranges added."""
+        """Take in the link's answers; returns the ranges added. Every call that takes
+        answers is one of these, and the ranges it adds wait for :meth:`serve`."""
         added = 0
         for ans in self.link.answers(timeout):
             if isinstance(ans, Ranges):
                 added += self._ranges(ans, now)
             else:
                 self._updated(ans, now)
+        self._unserved += added
         return added
+
+    def serve(self, now: float) -> None:
+        """Hand ranges that came in to the droids waiting for them (or tell them none
+        will come). Ranges come in with whichever answers are picked up, an update's
+        too; a droid whose request waits asks again for nothing, so one missed here
+        left every rank idle with ranges READY."""
+        if self._unserved or self.s.exhausted:
+            self._unserved = 0
+            self._send(self.s.serve_waiting(now))
 
     def _ranges(self, ans: Ranges, now: float) -> int:
         self._asked.pop(ans.req, None)
@@ -404,9 +416,9 @@ class Yoda:
                 self._send(self.s.tick(now))
                 next_tick = now + self.o.tick_interval
             self.fetch(now)
-            if self.collect(now) or self.s.exhausted:
-                self._send(self.s.serve_waiting(now))
-            self.push_updates(now)
+            self.collect(now)
+            self.push_updates(now)  # takes answers too
+            self.serve(now)
             if self.s.finished():
                 break
             if self.s.draining:

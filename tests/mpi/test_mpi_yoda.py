@@ -30,3 +30,18 @@ def test_two_jobs_on_three_droids_every_range_once(server, launched, tmp_path):
     stored = journal_outputs(work / "yoda.journal")
     assert len(stored) == 60
     assert all(Path(path).is_relative_to(work / "storage") for path, _, _ in stored.values())
+
+
+def test_thousands_of_quick_ranges_through_the_link_process(server, launched, tmp_path):
+    """Quick ranges keep rank 0's upstream link busy both ways, so a getEventRanges answer
+    often comes in while results go up. Droids waiting for those ranges were not served
+    then, and every rank sat idle with ranges READY (a third to a half of the runs hung
+    here before)."""
+    load_task(server, n_jobs=1, n_ranges=3000)
+    work = tmp_path / "work"
+    work.mkdir()
+    rc = wait(launched.start(server, work), timeout=90)
+    problems, counts = invariant(server, work)
+    assert problems == []
+    assert counts == {"finished": 3000}
+    assert rc == 0

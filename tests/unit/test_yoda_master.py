@@ -13,6 +13,7 @@ from tests.mpi.fake_upstream import MemoryUpstream, make_ranges
 from tests.mpi.invariants import check, journal_outputs
 from yoda.journal import Book, Journal, replay, resume_book
 from yoda.ledger import Ledger, State
+from yoda.link import InlineLink
 from yoda.master import Yoda, YodaOptions
 from yoda.scheduler import Policy, Scheduler
 
@@ -40,6 +41,7 @@ def run_world(
     before=None,
     delay=0.0,
     kill=None,
+    link=None,
 ):
     hub = LocalHub(n_droids + 1)
     if book is None:
@@ -57,6 +59,7 @@ def run_world(
         upstream,
         sched,
         YodaOptions(update_interval=0.05, retry_min=0.05, retry_max=0.2, bye_wait_s=5),
+        link=link(upstream) if link else None,
     )
     droids = [
         Droid(
@@ -214,3 +217,48 @@ def test_the_journal_is_on_stable_storage_before_every_upstream_call(tmp_path, m
     assert rc == 0
     assert len(unsynced_at_call) >= 4 and set(unsynced_at_call) == {0}
     assert 0 < syncs["n"] <= len(unsynced_at_call) + 2  # group commit: one fsync per call
+
+
+class LateLink(InlineLink):
+    """Ranges that arrive while results go up, as a link in its own process has them: a
+    getEventRanges answer is held back until the next updateEventRanges call is made
+    (or, if none is, for 0.1 s)."""
+
+    def __init__(self, upstream):
+        super().__init__(upstream)
+        self.held = []  # (since, answer)
+        self.late = 0
+
+    def fetch(self, *args):
+        super().fetch(*args)
+        self.held.append((time.monotonic(), self._ready.pop()))
+
+    def update(self, *args):
+        super().update(*args)
+        self._ready.extend(a for _, a in self.held)
+        self.late += len(self.held)
+        self.held.clear()
+
+    def answers(self, timeout=0.0):
+        while self.held and time.monotonic() - self.held[0][0] > 0.1:
+            self._ready.append(self.held.pop(0)[1])
+        return super().answers(timeout)
+
+
+def test_ranges_that_come_in_while_results_go_up_are_handed_out(tmp_path):
+    """Droids waiting for ranges are served whichever call took the ranges in: once they
+    came with an update's answer, every rank sat idle (READY ranges, droids waiting)."""
+    up = MemoryUpstream({501: make_ranges(9, 501, 120), 502: make_ranges(9, 502, 80)})
+    links = []
+
+    def late(upstream):
+        links.append(LateLink(upstream))
+        return links[0]
+
+    # droids ask only once they are empty: nothing of theirs comes to Yoda after it
+    policy = Policy(hb_interval=0.2, hb_timeout=5, high_per_slot=6, low_per_slot=0.5)
+    rc, yoda = run_world(tmp_path, up, link=late, delay=0.002, policy=policy)
+    assert rc == 0
+    assert links[0].late > 0
+    assert yoda.s.ledger.count(State.FINISHED) == 200
+    assert check(up.dispatched, up.updates, outputs=journal_outputs(tmp_path / "journal")) == []
