@@ -23,6 +23,7 @@ link reports them.
 
 from __future__ import annotations
 
+import faulthandler
 import fcntl
 import importlib
 import logging
@@ -334,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             level=logging.INFO,
             format="%(asctime)s link %(levelname)s %(name)s: %(message)s",
         )
+        # SIGUSR2 writes the child's stacks beside its log, as every rank does: a call
+        # that hangs is then seen where it hangs
+        stacks = open(Path(spec["log"]).with_suffix(".stacks"), "w")  # noqa: SIM115
+        faulthandler.register(signal.SIGUSR2, file=stacks, all_threads=True)
     try:
         up = _factory(spec["factory"])(**spec.get("kwargs", {}))
         fetched = Journal(spec["fetched"], sync_every=1 << 30) if spec.get("fetched") else None

@@ -3,12 +3,15 @@ the invariant on what the dispatcher recorded."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -142,25 +145,62 @@ def wait(proc: subprocess.Popen, timeout: float) -> int:
 
 
 def dump_stacks(proc: subprocess.Popen) -> str:
-    """SIGUSR2 makes every rank write its stacks (faulthandler) to logs/rank<N>.stacks."""
+    """SIGUSR2 makes every rank and rank 0's upstream link write their stacks (faulthandler)
+    to logs/rank<N>.stacks and logs/link.stacks; with them go the tails of the link's and
+    rank 0's logs and the stacks of this process (the embedded server's threads), so a
+    hang shows which side sat waiting."""
     found = []
     for rank, p in sorted(_rank_procs(proc).items()):
         try:
             p.send_signal(signal.SIGUSR2)
-            found.append((rank, p))
+            found.append((f"rank {rank}", f"rank{rank}.stacks", p))
         except psutil.NoSuchProcess:
             pass
+    for p in _link_procs(proc):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGUSR2)
+            found.append((f"link {p.pid}", "link.stacks", p))
     time.sleep(1.0)
     out = []
-    for rank, p in found:
+    args = [str(a) for a in proc.args] if isinstance(proc.args, (list, tuple)) else []
+    work = Path(args[args.index("--workdir") + 1]) if "--workdir" in args else None
+    for name, stacks, p in found:
         try:
-            cmd = p.cmdline()
+            status = p.status()
         except psutil.NoSuchProcess:
             continue
-        work = Path(cmd[cmd.index("--workdir") + 1]) if "--workdir" in cmd else None
-        text = (work / "logs" / f"rank{rank}.stacks").read_text() if work else ""
-        out.append(f"rank {rank} ({p.status()}):\n{text[-3000:]}")
-    return "\n".join(out) or "(no rank left)"
+        text = _tail(work / "logs" / stacks, 3000) if work else ""
+        out.append(f"{name} ({status}):\n{text}")
+    if work is not None:
+        for log in ("link.log", "rank0.log"):
+            out.append(f"tail of {log}:\n{_tail(work / 'logs' / log, 3000)}")
+    me = threading.get_ident()
+    for ident, frame in sys._current_frames().items():  # the embedded server's threads
+        if ident != me:
+            out.append(
+                f"thread {ident} of this process:\n{''.join(traceback.format_stack(frame)[-6:])}"
+            )
+    return "\n".join(out)
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError as exc:
+        return f"({exc})"
+
+
+def _link_procs(proc: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if "yoda.link" in child.cmdline():
+                found.append(child)
+    return found
 
 
 def _rank_procs(proc: subprocess.Popen) -> dict[int, psutil.Process]:
