@@ -454,6 +454,7 @@ class Droid:
                 "refused": self.refused,
                 "done": self.done_count,
                 "cpu": _payload_cpu(),
+                "metrics": self._metrics(),
             },
         )
         self.released, self.refused = [], []
@@ -464,6 +465,20 @@ class Droid:
                 self._handle(got)
         self._shutdown()
         return 0
+
+    def _metrics(self) -> dict[str, Any]:
+        """PandaID -> the job's memory and I/O fields from this droid's payloads."""
+        out = {}
+        for panda_id, ex in self.executors.items():
+            metrics = getattr(ex, "metrics", None)
+            try:
+                got = metrics() if metrics is not None else {}
+            except Exception as exc:  # noqa: BLE001 - a goodbye must not fail on a figure
+                log.warning("job %d: no metrics: %s", panda_id, exc)
+                continue
+            if got:
+                out[str(panda_id)] = got
+        return out
 
     def _shutdown(self) -> None:
         for ex in self.executors.values():

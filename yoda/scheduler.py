@@ -73,6 +73,8 @@ class Droid:
     draining: bool = False
     acked: int = -1
     cpu: float = 0.0  # CPU seconds of its payloads, told with BYE
+    # PandaID -> (updateJob memory and I/O fields, samples), told with BYE
+    metrics: dict[int, tuple[dict[str, int], int]] = field(default_factory=dict)
 
     def high(self, p: Policy) -> int:
         return max(1, int(round(p.high_per_slot * self.slots)))
@@ -289,6 +291,7 @@ class Scheduler:
             d.cpu = float(body.get("cpu") or 0.0)
         except (TypeError, ValueError):
             d.cpu = 0.0
+        d.metrics = _metrics(body.get("metrics"))
         return out + [(d.rank, self._env(Kind.STOP, {}))]
 
     # -- failures and the clock ---------------------------------------------
@@ -375,6 +378,28 @@ class Scheduler:
 
     def stop_all(self) -> Out:
         return [(d.rank, self._env(Kind.STOP, {})) for d in self.droids.values() if d.alive]
+
+
+def _metrics(body: Any) -> dict[int, tuple[dict[str, int], int]]:
+    """A BYE's metrics, what of them is well formed: PandaID -> (integer fields, samples).
+    A droid's figures are reported, not trusted: anything else is left out."""
+    out: dict[int, tuple[dict[str, int], int]] = {}
+    if not isinstance(body, dict):
+        return out
+    for key, got in body.items():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(got, dict)):
+            continue
+        fields, samples = got.get("fields"), got.get("samples")
+        if not isinstance(fields, dict) or not isinstance(samples, int) or samples < 1:
+            continue
+        ok = {
+            k: int(v)
+            for k, v in fields.items()
+            if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        }
+        if ok:
+            out[int(key)] = (ok, samples)
+    return out
 
 
 _HANDLERS = {

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -188,30 +188,22 @@ class Guard:
             if got:
                 self._earlier.append((got, int(getattr(monitor.sampler, "count", 1) or 1)))
 
-    def summary(self) -> dict[str, int]:
-        """updateJob memory and I/O fields over every payload process of the job (an
-        event-service payload may have been restarted): the highest maxima, the averages
-        weighted by samples, the I/O totals summed. CPU is left to the caller, which
-        counts it per range."""
+    def _parts(self) -> list[tuple[dict[str, int], int]]:
         parts = list(self._earlier)
         current = getattr(self.monitor, "summary", None)
         if current is not None and (got := current()):
             parts.append((got, int(getattr(self.monitor.sampler, "count", 1) or 1)))
-        if not parts:
-            return {}
-        out: dict[str, int] = {}
-        weight = sum(n for _, n in parts) or 1
-        for key in {k for got, _ in parts for k in got}:
-            if key == "cpuConsumptionTime":
-                continue
-            values = [(got[key], n) for got, n in parts if key in got]
-            if key.startswith("max"):
-                out[key] = max(v for v, _ in values)
-            elif key.startswith("avg"):
-                out[key] = int(sum(v * n for v, n in values) / weight)
-            else:
-                out[key] = sum(v for v, _ in values)
-        return out
+        return parts
+
+    def summary(self) -> dict[str, int]:
+        """updateJob memory and I/O fields over every payload process of the job (an
+        event-service payload may have been restarted); see :func:`merge_metrics`. CPU
+        is left to the caller, which counts it per range."""
+        return merge_metrics(self._parts())
+
+    def samples(self) -> int:
+        """How many samples :meth:`summary` stands on (its weight beside other guards')."""
+        return sum(n for _, n in self._parts())
 
     def next_due(self) -> float:
         """Seconds until :meth:`check` has work (``inf`` when nothing is watched)."""
@@ -276,3 +268,25 @@ class Guard:
     def connections_report(self) -> str:
         """The job's outbound connections, for the log extracts ('' when none)."""
         return self.connections.report() if self.monitored else ""
+
+
+def merge_metrics(parts: Iterable[tuple[dict[str, int], int]]) -> dict[str, int]:
+    """One set of updateJob memory and I/O fields from several (fields, samples): payload
+    processes one after another, or droids side by side. The highest maxima, averages
+    weighted by samples, totals summed; CPU is left out (it is counted per range)."""
+    parts = [(got, n) for got, n in parts if got]
+    if not parts:
+        return {}
+    out: dict[str, int] = {}
+    weight = sum(n for _, n in parts) or 1
+    for key in {k for got, _ in parts for k in got}:
+        if key == "cpuConsumptionTime":
+            continue
+        values = [(got[key], n) for got, n in parts if key in got]
+        if key.startswith("max"):
+            out[key] = max(v for v, _ in values)
+        elif key.startswith("avg"):
+            out[key] = int(sum(v * n for v, n in values) / weight)
+        else:
+            out[key] = sum(v for v, _ in values)
+    return out

@@ -219,3 +219,17 @@ def test_leftovers_of_an_earlier_pilot_are_ended_only_in_their_work_directory(tm
         for p in procs.values():
             p.kill()
             p.wait(5)
+
+
+def test_droids_side_by_side_merge_into_one_set_of_fields():
+    """Rank 0 merges its droids' figures as a guard merges restarts: highest maxima,
+    averages weighted by samples, totals summed, CPU left out."""
+    from pilot.payload.guard import merge_metrics
+
+    parts = [
+        ({"maxRSS": 800, "avgRSS": 300, "totWBYTES": 7, "cpuConsumptionTime": 4}, 2),
+        ({"maxRSS": 900, "avgRSS": 600, "totWBYTES": 5}, 1),
+        ({}, 5),
+    ]
+    assert merge_metrics(parts) == {"maxRSS": 900, "avgRSS": 400, "totWBYTES": 12}
+    assert merge_metrics([]) == {}

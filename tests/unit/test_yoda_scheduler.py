@@ -177,3 +177,21 @@ def test_request_that_overtook_its_results_is_served_when_they_arrive():
     out = s.on_message(msg(Kind.UPDATE, 1, results(s, rows), seq=3), 1.1)
     assert kinds(out) == [(1, Kind.ACK), (1, Kind.WORK)]
     assert len(work_rows(out[1:])) == 2
+
+
+def test_bye_keeps_the_well_formed_metrics_of_each_job():
+    """A droid's memory figures go into its jobs' final updates: what is malformed in
+    them (a bad PandaID, a non-integer, a negative, no samples) is left out, not trusted."""
+    s = make(n=1)
+    hello(s, 1)
+    metrics = {
+        "501": {"fields": {"maxRSS": 900, "avgRSS": 400, "bad": "x", "neg": -1}, "samples": 3},
+        "502": {"fields": {"maxRSS": 1}, "samples": 0},
+        "../x": {"fields": {"maxRSS": 1}, "samples": 1},
+        "503": "not a dict",
+    }
+    s.on_message(msg(Kind.BYE, 1, {"metrics": metrics}), 1.0)
+    assert s.droids[1].metrics == {501: ({"maxRSS": 900, "avgRSS": 400}, 3)}
+    hello(s, 2)
+    s.on_message(msg(Kind.BYE, 2, {"metrics": ["nothing", "of", "use"]}), 2.0)
+    assert s.droids[2].metrics == {}
