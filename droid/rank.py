@@ -12,29 +12,15 @@ import logging
 import os
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 from droid.droid import Droid, DroidOptions
 from droid.executors import event_executor
 from droid.nullexec import NullExecutor
-from hpc.payloadconfig import payload_config
+from hpc.payloadconfig import output_storage, payload_config
 from hpc.transport import Transport
 from pilot.config import PilotConfig
 
 log = logging.getLogger("droid.rank")
-
-
-def output_storage(args: argparse.Namespace) -> SimpleNamespace:
-    """Where the droids store finished ranges' outputs, with ``pilot run``'s defaults:
-    the ``copy`` copytool into ``WORKDIR/storage`` with ``--url``; with ``--harvester``
-    the outputs stay where they are and Harvester stages them out."""
-    return SimpleNamespace(
-        copytool=args.copytool or ("harvester" if args.harvester else "copy"),
-        copytool_options={},
-        output_url=args.output_url,
-        workdir=str(Path(args.workdir).resolve()),
-        stageout_timeout=3600.0,
-    )
 
 
 def run_droid(args: argparse.Namespace, transport: Transport) -> int:

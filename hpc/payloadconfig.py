@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pilot.config import PilotConfig, queue_settings
@@ -78,3 +79,17 @@ def payload_config(args: Any, *, queue: Any = (), **overrides: Any) -> PilotConf
     config = PilotConfig(**values)
     connection_policy(config)  # a policy that cannot be read stops the rank now, clearly
     return config
+
+
+def output_storage(args: argparse.Namespace) -> SimpleNamespace:
+    """Where the ranks store files (the droids' range outputs, rank 0's log tarball), with
+    ``pilot run``'s defaults:
+    the ``copy`` copytool into ``WORKDIR/storage`` with ``--url``; with ``--harvester``
+    the outputs stay where they are and Harvester stages them out."""
+    return SimpleNamespace(
+        copytool=args.copytool or ("harvester" if args.harvester else "copy"),
+        copytool_options={},
+        output_url=args.output_url,
+        workdir=str(Path(args.workdir).resolve()),
+        stageout_timeout=3600.0,
+    )

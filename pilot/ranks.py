@@ -52,8 +52,9 @@ import sys
 import threading
 from pathlib import Path
 
-from droid.rank import output_storage, run_droid
+from droid.rank import run_droid
 from hpc.payloadconfig import add_options as add_payload_options
+from hpc.payloadconfig import output_storage
 from hpc.transport import Envelope, Kind, MPITransport
 from hpc.tuning import tune_gc
 from pilot import wholejobs

@@ -120,7 +120,7 @@ def make_log_tarball(job: Job, workdir: Path) -> FileSpec | None:
     return spec
 
 
-def _xml(outputs: list[FileSpec]) -> str:
+def files_field(outputs: list[FileSpec]) -> str:
     """PanDA's ``xml`` field is in fact JSON: ``{lfn: {guid, fsize, adler32, surl}}``."""
     return json.dumps(
         {
@@ -187,7 +187,7 @@ def final_update_fields(
         ),
         "pilotLog": result.log_extracts[:1024],
         "jobMetrics": job_metrics(result),
-        "xml": _xml(result.outputs),
+        "xml": files_field(result.outputs),
     }
     if result.n_events:
         fields["nEvents"] = result.n_events

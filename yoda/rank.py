@@ -26,9 +26,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from hpc.payloadconfig import payload_config
+from hpc.payloadconfig import output_storage, payload_config
 from hpc.transport import Transport
 from pilot.errors import ErrorCode, PilotError
+from pilot.report import files_field
 from yoda.journal import new_book, resume_book
 from yoda.link import InlineLink, Link, ProcessLink, recover_fetched
 from yoda.master import Yoda, YodaOptions
@@ -194,7 +195,64 @@ class FinalReport:
             return 0.0
         return float(sum(d.cpu for d in self.yoda.s.droids.values()))
 
+    def _metrics(self, panda_id: int) -> dict[str, int]:
+        """The job's memory and I/O fields over every droid that ran it."""
+        from pilot.payload.guard import merge_metrics
+
+        if self.yoda is None:
+            return {}
+        return merge_metrics(
+            d.metrics[panda_id] for d in self.yoda.s.droids.values() if panda_id in d.metrics
+        )
+
+    def panda_update(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """updateJob fields for a PanDA server: a final state with the fields ``pilot run``
+        sends (node, site, times in PanDA's format, cores, CPU, the droids' memory and
+        I/O figures), anything else as it is."""
+        from pilot.comm.pandaapi import panda_time
+
+        if fields.get("state") not in ("finished", "failed"):
+            return fields
+        job, full = self.final(fields)
+        full["startTime"] = panda_time(full["startTime"])
+        full["endTime"] = panda_time(full["endTime"])
+        spec = getattr(job, "log_file", None)
+        if spec is not None and spec.local_path:
+            # PanDA's Adder fails a job whose log it cannot find in the final update
+            try:
+                self._store(spec)
+            except PilotError as exc:
+                log.error("log stage-out failed: %s", exc)
+                full.update(
+                    state="failed", pilotErrorCode=int(exc.code), pilotErrorDiag=exc.diag[:256]
+                )
+            else:
+                full["xml"] = files_field([spec])
+        return full
+
+    def _store(self, spec: Any) -> None:
+        """The log tarball to the output storage, as ``pilot run`` stores a job's log."""
+        from pilot.data.choice import copytool_for
+        from pilot.data.staging import stage_out
+
+        storage = output_storage(self.args)
+        tool = copytool_for(storage, "pl")
+        where = storage.output_url or str(Path(storage.workdir) / "storage")
+        stage_out([spec], Path(self.args.workdir), tool, where, attempts=2)
+
     def final(self, fields: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """The job and its final fields for Harvester, with the log tarball made."""
+        job, full = self._fields(fields)
+        log_spec = getattr(job, "log_file", None)
+        if log_spec is not None:
+            try:
+                self._log_tarball(log_spec)
+            except (OSError, tarfile.TarError) as exc:
+                log.error("log tarball not made: %s", exc)
+                log_spec.local_path = ""
+        return job, full
+
+    def _fields(self, fields: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         from pilot.job import Job
 
         panda_id = int(fields["jobId"])
@@ -220,6 +278,7 @@ class FinalReport:
             "exeErrorCode": 0,
             "exeErrorDiag": "",
             "transExitCode": 0,
+            **self._metrics(panda_id),
             **fields,
         }
         if str(full.get("attemptNr", "")).isdigit():
@@ -236,13 +295,6 @@ class FinalReport:
             "reported": self.yoda.reported if self.yoda is not None else 0,
         }
         full["metaData"] = json.dumps(report)
-        log_spec = getattr(job, "log_file", None)
-        if log_spec is not None:
-            try:
-                self._log_tarball(log_spec)
-            except (OSError, tarfile.TarError) as exc:
-                log.error("log tarball not made: %s", exc)
-                log_spec.local_path = ""
         return job, full
 
     def _log_tarball(self, spec: Any) -> None:
@@ -303,7 +355,13 @@ def run_yoda(args: argparse.Namespace, transport: Transport) -> int:
     options = YodaOptions(retry_max=args.retry_max)
     # updateJob with --url; worker attributes for Harvester with --harvester
     report = FinalReport(args, {int(j.get("PandaID", 0) or 0): j for j in book.jobs})
-    job_update = getattr(upstream, "update_job", None) or harvester_job_update(upstream.ap, report)
+    if hasattr(upstream, "update_job"):
+        update_job = upstream.update_job
+
+        def job_update(fields: dict[str, Any]) -> Any:
+            return update_job(report.panda_update(fields))
+    else:
+        job_update = harvester_job_update(upstream.ap, report)
     # the queue's description, read here once: the droids get it with their CONFIG
     # (compute nodes may have no network to read it themselves)
     queue = payload_config(args).queue if args.executor != "null" else None

@@ -10,8 +10,9 @@ and each event range finished (or failed) once.
 
 ``pilot run --url`` in pull mode then runs an ordinary and an event-service
 job to the end against the real 1.0.4 and 0.8.1 (auto: /api/v1 on both; and
-the legacy API of 0.8.1 on request). Both servers are brought up once per
-session.
+the legacy API of 0.8.1 on request), and ``pilot hpc`` under ``mpiexec`` an
+event-service job against 1.0.4, to finished after the Adder. Both servers are
+brought up once per session.
 """
 
 from __future__ import annotations
@@ -289,3 +290,44 @@ def test_pull_mode_ordinary_and_event_service_jobs(
     assert log["status"] == "ready" and int(log["fsize"]) > 0 and log["checksum"].startswith("ad:")
     assert all(len(f["guid"]) == 36 for f in (output, log))
     assert real.job_row(es)["jobstatus"] in ("finished", "merging", "closed"), real.job_row(es)
+
+
+@pytest.mark.slow
+def test_pilot_hpc_event_service_job_against_the_real_server(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """``pilot hpc`` under mpiexec with the real 1.0.4: its ranges through /api/v1 from
+    rank 0's link process, and a final update the server records with the fields
+    ``pilot run`` sends: times, cores, CPU, and the droids' memory figures merged."""
+    from tests.mpi.harness import mpi_argv
+
+    real = request.getfixturevalue("real_104")
+    es = real.submit(
+        es=True,
+        transformation=sys.executable,
+        jobPars="-m pilot.payloads.toysim --cpu-per-event 0.2",
+    )
+    work = tmp_path / "hpc"
+    work.mkdir()
+    argv = [*mpi_argv(3), sys.executable, "-m", "pilot.ranks", "--url", real.url,
+            "--queue", QUEUE, "--workdir", str(work), "--copytool", "copy",
+            "--queuedata-url", f"{real.url}/cache/schedconfig/{QUEUE}.all.json",
+            "--monitor-interval", "0.5", "--hb-interval", "1"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    rank0 = (work / "logs" / "rank0.log").read_text()
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + rank0[-3000:]
+    assert f"job {es}: finished" in rank0
+    assert [s for _, s in real.events(es)] == [3, 3, 3, 3]  # every range finished, once
+    real.adder()  # a final "finished" holds the job until the server's Adder runs
+    cols = "jobstatus, starttime, endtime, actualcorecount, maxrss, avgrss, nevents"
+    row = real.job_row(es, cols)
+    why = real.job_row(es, "piloterrorcode, piloterrordiag, superrorcode, superrordiag")
+    assert row["jobstatus"] in ("finished", "merging", "closed"), (row, why)
+    for key in ("starttime", "endtime"):
+        time.strptime(row[key], PANDA_TIME)
+    assert int(row["actualcorecount"]) == 2 and int(row["nevents"]) == 8, row
+    assert int(row["maxrss"]) > 1000 and 0 < int(row["avgrss"]) <= int(row["maxrss"]), row
+    # the ranks' log tarball, stored and registered: without it the Adder fails the job
+    (log,) = [f for f in real.files(es) if f["type"] == "log"]
+    assert log["status"] == "ready" and int(log["fsize"]) > 0 and log["checksum"].startswith("ad:")
+    assert len(log["guid"]) == 36

@@ -17,7 +17,7 @@ def test_two_jobs_on_three_droids_every_range_once(server, launched, tmp_path):
     load_task(server, n_jobs=2, n_ranges=30)
     work = tmp_path / "work"
     work.mkdir()
-    rc = wait(launched.start(server, work, jobs=2), timeout=120)
+    rc = wait(launched.start(server, work, "--monitor-interval", "1", jobs=2), timeout=120)
     problems, counts = invariant(server, work)
     assert problems == []
     assert counts == {"finished": 60}
@@ -26,6 +26,10 @@ def test_two_jobs_on_three_droids_every_range_once(server, launched, tmp_path):
     assert len(jobs) == 2 and {j["status"] for j in jobs} == {"finished"}
     finals = [j["final"] if isinstance(j["final"], dict) else json.loads(j["final"]) for j in jobs]
     assert sorted(int(f["nEvents"]) for f in finals) == [60, 60]  # 30 ranges x 2 events
+    # the droids' monitors' figures, merged per job (a Python payload: megabytes of RSS)
+    for f in finals:
+        assert int(f["maxRSS"]) > 1000 and 0 < int(f["avgRSS"]) <= int(f["maxRSS"]), f
+        assert int(f["totRCHAR"]) > 0, f
     # each output was stored (copy copytool, WORKDIR/storage) before its range was reported
     stored = journal_outputs(work / "yoda.journal")
     assert len(stored) == 60

@@ -251,8 +251,11 @@ class RealPanda:
     def adder(self) -> int:
         return int(self._run(ADDER).splitlines()[-1])
 
-    def job_row(self, panda_id: int) -> dict[str, str]:
-        cols = "jobstatus, starttime, endtime, piloterrorcode, transexitcode"
+    def job_row(
+        self,
+        panda_id: int,
+        cols: str = "jobstatus, starttime, endtime, piloterrorcode, transexitcode",
+    ) -> dict[str, str]:
         for table in ("jobsarchived4", "jobsactive4"):
             row = self.sql(f"SELECT {cols} FROM doma_panda.{table} WHERE pandaid={panda_id}")
             if row:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from droid.executors import PerRange
-from droid.rank import output_storage
+from hpc.payloadconfig import output_storage
 from hpc.wire import FAILED, FINISHED
 from pilot.errors import ErrorCode, PilotError
 from pilot.eventservice.model import RangeResult, RangeStatus
