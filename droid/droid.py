@@ -104,6 +104,7 @@ class Droid:
         self._last_update = time.monotonic()
         self._last_heard = time.monotonic()
         self.done_count = 0
+        self.range_cpu: dict[int, float] = {}  # PandaID -> CPU its ranges' results claim
         self._drain_requested = False
 
     # -- sending -------------------------------------------------------------
@@ -259,11 +260,12 @@ class Droid:
         self.rows.difference_update(mine)
         (self.refused if refused else self.released).extend(mine)
 
-    def _took(self, res: ResultBatch) -> bool:
-        """Results from an executor: kept for the next UPDATE if the range is still held.
-        True if there were any (the loop made progress)."""
+    def _took(self, res: ResultBatch, panda_id: int) -> bool:
+        """Results from ``panda_id``'s executor: kept for the next UPDATE if the range is
+        still held. True if there were any (the loop made progress)."""
         if not len(res):
             return False
+        self.range_cpu[panda_id] = self.range_cpu.get(panda_id, 0.0) + float(res.cols["cpu"].sum())
         listed = res.rows.tolist()
         if not self.rows.issuperset(listed):  # e.g. given back at a drain deadline
             held = self._held(listed)
@@ -314,7 +316,7 @@ class Droid:
                 # its payload gave up: what it holds goes back, an attempt charged each
                 self.gave_up.add(pid)
                 left = ex.stop(self.o.stop_grace)
-                self._took(ex.poll(0.0))
+                self._took(ex.poll(0.0), pid)
                 self._give_back(left, refused=True)
                 log.error("job %d: payload gave up, %d ranges given back", pid, len(left))
         for pid, q in list(self.queue.items()):
@@ -359,8 +361,8 @@ class Droid:
             return False
         each = timeout / len(executors)
         took = False
-        for ex in executors:
-            took |= self._took(ex.poll(each))
+        for pid, ex in list(self.executors.items()):
+            took |= self._took(ex.poll(each), pid)
         return took
 
     def _all_done(self) -> bool:
@@ -434,9 +436,9 @@ class Droid:
 
     def _give_back_running(self) -> None:
         log.warning("drain deadline passed: stopping payloads, giving back unfinished ranges")
-        for ex in self.executors.values():
+        for pid, ex in self.executors.items():
             self._give_back(ex.stop(self.o.stop_grace))
-            self._took(ex.poll(0.0))
+            self._took(ex.poll(0.0), pid)
         self.drain_by = None
 
     def _goodbye(self) -> int:
@@ -467,17 +469,25 @@ class Droid:
         return 0
 
     def _metrics(self) -> dict[str, Any]:
-        """PandaID -> the job's memory and I/O fields from this droid's payloads."""
-        out = {}
+        """PandaID -> the job's figures from this droid: the CPU of its payloads and their
+        memory and I/O fields. The CPU this droid's reaped payloads used is exact but not
+        per job; with several jobs it is split in the shares their ranges' results claim
+        (evenly if they claim none), so that no job is charged another's."""
+        total = _payload_cpu()
+        claimed = sum(self.range_cpu.get(pid, 0.0) for pid in self.executors)
+        out: dict[str, Any] = {}
         for panda_id, ex in self.executors.items():
+            if claimed > 0:
+                share = self.range_cpu.get(panda_id, 0.0) / claimed
+            else:
+                share = 1.0 / len(self.executors)
+            entry: dict[str, Any] = {"cpu": round(total * share, 3)}
             metrics = getattr(ex, "metrics", None)
             try:
-                got = metrics() if metrics is not None else {}
+                entry.update(metrics() if metrics is not None else {})
             except Exception as exc:  # noqa: BLE001 - a goodbye must not fail on a figure
                 log.warning("job %d: no metrics: %s", panda_id, exc)
-                continue
-            if got:
-                out[str(panda_id)] = got
+            out[str(panda_id)] = entry
         return out
 
     def _shutdown(self) -> None:

@@ -190,10 +190,17 @@ class FinalReport:
         self.pilot_id = f"{self.node}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.yoda: Yoda | None = None
 
-    def _cpu(self) -> float:
+    def _cpu(self, panda_id: int) -> float:
+        """The job's share of the droids' payload CPU (a droid that told no shares, all
+        of its CPU: it ran this job alone)."""
         if self.yoda is None:
             return 0.0
-        return float(sum(d.cpu for d in self.yoda.s.droids.values()))
+        return float(
+            sum(
+                d.job_cpu.get(panda_id, 0.0) if d.job_cpu else d.cpu
+                for d in self.yoda.s.droids.values()
+            )
+        )
 
     def _metrics(self, panda_id: int) -> dict[str, int]:
         """The job's memory and I/O fields over every droid that ran it."""
@@ -270,7 +277,7 @@ class FinalReport:
             "startTime": round(self.start, 3),
             "endTime": round(end, 3),
             "coreCount": max(1, ranks * max(1, self.args.slots)),
-            "cpuConsumptionTime": int(round(self._cpu())),
+            "cpuConsumptionTime": int(round(self._cpu(panda_id))),
             "cpuConsumptionUnit": "s",
             "cpuConversionFactor": 1.0,
             "pilotErrorCode": 0,

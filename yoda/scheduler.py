@@ -75,6 +75,7 @@ class Droid:
     cpu: float = 0.0  # CPU seconds of its payloads, told with BYE
     # PandaID -> (updateJob memory and I/O fields, samples), told with BYE
     metrics: dict[int, tuple[dict[str, int], int]] = field(default_factory=dict)
+    job_cpu: dict[int, float] = field(default_factory=dict)  # PandaID -> its share of cpu
 
     def high(self, p: Policy) -> int:
         return max(1, int(round(p.high_per_slot * self.slots)))
@@ -291,7 +292,7 @@ class Scheduler:
             d.cpu = float(body.get("cpu") or 0.0)
         except (TypeError, ValueError):
             d.cpu = 0.0
-        d.metrics = _metrics(body.get("metrics"))
+        d.metrics, d.job_cpu = _metrics(body.get("metrics"))
         return out + [(d.rank, self._env(Kind.STOP, {}))]
 
     # -- failures and the clock ---------------------------------------------
@@ -380,15 +381,20 @@ class Scheduler:
         return [(d.rank, self._env(Kind.STOP, {})) for d in self.droids.values() if d.alive]
 
 
-def _metrics(body: Any) -> dict[int, tuple[dict[str, int], int]]:
-    """A BYE's metrics, what of them is well formed: PandaID -> (integer fields, samples).
-    A droid's figures are reported, not trusted: anything else is left out."""
+def _metrics(body: Any) -> tuple[dict[int, tuple[dict[str, int], int]], dict[int, float]]:
+    """A BYE's per-job figures, what of them is well formed: PandaID -> (integer fields,
+    samples), and PandaID -> CPU seconds. A droid's figures are reported, not trusted:
+    anything else is left out."""
     out: dict[int, tuple[dict[str, int], int]] = {}
+    cpu: dict[int, float] = {}
     if not isinstance(body, dict):
-        return out
+        return out, cpu
     for key, got in body.items():
         if not (isinstance(key, str) and key.isdigit() and isinstance(got, dict)):
             continue
+        seconds = got.get("cpu")
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0:
+            cpu[int(key)] = float(seconds)
         fields, samples = got.get("fields"), got.get("samples")
         if not isinstance(fields, dict) or not isinstance(samples, int) or samples < 1:
             continue
@@ -399,7 +405,7 @@ def _metrics(body: Any) -> dict[int, tuple[dict[str, int], int]]:
         }
         if ok:
             out[int(key)] = (ok, samples)
-    return out
+    return out, cpu
 
 
 _HANDLERS = {

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.mpi, pytest.mark.skipif(mpiexec() is None, reason="no 
 
 
 def test_two_jobs_on_three_droids_every_range_once(server, launched, tmp_path):
-    load_task(server, n_jobs=2, n_ranges=30)
+    load_task(server, n_jobs=2, n_ranges=30, pars="--cpu-per-event 0.05")  # 3 s of CPU a job
     work = tmp_path / "work"
     work.mkdir()
     rc = wait(launched.start(server, work, "--monitor-interval", "1", jobs=2), timeout=120)
@@ -30,6 +30,10 @@ def test_two_jobs_on_three_droids_every_range_once(server, launched, tmp_path):
     for f in finals:
         assert int(f["maxRSS"]) > 1000 and 0 < int(f["avgRSS"]) <= int(f["maxRSS"]), f
         assert int(f["totRCHAR"]) > 0, f
+    # each job its share of the droids' payload CPU: 3 s of events and its payloads' start,
+    # not all of it (6 s of events and every start: 8 s here when each job was charged all)
+    cpu = [int(f["cpuConsumptionTime"]) for f in finals]
+    assert all(2 <= c <= 6 for c in cpu) and sum(cpu) >= 5, cpu
     # each output was stored (copy copytool, WORKDIR/storage) before its range was reported
     stored = journal_outputs(work / "yoda.journal")
     assert len(stored) == 60

@@ -233,12 +233,38 @@ def test_the_counts_kept_beside_the_queue_and_the_results_match_them(tmp_path):
     droid._feed()  # the executor takes its two slots' worth
     assert counted() == (4, 0)
     ex = droid.executors[501]
-    assert droid._took(ex.poll(0.0))
+    assert droid._took(ex.poll(0.0), 501)
     assert counted() == (4, 2)
     droid._feed()
-    droid._took(ex.poll(0.0))
+    droid._took(ex.poll(0.0), 501)
     assert counted() == (2, 4)
     droid._drain(None)  # what did not start goes back with the results
     assert counted() == (0, 0)
     update = expect(hub.endpoint(0), Kind.UPDATE)
     assert len(ResultBatch.from_body(update.body)) == 4 and update.body["released"] == [4, 5]
+
+
+def test_bye_splits_the_payloads_cpu_between_jobs_in_their_ranges_shares(tmp_path, monkeypatch):
+    """The CPU a droid's reaped payloads used is exact but not per job: two jobs share it
+    as their ranges' results claim (evenly if they claim none), and each job's memory
+    figures travel beside its share."""
+    import droid.droid as module
+
+    class Ran:
+        def __init__(self, fields):
+            self.fields = fields
+
+        def metrics(self):
+            return {"fields": self.fields, "samples": 2} if self.fields else {}
+
+    hub = LocalHub(2)
+    droid = Droid(hub.endpoint(1), tmp_path, None, DroidOptions(slots=1))
+    droid.executors = {501: Ran({"maxRSS": 700}), 502: Ran({})}
+    monkeypatch.setattr(module, "_payload_cpu", lambda: 8.0)
+    droid.range_cpu = {501: 3.0, 502: 1.0}
+    assert droid._metrics() == {
+        "501": {"cpu": 6.0, "fields": {"maxRSS": 700}, "samples": 2},
+        "502": {"cpu": 2.0},
+    }
+    droid.range_cpu = {}
+    assert [m["cpu"] for m in droid._metrics().values()] == [4.0, 4.0]

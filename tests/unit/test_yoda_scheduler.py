@@ -185,13 +185,20 @@ def test_bye_keeps_the_well_formed_metrics_of_each_job():
     s = make(n=1)
     hello(s, 1)
     metrics = {
-        "501": {"fields": {"maxRSS": 900, "avgRSS": 400, "bad": "x", "neg": -1}, "samples": 3},
-        "502": {"fields": {"maxRSS": 1}, "samples": 0},
-        "../x": {"fields": {"maxRSS": 1}, "samples": 1},
+        "501": {
+            "cpu": 12.5,
+            "fields": {"maxRSS": 900, "avgRSS": 400, "bad": "x", "neg": -1},
+            "samples": 3,
+        },
+        "502": {"cpu": -1, "fields": {"maxRSS": 1}, "samples": 0},
+        "504": {"cpu": 3},  # figures without a monitor's sample: only the CPU
+        "505": {"cpu": True},
+        "../x": {"cpu": 1, "fields": {"maxRSS": 1}, "samples": 1},
         "503": "not a dict",
     }
     s.on_message(msg(Kind.BYE, 1, {"metrics": metrics}), 1.0)
     assert s.droids[1].metrics == {501: ({"maxRSS": 900, "avgRSS": 400}, 3)}
+    assert s.droids[1].job_cpu == {501: 12.5, 504: 3.0}
     hello(s, 2)
     s.on_message(msg(Kind.BYE, 2, {"metrics": ["nothing", "of", "use"]}), 2.0)
-    assert s.droids[2].metrics == {}
+    assert s.droids[2].metrics == {} and s.droids[2].job_cpu == {}
