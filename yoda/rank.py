@@ -227,7 +227,7 @@ class FinalReport:
         if spec is not None and spec.local_path:
             # PanDA's Adder fails a job whose log it cannot find in the final update
             try:
-                self._store(spec)
+                self._store(job, spec)
             except PilotError as exc:
                 log.error("log stage-out failed: %s", exc)
                 full.update(
@@ -237,15 +237,22 @@ class FinalReport:
                 full["xml"] = files_field([spec])
         return full
 
-    def _store(self, spec: Any) -> None:
-        """The log tarball to the output storage, as ``pilot run`` stores a job's log."""
+    def _store(self, job: Any, spec: Any) -> None:
+        """The log tarball to the output storage, as ``pilot run`` stores a job's log:
+        through Rucio (its DID, the job's log dataset and RSE) with a trace, or copied."""
         from pilot.data.choice import copytool_for
         from pilot.data.staging import stage_out
+        from pilot.data.traces import TraceSink, trace_sender
 
         storage = output_storage(self.args)
         tool = copytool_for(storage, "pl")
         where = storage.output_url or str(Path(storage.workdir) / "storage")
-        stage_out([spec], Path(self.args.workdir), tool, where, attempts=2)
+        sink = None
+        if getattr(tool, "by_did", False):
+            sender = trace_sender(storage)
+            if sender.url:
+                sink = TraceSink(sender, job, local_site=self.args.queue or "")
+        stage_out([spec], Path(self.args.workdir), tool, where, sink=sink, attempts=2)
 
     def final(self, fields: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """The job and its final fields for Harvester, with the log tarball made."""

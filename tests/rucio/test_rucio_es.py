@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -107,6 +108,8 @@ def test_pilot_hpc_droids_store_range_outputs_through_rucio(
         assert rc == 0, (work.parent / "work.mpiexec.log").read_text()[-3000:]
         rows = server.store.query("SELECT status, COUNT(*) AS n FROM ranges GROUP BY status")
         assert {r["status"]: r["n"] for r in rows} == {"finished": 12}
+        (job,) = server.store.jobs()
+        final = job["final"] if isinstance(job["final"], dict) else json.loads(job["final"])
     finally:
         launched.cleanup()
         server.stop()
@@ -118,3 +121,10 @@ def test_pilot_hpc_droids_store_range_outputs_through_rucio(
     for path, fsize, adler in stored.values():
         assert by_pfn[path]["adler32"] == adler and by_pfn[path]["bytes"] == fsize
     assert not list(Path(work).glob("storage/**/*"))
+    # rank 0's log tarball went the same way, was traced, and is in the final update
+    log = f"log.hpc.{unique}.tgz"
+    assert final["state"] == "finished" and log in json.loads(final["xml"]), final
+    assert list(reps[log]["rses"]) == ["LOCAL_DISK2"] and reps[log]["adler32"]
+    assert json.loads(final["xml"])[log]["adler32"] == reps[log]["adler32"]
+    traces = wait_for_traces(rucio_server, lambda ts: log in {t.get("filename") for t in ts})
+    assert [t["eventType"] for t in traces if t.get("filename") == log] == ["put_sm"]
