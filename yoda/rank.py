@@ -28,7 +28,7 @@ from typing import Any
 
 from hpc.payloadconfig import output_storage, payload_config
 from hpc.transport import Transport
-from pilot.errors import ErrorCode, PilotError
+from pilot.errors import ErrorCode, PilotError, error_diag
 from pilot.report import files_field
 from yoda.journal import new_book, resume_book
 from yoda.link import InlineLink, Link, ProcessLink, recover_fetched
@@ -224,7 +224,10 @@ class FinalReport:
         full["startTime"] = panda_time(full["startTime"])
         full["endTime"] = panda_time(full["endTime"])
         spec = getattr(job, "log_file", None)
-        if spec is not None and spec.local_path:
+        if spec is not None and not spec.local_path:  # the tarball could not be made
+            code = ErrorCode.LOGFILECREATIONFAILURE
+            full.update(state="failed", pilotErrorCode=int(code), pilotErrorDiag=error_diag(code))
+        elif spec is not None:
             # PanDA's Adder fails a job whose log it cannot find in the final update
             try:
                 self._store(job, spec)
