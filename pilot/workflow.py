@@ -23,7 +23,7 @@ from pilot.comm.base import Upstream
 from pilot.config import PilotConfig
 from pilot.data.choice import copytool_for
 from pilot.data.copytools import Copytool
-from pilot.data.staging import TransferSink, stage_in, stage_out
+from pilot.data.staging import TransferSink, output_destination, stage_in, stage_out
 from pilot.data.traces import TraceSink, trace_sender
 from pilot.errors import (
     ErrorCode,
@@ -254,7 +254,7 @@ def _run_steps(
                     job.out_files,
                     workdir,
                     copytool,
-                    _output_url(config),
+                    output_destination(config),
                     sink=sink,
                     attempts=config.stage_attempts,
                     timeout=config.stageout_timeout,
@@ -264,10 +264,6 @@ def _run_steps(
             result.fail(exc)
     _stage_out_log(job, config, result, log_tool, sink)
     result.timings["stageout"] = time.monotonic() - t0
-
-
-def _output_url(config: PilotConfig) -> str:
-    return config.output_url or str(config.workdir / "storage")
 
 
 def _stage_out_log(
@@ -291,7 +287,7 @@ def _stage_out_log(
             [spec],
             result.workdir,
             copytool,
-            _output_url(config),
+            output_destination(config),
             sink=sink,
             attempts=config.stage_attempts,
         )

@@ -244,18 +244,20 @@ class FinalReport:
         """The log tarball to the output storage, as ``pilot run`` stores a job's log:
         through Rucio (its DID, the job's log dataset and RSE) with a trace, or copied."""
         from pilot.data.choice import copytool_for
-        from pilot.data.staging import stage_out
-        from pilot.data.traces import TraceSink, trace_sender
+        from pilot.data.staging import output_destination, stage_out
+        from pilot.data.traces import did_trace_sink
 
         storage = output_storage(self.args)
         tool = copytool_for(storage, "pl")
-        where = storage.output_url or str(Path(storage.workdir) / "storage")
-        sink = None
-        if getattr(tool, "by_did", False):
-            sender = trace_sender(storage)
-            if sender.url:
-                sink = TraceSink(sender, job, local_site=self.args.queue or "")
-        stage_out([spec], Path(self.args.workdir), tool, where, sink=sink, attempts=2)
+        sink = did_trace_sink(tool, storage, job, local_site=self.args.queue or "")
+        stage_out(
+            [spec],
+            Path(self.args.workdir),
+            tool,
+            output_destination(storage),
+            sink=sink,
+            attempts=2,
+        )
 
     def final(self, fields: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """The job and its final fields for Harvester, with the log tarball made."""

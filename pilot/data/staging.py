@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pilot.credentials import redact_url
 from pilot.data.checksum import file_checksum
@@ -183,6 +184,12 @@ def _is_local_missing(url: str) -> bool:
         return not url_to_path(url).exists()
     except PilotError:
         return False
+
+
+def output_destination(config: Any) -> str:
+    """Where a job's files are stored: ``config.output_url``, else ``WORKDIR/storage``
+    (``pilot run``'s default, kept by the event service and by ``pilot hpc``)."""
+    return getattr(config, "output_url", "") or str(Path(config.workdir) / "storage")
 
 
 def stage_out(

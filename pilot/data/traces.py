@@ -370,3 +370,12 @@ def trace_sender(config: Any, timeout: float = 20.0) -> TraceSender:
 def _strip_query(url: str) -> str:
     """A URL for a trace: no query string (it may carry a credential), no user info."""
     return redact_url(url).split("?", 1)[0]
+
+
+def did_trace_sink(copytool: Any, config: Any, job: Job, local_site: str = "") -> TraceSink | None:
+    """The trace sink for files stored through a DID copytool (Rucio) under ``config``;
+    None for other copytools, or when no trace server is known."""
+    if not getattr(copytool, "by_did", False):
+        return None
+    sender = trace_sender(config)
+    return TraceSink(sender, job, local_site=local_site) if sender.url else None

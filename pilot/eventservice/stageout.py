@@ -18,8 +18,8 @@ from typing import Any
 
 from pilot.data.choice import copytool_for
 from pilot.data.names import check_scope, storage_url
-from pilot.data.staging import TransferEvent
-from pilot.data.traces import TraceSink, trace_sender
+from pilot.data.staging import TransferEvent, output_destination
+from pilot.data.traces import did_trace_sink
 from pilot.errors import ErrorCode, PilotError
 from pilot.eventservice.model import RangeResult, RangeStatus
 from pilot.job import FileSpec, Job
@@ -61,15 +61,11 @@ def range_stage_out(job: Job, config: Any) -> Callable[[RangeResult], RangeResul
     copytool = copytool_for(config, "es_events")
     if copytool.name == "harvester":
         return None  # the output was measured when collected; reading it again tells nothing
-    base = config.output_url or str(Path(config.workdir) / "storage")
+    base = output_destination(config)
     first = job.out_files[0] if job.out_files else job.log_file
     scope = check_scope(first.scope if first else "", "output scope")
     by_did = getattr(copytool, "by_did", False)
-    sink = None
-    if by_did:
-        sender = trace_sender(config)
-        if sender.url:
-            sink = TraceSink(sender, job, local_site=getattr(config, "site_name", ""))
+    sink = did_trace_sink(copytool, config, job, local_site=getattr(config, "site_name", ""))
 
     def put(result: RangeResult) -> RangeResult:
         if not result.output_path:
