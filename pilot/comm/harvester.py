@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+from pilot.comm.pandaapi import panda_time  # Harvester passes times on to updateJob as they are
 from pilot.errors import ErrorCode, PilotError
 from pilot.eventservice.model import RangeResult, RangeStatus
 from pilot.fileio import atomic_write_json, read_json
@@ -123,13 +124,6 @@ PER_JOB_FILES = frozenset(
 
 # Fields of the final update that do not belong in worker_attributes.json.
 _NOT_ATTRIBUTES = frozenset({"xml", "metaData", "state", "jobId"})
-
-# PanDA's time format; Harvester passes numbers through to updateJob unchanged.
-PANDA_TIME = "%Y-%m-%d %H:%M:%S"
-
-
-def panda_time(epoch: float) -> str:
-    return time.strftime(PANDA_TIME, time.gmtime(epoch))
 
 
 def _merge(old: Any, new: dict[str, list]) -> dict[str, list]:
