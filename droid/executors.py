@@ -122,8 +122,10 @@ class PerRange:
         """The job's memory and I/O fields here, with the samples they stand on (the
         weight rank 0 gives them beside other droids'); empty when nothing watched it."""
         guard = getattr(self.inner, "guard", None)
-        summary = guard.summary() if guard is not None else {}
-        return {"fields": summary, "samples": guard.samples()} if summary else {}
+        if guard is None:
+            return {}
+        summary, samples = guard.weighed()
+        return {"fields": summary, "samples": samples} if summary else {}
 
 
 def event_executor(

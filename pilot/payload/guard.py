@@ -182,18 +182,13 @@ class Guard:
         return self.monitor
 
     def _fold(self, monitor: Any) -> None:
-        summary = getattr(monitor, "summary", None)
-        if summary is not None:
-            got = summary()
-            if got:
-                self._earlier.append((got, int(getattr(monitor.sampler, "count", 1) or 1)))
+        part = _part(monitor)
+        if part is not None:
+            self._earlier.append(part)
 
     def _parts(self) -> list[tuple[dict[str, int], int]]:
-        parts = list(self._earlier)
-        current = getattr(self.monitor, "summary", None)
-        if current is not None and (got := current()):
-            parts.append((got, int(getattr(self.monitor.sampler, "count", 1) or 1)))
-        return parts
+        part = _part(self.monitor)
+        return [*self._earlier, part] if part is not None else list(self._earlier)
 
     def summary(self) -> dict[str, int]:
         """updateJob memory and I/O fields over every payload process of the job (an
@@ -201,9 +196,11 @@ class Guard:
         is left to the caller, which counts it per range."""
         return merge_metrics(self._parts())
 
-    def samples(self) -> int:
-        """How many samples :meth:`summary` stands on (its weight beside other guards')."""
-        return sum(n for _, n in self._parts())
+    def weighed(self) -> tuple[dict[str, int], int]:
+        """:meth:`summary` with the samples it stands on (its weight beside other
+        guards', as rank 0 merges its droids')."""
+        parts = self._parts()
+        return merge_metrics(parts), sum(n for _, n in parts)
 
     def next_due(self) -> float:
         """Seconds until :meth:`check` has work (``inf`` when nothing is watched)."""
@@ -268,6 +265,15 @@ class Guard:
     def connections_report(self) -> str:
         """The job's outbound connections, for the log extracts ('' when none)."""
         return self.connections.report() if self.monitored else ""
+
+
+def _part(monitor: Any) -> tuple[dict[str, int], int] | None:
+    """A monitor's summary with its sample count, if it has one to give."""
+    summary = getattr(monitor, "summary", None)
+    got = summary() if summary is not None else None
+    if not got:
+        return None
+    return got, int(getattr(monitor.sampler, "count", 1) or 1)
 
 
 def merge_metrics(parts: Iterable[tuple[dict[str, int], int]]) -> dict[str, int]:
