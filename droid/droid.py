@@ -455,7 +455,6 @@ class Droid:
                 "released": self.released,
                 "refused": self.refused,
                 "done": self.done_count,
-                "cpu": _payload_cpu(),
                 "metrics": self._metrics(),
             },
         )

@@ -191,16 +191,10 @@ class FinalReport:
         self.yoda: Yoda | None = None
 
     def _cpu(self, panda_id: int) -> float:
-        """The job's share of the droids' payload CPU (a droid that told no shares, all
-        of its CPU: it ran this job alone)."""
+        """The job's shares of the droids' payload CPU, as each droid told them with BYE."""
         if self.yoda is None:
             return 0.0
-        return float(
-            sum(
-                d.job_cpu.get(panda_id, 0.0) if d.job_cpu else d.cpu
-                for d in self.yoda.s.droids.values()
-            )
-        )
+        return float(sum(d.job_cpu.get(panda_id, 0.0) for d in self.yoda.s.droids.values()))
 
     def _metrics(self, panda_id: int) -> dict[str, int]:
         """The job's memory and I/O fields over every droid that ran it."""

@@ -72,7 +72,6 @@ class Droid:
     bye: bool = False
     draining: bool = False
     acked: int = -1
-    cpu: float = 0.0  # CPU seconds of its payloads, told with BYE
     # PandaID -> (updateJob memory and I/O fields, samples), told with BYE
     metrics: dict[int, tuple[dict[str, int], int]] = field(default_factory=dict)
     job_cpu: dict[int, float] = field(default_factory=dict)  # PandaID -> its share of cpu
@@ -288,10 +287,6 @@ class Scheduler:
             out += self._lose(d, charge=False)
         d.bye = True
         d.want = 0
-        try:
-            d.cpu = float(body.get("cpu") or 0.0)
-        except (TypeError, ValueError):
-            d.cpu = 0.0
         d.metrics, d.job_cpu = _metrics(body.get("metrics"))
         return out + [(d.rank, self._env(Kind.STOP, {}))]
 
