@@ -83,9 +83,9 @@ def payload_config(args: Any, *, queue: Any = (), **overrides: Any) -> PilotConf
 
 def output_storage(args: argparse.Namespace) -> SimpleNamespace:
     """Where the ranks store files (the droids' range outputs, rank 0's log tarball), with
-    ``pilot run``'s defaults:
-    the ``copy`` copytool into ``WORKDIR/storage`` with ``--url``; with ``--harvester``
-    the outputs stay where they are and Harvester stages them out."""
+    ``pilot run``'s defaults: the ``copy`` copytool into ``WORKDIR/storage`` with
+    ``--url``; with ``--harvester`` the outputs stay where they are and Harvester stages
+    them out."""
     return SimpleNamespace(
         copytool=args.copytool or ("harvester" if args.harvester else "copy"),
         copytool_options={},
